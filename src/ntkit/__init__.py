@@ -1,0 +1,20 @@
+"""ntkit: infinite-width NNGP and neural tangent kernels on PyTorch.
+
+The public surface is re-exported here; everything else is private.
+"""
+
+from .kernel import Kernel
+from .layers import (
+    ABReLU, Abs, Activation, Cos, Dropout, Elementwise, Erf, Exp, FanInConcat, FanInProd,
+    FanInSum, FanOut, Flatten, Gaussian, GELU, Identity, Layer, LayerNorm, LeakyReLU, Linear,
+    Monomial, Parallel, Rbf, RectifiedMonomial, ReLU, Repeat, Sequential, Sign, Sin,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Kernel", "Layer", "Linear", "Flatten", "Activation", "ReLU", "LeakyReLU", "ABReLU", "Abs",
+    "Sign", "Erf", "GELU", "Sin", "Cos", "Rbf", "Gaussian", "Exp", "Monomial",
+    "RectifiedMonomial", "Elementwise", "LayerNorm", "Dropout", "Sequential", "Parallel",
+    "FanOut", "FanInSum", "FanInConcat", "FanInProd", "Repeat", "Identity",
+]

@@ -1,0 +1,90 @@
+"""Validation of user inputs at the public boundary.
+
+Every check raises `TypeError` or `ValueError` with what was received, why it is
+wrong and what to do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["as_input_tensor", "check_input_pair"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def as_input_tensor(x: Any, name: str) -> Tensor:
+    """Returns `x` as a floating tensor of shape ``(N, *features)``, or raises.
+
+    Tensors are taken as they are (no copy); NumPy arrays and nested sequences
+    are converted with `torch.as_tensor`, keeping float64 as float64.
+    """
+    if not isinstance(x, Tensor):
+        if isinstance(x, (np.ndarray, list, tuple)):
+            try:
+                x = torch.as_tensor(np.asarray(x))
+            except (TypeError, ValueError) as e:
+                raise TypeError(
+                    f"{name} could not be converted to a tensor ({e}); pass a torch.Tensor "
+                    f"of shape (N, features)."
+                ) from None
+        else:
+            raise TypeError(
+                f"{name} must be a torch.Tensor (or NumPy array) of shape (N, features); "
+                f"got {type(x).__name__}."
+            )
+    if x.is_complex():
+        raise TypeError(
+            f"{name} has complex dtype {x.dtype}; kernels are defined for real inputs. "
+            f"Split real and imaginary parts into features, e.g. torch.view_as_real(x).flatten(1)."
+        )
+    if x.dtype not in _FLOATS:
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; kernels need floating-point inputs. "
+            f"Convert with {name}.float() (float32) or {name}.double() (float64)."
+        )
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}; expected a batch of shape (N, features). "
+            f"For a single example use {name}.unsqueeze(0); for N scalars use {name}.unsqueeze(1)."
+        )
+    if x.shape[0] == 0:
+        raise ValueError(
+            f"{name} is an empty batch (shape {tuple(x.shape)}); pass at least one example."
+        )
+    if x.numel() == 0:
+        raise ValueError(f"{name} has no features (shape {tuple(x.shape)}).")
+    if not bool(torch.isfinite(x).all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        rows = torch.nonzero(~torch.isfinite(x).flatten(1).all(1)).flatten()[:5].tolist()
+        raise ValueError(
+            f"{name} contains {n_nan} NaN and {n_inf} infinite values (first rows affected: "
+            f"{rows}); kernels of non-finite inputs are undefined. Remove or impute them."
+        )
+    return x
+
+
+def check_input_pair(x1: Tensor, x2: Tensor | None) -> None:
+    """Checks that two input batches can be paired in one kernel."""
+    if x2 is None:
+        return
+    if x1.device != x2.device:
+        raise ValueError(
+            f"x1 is on {x1.device} but x2 is on {x2.device}; put both on one device, "
+            f"e.g. x2 = x2.to(x1.device)."
+        )
+    if x1.dtype != x2.dtype:
+        raise TypeError(
+            f"x1 has dtype {x1.dtype} but x2 has dtype {x2.dtype}; kernels are computed in "
+            f"the inputs' dtype, so give both the same one, e.g. x2 = x2.to(x1.dtype)."
+        )
+    if x1.shape[1:] != x2.shape[1:]:
+        raise ValueError(
+            f"x1 has per-example shape {tuple(x1.shape[1:])} but x2 has "
+            f"{tuple(x2.shape[1:])}; both batches must have the same features."
+        )

@@ -1,0 +1,166 @@
+"""Tiled kernel computation under a memory budget, with progress."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .kernel import Kernel
+from .layers.base import Kernels, input_kernel
+
+__all__ = ["tiled_kernel", "parse_memory", "DEFAULT_MEMORY_BUDGET"]
+
+#: Working memory for kernel tiles when none is given: 1 GiB.
+DEFAULT_MEMORY_BUDGET = 1 << 30
+#: Temporaries a layer rule keeps alive per kernel entry (a generous bound).
+_TEMPORARIES_PER_ENTRY = 24
+#: On CPU, tiles of this many entries keep the elementwise passes in cache.
+_CPU_TILE_ENTRIES = 384 * 384
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_memory(budget: int | float | str | None) -> int:
+    """Bytes from an int or a string such as ``"512MB"`` or ``"2GiB"``."""
+    if budget is None:
+        return DEFAULT_MEMORY_BUDGET
+    if isinstance(budget, str):
+        m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", budget)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(
+                f"memory_budget={budget!r} is not understood; give bytes as an int or a string "
+                f"such as '512MB' or '2GiB'."
+            )
+        budget = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not budget > 0:
+        raise ValueError(f"memory_budget must be positive, got {budget!r}.")
+    return int(budget)
+
+
+def tile_sides(n1: int, n2: int, entry_bytes: int, budget: int, device: torch.device
+               ) -> tuple[int, int]:
+    """Rows and columns per tile: within budget, square when possible."""
+    entries = max(1, budget // (entry_bytes * _TEMPORARIES_PER_ENTRY))
+    if device.type == "cpu":
+        entries = min(entries, _CPU_TILE_ENTRIES)
+    side = max(1, math.isqrt(entries))
+    rows = min(n1, side)
+    cols = min(n2, max(1, entries // rows))
+    return rows, cols
+
+
+def _ranges(n: int, step: int) -> list[tuple[int, int]]:
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def tiled_kernel(
+    rule: Callable[[Kernels], Kernels],
+    x1: Tensor,
+    x2: Tensor | None,
+    *,
+    diagonal: bool,
+    memory_budget: int | str | None,
+    progress: bool | None,
+) -> Kernel:
+    """Applies a network's kernel rule tile by tile and assembles the result.
+
+    For ``x2 is None`` only tiles on or above the diagonal are computed and the
+    rest is mirrored. Tiles of any size are allowed: the last row or column of
+    tiles is simply smaller.
+    """
+    if x1.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"x1 has dtype {x1.dtype}; kernels are computed in float32 or float64. "
+            f"Convert with x1.float() or x1.double()."
+        )
+    budget = parse_memory(memory_budget)
+    spatial = math.prod(x1.shape[2:])
+    entry_bytes = x1.element_size() * spatial
+    n1 = x1.shape[0]
+    n2 = n1 if x2 is None else x2.shape[0]
+
+    if diagonal:
+        rows, _ = tile_sides(n1, 1, entry_bytes, budget, x1.device)
+        step = rows * rows
+        tiles = [(r, None) for r in _ranges(n1, step)]
+    else:
+        rows, cols = tile_sides(n1, n2, entry_bytes, budget, x1.device)
+        if x2 is None:
+            rows = cols = min(rows, cols)
+            rr = _ranges(n1, rows)
+            tiles = [(a, b) for i, a in enumerate(rr) for b in rr[i:]]
+        else:
+            tiles = [(a, b) for a in _ranges(n1, rows) for b in _ranges(n2, cols)]
+
+    out: dict[str, Tensor] = {}
+    facts: Kernel | None = None
+    bar = tqdm(tiles, desc="kernel tiles", unit="tile", delay=2.0,
+               disable=(not progress) if progress is not None else (len(tiles) < 4 or None))
+    with torch.no_grad():
+        for r, c in _iterate(bar):
+            k = _tile(rule, x1, x2, r, c, diagonal)
+            if facts is None:
+                facts = k
+                out = _allocate(k, n1, n2, diagonal)
+            _store(out, k, r, c, mirror=x2 is None and not diagonal)
+    bar.close()
+    assert facts is not None
+    return facts.replace(**out, x1_is_x2=x2 is None, diagonal=diagonal)
+
+
+def _iterate(bar: tqdm) -> Iterator:
+    yield from bar
+
+
+def _tile(rule, x1, x2, r, c, diagonal) -> Kernel:
+    a = x1[r[0]:r[1]]
+    if diagonal:
+        k = input_kernel(a, None, diagonal=True)
+    elif x2 is None and r == c:
+        k = input_kernel(a, None)
+    else:
+        b = (x1 if x2 is None else x2)[c[0]:c[1]]
+        k = input_kernel(a, b)
+    k = rule(k)
+    if isinstance(k, tuple):
+        raise ValueError(
+            f"the network ends with {len(k)} branches; end it with FanInSum(), "
+            f"FanInConcat() or FanInProd() so that it has one output."
+        )
+    return k
+
+
+def _allocate(k: Kernel, n1: int, n2: int, diagonal: bool) -> dict[str, Tensor]:
+    opts = dict(dtype=k.nngp.dtype, device=k.nngp.device)
+    trailing = tuple(k.nngp.shape[1 if diagonal else 2:])
+    batch = (n1,) if diagonal else (n1, n2)
+    return {
+        "nngp": torch.empty(batch + trailing, **opts),
+        "ntk": torch.empty(batch + trailing, **opts),
+        "cov1": torch.empty((n1,) + tuple(k.cov1.shape[1:]), **opts),
+        "cov2": torch.empty((n2,) + tuple(k.cov2.shape[1:]), **opts),
+    }
+
+
+def _store(out: dict[str, Tensor], k: Kernel, r, c, *, mirror: bool) -> None:
+    i0, i1 = r
+    out["cov1"][i0:i1] = k.cov1
+    if c is None:  # diagonal
+        out["cov2"][i0:i1] = k.cov2
+        out["nngp"][i0:i1] = k.nngp
+        out["ntk"][i0:i1] = k.ntk
+        return
+    j0, j1 = c
+    out["cov2"][j0:j1] = k.cov2
+    out["nngp"][i0:i1, j0:j1] = k.nngp
+    out["ntk"][i0:i1, j0:j1] = k.ntk
+    if mirror and r != c:
+        out["nngp"][j0:j1, i0:i1] = k.nngp.transpose(0, 1)
+        out["ntk"][j0:j1, i0:i1] = k.ntk.transpose(0, 1)
+        out["cov1"][j0:j1] = k.cov2

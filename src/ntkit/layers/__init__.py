@@ -1,0 +1,20 @@
+"""The infinite-width layer algebra: each layer has a kernel rule and a finite twin."""
+
+from .activations import (
+    ABReLU, Abs, Activation, Cos, Erf, Exp, Gaussian, GELU, LeakyReLU, Monomial,
+    RectifiedMonomial, ReLU, Rbf, Sign, Sin,
+)
+from .base import Layer, input_kernel
+from .containers import (
+    FanInConcat, FanInProd, FanInSum, FanOut, Identity, Parallel, Repeat, Sequential,
+)
+from .elementwise import Elementwise
+from .linear import Flatten, Linear
+from .normalization import Dropout, LayerNorm
+
+__all__ = [
+    "Layer", "input_kernel", "Linear", "Flatten", "Activation", "ReLU", "LeakyReLU", "ABReLU",
+    "Abs", "Sign", "Erf", "GELU", "Sin", "Cos", "Rbf", "Gaussian", "Exp", "Monomial",
+    "RectifiedMonomial", "Elementwise", "LayerNorm", "Dropout", "Sequential", "Parallel",
+    "FanOut", "FanInSum", "FanInConcat", "FanInProd", "Repeat", "Identity",
+]

@@ -1,0 +1,476 @@
+"""Elementwise nonlinearities with closed-form NNGP and NTK rules.
+
+For a nonlinearity ``f`` after zero-mean Gaussian pre-activations with
+covariance ``[[v1, k], [k, v2]]`` the kernel rules are (Neal 1996; Lee et al.
+2018; Jacot et al. 2018)::
+
+    nngp' = E[f(X) f(Y)],      ntk' = ntk * E[f'(X) f'(Y)],      (X, Y) ~ N(0, [[v1, k], [k, v2]])
+
+Each class below gives those two expectations in closed form; `Elementwise`
+computes them by quadrature for any function.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+from torch import Tensor, nn
+
+from ..kernel import Kernel
+from .base import BuildContext, Kernels, Layer, Shapes, single
+
+__all__ = [
+    "Activation", "ReLU", "LeakyReLU", "ABReLU", "Abs", "Sign", "Erf", "GELU", "Sin", "Cos",
+    "Rbf", "Gaussian", "Exp", "Monomial", "RectifiedMonomial", "ActivationModule",
+]
+
+_PI = math.pi
+
+
+class Activation(Layer):
+    """An elementwise nonlinearity: subclasses give ``fn`` and the two expectations."""
+
+    def fn(self, x: Tensor) -> Tensor:
+        """The nonlinearity itself, applied elementwise (used by `build`)."""
+        raise NotImplementedError
+
+    # Subclasses override either `_nngp_and_dot` or both `_nngp` and `_dot`.
+    def _nngp(self, k: Tensor, v1: Tensor, v2: Tensor) -> Tensor:
+        """``E[f(X) f(Y)]`` for covariance ``[[v1, k], [k, v2]]`` (broadcasting)."""
+        return self._nngp_and_dot(k, v1, v2)[0]
+
+    def _dot(self, k: Tensor, v1: Tensor, v2: Tensor) -> Tensor:
+        """``E[f'(X) f'(Y)]`` for covariance ``[[v1, k], [k, v2]]``."""
+        return self._nngp_and_dot(k, v1, v2)[1]
+
+    def _nngp_and_dot(self, k: Tensor, v1: Tensor, v2: Tensor) -> tuple[Tensor, Tensor]:
+        """Both expectations at once, sharing intermediate results."""
+        return self._nngp(k, v1, v2), self._dot(k, v1, v2)
+
+    def _variance(self, c: Tensor) -> Tensor:
+        """``E[f(X)^2]`` for ``X ~ N(0, c)``."""
+        return self._nngp(c, c, c)
+
+    def propagate(self, k: Kernels) -> Kernel:
+        k = single(k, self)
+        require_gaussian(k, self)
+        v1, v2 = k.variances()
+        nngp, dot = self._nngp_and_dot(k.nngp, v1, v2)
+        ntk = k.ntk * dot
+        cov1 = self._variance(k.cov1)
+        cov2 = cov1 if k.cov2 is k.cov1 else self._variance(k.cov2)
+        if k.x1_is_x2 and not k.diagonal:
+            # Pairs of an input with itself have correlation exactly 1; setting them
+            # from the variances avoids the sqrt-amplified rounding of arccos near 1.
+            idx = torch.arange(nngp.shape[0], device=nngp.device)
+            nngp[idx, idx] = cov1
+            ntk[idx, idx] = k.ntk[idx, idx] * self._dot(k.cov1, k.cov1, k.cov1)
+        return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False)
+
+    def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
+        return ActivationModule(self.fn, repr(self)), shape
+
+
+def require_gaussian(k: Kernel, layer: Layer) -> None:
+    """Raises unless the features entering `layer` are zero-mean Gaussian."""
+    if not k.is_gaussian:
+        where = "the raw inputs" if k.is_input else "the output of a nonlinear layer"
+        raise ValueError(
+            f"{layer!r} needs Gaussian pre-activations (the output of a Linear, or a sum of "
+            f"them) but receives {where}. Put a Linear before it; to compose two "
+            f"nonlinearities use nk.Elementwise(lambda x: f(g(x)))."
+        )
+
+
+class ActivationModule(nn.Module):
+    """The finite twin of an activation layer: applies ``fn`` elementwise."""
+
+    def __init__(self, fn, name: str) -> None:
+        super().__init__()
+        self.fn = fn
+        self.name = name
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def _cos_and_scale(k: Tensor, v1: Tensor, v2: Tensor) -> tuple[Tensor, Tensor]:
+    """The correlation ``k / sqrt(v1 v2)`` clamped to [-1, 1], and ``sqrt(v1 v2)``.
+
+    Zero variances give correlation 0 instead of NaN.
+    """
+    scale = torch.sqrt(v1) * torch.sqrt(v2)
+    cos = torch.div(k, scale)
+    cos = torch.where(scale > 0, cos, 0.0) if bool((scale == 0).any()) else cos
+    return cos.clamp_(-1.0, 1.0), scale
+
+
+# ---------------------------------------------------------------- ReLU family
+class ABReLU(Activation):
+    """``f(x) = a x`` for ``x < 0`` and ``b x`` for ``x >= 0``.
+
+    With ``theta = arccos(k / sqrt(v1 v2))`` (the arc-cosine kernel, Cho & Saul
+    2009; ``f = a x + (b - a) relu(x)``)::
+
+        E[f f]   = a b k + (b - a)^2 sqrt(v1 v2) (sin theta + (pi - theta) cos theta) / (2 pi)
+        E[f' f'] = a b + (b - a)^2 (pi - theta) / (2 pi)
+    """
+
+    def __init__(self, a: float, b: float) -> None:
+        self.a, self.b = float(a), float(b)
+
+    def fn(self, x: Tensor) -> Tensor:
+        return torch.where(x < 0, self.a * x, self.b * x)
+
+    def _nngp_and_dot(self, k, v1, v2):
+        cos, scale = _cos_and_scale(k, v1, v2)
+        # pi - theta = arccos(-cos); sin(pi - theta) = sin(theta).
+        phi = torch.arccos(cos.neg_())
+        relu = torch.mul(phi, k).addcmul_(scale, torch.sin(phi)).mul_(1 / (2 * _PI))
+        dot = phi.mul_(1 / (2 * _PI))
+        ab, d2 = self.a * self.b, (self.b - self.a) ** 2
+        if ab == 0 and d2 == 1:
+            return relu, dot
+        return relu.mul_(d2).add_(k, alpha=ab), dot.mul_(d2).add_(ab)
+
+    def _variance(self, c: Tensor) -> Tensor:
+        return c * ((self.a**2 + self.b**2) / 2)
+
+    def __repr__(self) -> str:
+        return f"ABReLU(a={self.a}, b={self.b})"
+
+
+class ReLU(ABReLU):
+    """``max(x, 0)``: the arc-cosine kernel of degree 1 (see `ABReLU`)."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0, 1.0)
+
+    def fn(self, x: Tensor) -> Tensor:
+        return torch.relu(x)
+
+    def _build(self, shape, ctx):
+        return nn.ReLU(), shape
+
+    def __repr__(self) -> str:
+        return "ReLU()"
+
+
+class LeakyReLU(ABReLU):
+    """``x`` for ``x >= 0``, ``negative_slope * x`` otherwise (see `ABReLU`)."""
+
+    def __init__(self, negative_slope: float = 0.01) -> None:
+        super().__init__(negative_slope, 1.0)
+        self.negative_slope = float(negative_slope)
+
+    def fn(self, x: Tensor) -> Tensor:
+        return nn.functional.leaky_relu(x, self.negative_slope)
+
+    def _build(self, shape, ctx):
+        return nn.LeakyReLU(self.negative_slope), shape
+
+    def __repr__(self) -> str:
+        return f"LeakyReLU(negative_slope={self.negative_slope})"
+
+
+class Abs(ABReLU):
+    """``|x|`` (see `ABReLU` with ``a = -1, b = 1``)."""
+
+    def __init__(self) -> None:
+        super().__init__(-1.0, 1.0)
+
+    def fn(self, x: Tensor) -> Tensor:
+        return torch.abs(x)
+
+    def __repr__(self) -> str:
+        return "Abs()"
+
+
+class Sign(Activation):
+    """``sign(x)``; its derivative is zero almost everywhere, so the NTK stops here.
+
+    ``E[sign X sign Y] = 1 - 2 theta / pi`` with ``theta`` the angle between X and Y.
+    """
+
+    def fn(self, x: Tensor) -> Tensor:
+        return torch.sign(x)
+
+    def _nngp(self, k, v1, v2):
+        cos, _ = _cos_and_scale(k, v1, v2)
+        return torch.arcsin(cos).mul_(2 / _PI)
+
+    def _dot(self, k, v1, v2):
+        return torch.zeros_like(k)
+
+    def _variance(self, c):
+        return (c > 0).to(c.dtype)
+
+    def __repr__(self) -> str:
+        return "Sign()"
+
+
+# --------------------------------------------------------------- smooth ones
+class Erf(Activation):
+    """``a * erf(b x) + c`` (Williams 1997)::
+
+        E[f f]   = a^2 (2/pi) arcsin(2 b^2 k / sqrt((1 + 2 b^2 v1)(1 + 2 b^2 v2))) + c^2
+        E[f' f'] = a^2 (4 b^2 / pi) / sqrt((1 + 2 b^2 v1)(1 + 2 b^2 v2) - 4 b^4 k^2)
+    """
+
+    def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
+        self.a, self.b, self.c = float(a), float(b), float(c)
+
+    def fn(self, x: Tensor) -> Tensor:
+        return self.a * torch.erf(self.b * x) + self.c
+
+    def _nngp_and_dot(self, k, v1, v2):
+        b2 = self.b**2
+        prod = (1 + 2 * b2 * v1) * (1 + 2 * b2 * v2)
+        kk = k * (2 * b2)
+        root = torch.sqrt((prod - kk * kk).clamp_(min=0))
+        nngp = torch.atan2(kk, root).mul_(2 * self.a**2 / _PI).add_(self.c**2)
+        dot = root.reciprocal_().mul_(4 * b2 * self.a**2 / _PI)
+        return nngp, dot
+
+    def __repr__(self) -> str:
+        return f"Erf(a={self.a}, b={self.b}, c={self.c})"
+
+
+class GELU(Activation):
+    """The exact GELU ``x Phi(x)`` (Tsuchida et al. 2021, "Avoiding kernel fixed
+    points"). With ``d^2 = (1 + v1)(1 + v2) - k^2`` and ``alpha = atan2(k, d)``::
+
+        E[f f]   = k/4 + (k alpha + (k^2 + v1 v2 d^2) / ((1 + v1)(1 + v2) d)) / (2 pi)
+        E[f' f'] = 1/4 + alpha / (2 pi)
+                   + k (1/d^2 + (1 - v1 v2)/((1 + v1)(1 + v2)) + 1) / (2 pi d)
+    """
+
+    def fn(self, x: Tensor) -> Tensor:
+        return nn.functional.gelu(x)
+
+    def _nngp_and_dot(self, k, v1, v2):
+        prod = v1 * v2
+        prod1 = (1 + v1) * (1 + v2)
+        d2 = prod1 - k * k
+        d = torch.sqrt(d2)
+        alpha = torch.atan2(k, d)
+        nngp = (k * alpha + (k * k + prod * d2) / (prod1 * d)) / (2 * _PI) + k / 4
+        dot = 0.25 + alpha / (2 * _PI) + k * (1 / d2 + (1 - prod) / prod1 + 1) / (2 * _PI * d)
+        return nngp, dot
+
+    def _build(self, shape, ctx):
+        return nn.GELU(), shape
+
+    def __repr__(self) -> str:
+        return "GELU()"
+
+
+class Sin(Activation):
+    """``a * sin(b x + c)``; with ``s = v1 + v2``::
+
+        E[f f]   = a^2/2 (exp(-b^2 (s/2 - k)) - exp(-b^2 (s/2 + k)) cos 2c)
+        E[f' f'] = a^2 b^2/2 (exp(-b^2 (s/2 - k)) + exp(-b^2 (s/2 + k)) cos 2c)
+    """
+
+    def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
+        self.a, self.b, self.c = float(a), float(b), float(c)
+
+    def fn(self, x: Tensor) -> Tensor:
+        return self.a * torch.sin(self.b * x + self.c)
+
+    def _nngp_and_dot(self, k, v1, v2):
+        b2, half_a2 = self.b**2, self.a**2 / 2
+        half_sum = (v1 + v2) / 2
+        e1 = torch.exp((k - half_sum) * b2)
+        e2 = torch.exp((k + half_sum) * -b2) * math.cos(2 * self.c)
+        return (e1 - e2) * half_a2, (e1 + e2) * (half_a2 * b2)
+
+    def __repr__(self) -> str:
+        return f"Sin(a={self.a}, b={self.b}, c={self.c})"
+
+
+class Cos(Sin):
+    """``a * cos(b x + c)``, that is ``Sin(a, b, c + pi/2)``."""
+
+    def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
+        super().__init__(a, b, c + _PI / 2)
+        self.phase = float(c)
+
+    def __repr__(self) -> str:
+        return f"Cos(a={self.a}, b={self.b}, c={self.phase})"
+
+
+class Rbf(Sin):
+    """``sqrt(2) sin(sqrt(2 gamma) x + pi/4)``: its NNGP is the RBF kernel of
+    the pre-activations, ``exp(-gamma (v1 + v2 - 2k))`` (Rahimi & Recht 2007)."""
+
+    def __init__(self, gamma: float = 1.0) -> None:
+        if not gamma > 0:
+            raise ValueError(f"gamma must be positive, got {gamma}.")
+        super().__init__(math.sqrt(2), math.sqrt(2 * gamma), _PI / 4)
+        self.gamma = float(gamma)
+
+    def __repr__(self) -> str:
+        return f"Rbf(gamma={self.gamma})"
+
+
+class Gaussian(Activation):
+    """``a * exp(b x^2)`` (``b < 1 / (2 v)`` for finite moments); with
+    ``D = (1 - 2 b v1)(1 - 2 b v2) - 4 b^2 k^2``::
+
+        E[f f] = a^2 / sqrt(D),      E[f' f'] = 4 a^2 b^2 k / D^(3/2)
+    """
+
+    def __init__(self, a: float = 1.0, b: float = -1.0) -> None:
+        self.a, self.b = float(a), float(b)
+
+    def fn(self, x: Tensor) -> Tensor:
+        return self.a * torch.exp(self.b * x * x)
+
+    def _nngp_and_dot(self, k, v1, v2):
+        b = self.b
+        det = (1 - 2 * b * v1) * (1 - 2 * b * v2) - 4 * b * b * k * k
+        if bool((det <= 0).any()):
+            raise ValueError(
+                f"{self!r}: E[f(X)^2] is infinite for pre-activation variances >= 1/(2b) = "
+                f"{1 / (2 * b):.4g}; use a smaller b or smaller weight variances."
+            )
+        root = torch.sqrt(det)
+        nngp = root.reciprocal() * self.a**2
+        dot = k * (4 * self.a**2 * b * b) / (root * det)
+        return nngp, dot
+
+    def __repr__(self) -> str:
+        return f"Gaussian(a={self.a}, b={self.b})"
+
+
+class Exp(Activation):
+    """``a * exp(b x)``::
+
+        E[f f] = a^2 exp(b^2 (v1 + v2 + 2k) / 2),    E[f' f'] = b^2 E[f f]
+    """
+
+    def __init__(self, a: float = 1.0, b: float = 1.0) -> None:
+        self.a, self.b = float(a), float(b)
+
+    def fn(self, x: Tensor) -> Tensor:
+        return self.a * torch.exp(self.b * x)
+
+    def _nngp_and_dot(self, k, v1, v2):
+        nngp = torch.exp((k + (v1 + v2) / 2) * self.b**2) * self.a**2
+        return nngp, nngp * self.b**2
+
+    def __repr__(self) -> str:
+        return f"Exp(a={self.a}, b={self.b})"
+
+
+# ---------------------------------------------------------------- polynomials
+@lru_cache(maxsize=None)
+def _monomial_terms(n: int) -> tuple[tuple[float, int, int], ...]:
+    """``E[X^n Y^n] = sum c k^p (v1 v2)^q`` as terms ``(c, p, q)``.
+
+    From ``x^n = sum_j n! / (j! 2^j (n-2j)!) He_{n-2j}(x)`` and
+    ``E[He_m(U) He_m'(V)] = delta_mm' m! rho^m`` for unit-variance U, V.
+    """
+    terms = []
+    for j in range(n // 2 + 1):
+        coef = math.factorial(n) / (math.factorial(j) * 2**j * math.factorial(n - 2 * j))
+        terms.append((coef**2 * math.factorial(n - 2 * j), n - 2 * j, j))
+    return tuple(terms)
+
+
+def _monomial_moment(n: int, k: Tensor, prod: Tensor) -> Tensor:
+    if n < 0:
+        return torch.zeros_like(k)
+    out = torch.zeros_like(k) if n > 0 else torch.ones_like(k)
+    for c, p, q in _monomial_terms(n) if n > 0 else ():
+        out = out + c * k**p * prod**q
+    return out
+
+
+class Monomial(Activation):
+    """``x^degree``: ``E[X^n Y^n]`` by the Hermite expansion of ``x^n`` (Isserlis),
+    ``E[f' f'] = n^2 E[X^(n-1) Y^(n-1)]``."""
+
+    def __init__(self, degree: int) -> None:
+        if not isinstance(degree, int) or degree < 0:
+            raise ValueError(f"degree must be a non-negative int, got {degree!r}.")
+        self.degree = degree
+
+    def fn(self, x: Tensor) -> Tensor:
+        return x**self.degree
+
+    def _nngp(self, k, v1, v2):
+        return _monomial_moment(self.degree, k, v1 * v2)
+
+    def _dot(self, k, v1, v2):
+        n = self.degree
+        return _monomial_moment(n - 1, k, v1 * v2) * n**2
+
+    def __repr__(self) -> str:
+        return f"Monomial({self.degree})"
+
+
+@lru_cache(maxsize=None)
+def _arccos_terms(n: int) -> tuple[tuple[float, int, int, int], ...]:
+    """``J_n(theta)`` of the arc-cosine kernel (Cho & Saul 2009, eq. 7)::
+
+        J_n = (-1)^n sin^(2n+1)(theta) ((1/sin theta) d/dtheta)^n ((pi - theta) / sin theta)
+
+    as terms ``(c, e, p, q)`` of ``c (pi - theta)^e cos^p(theta) sin^q(theta)``
+    (all ``q >= 0``), by applying the operator symbolically.
+    """
+    terms: dict[tuple[int, int, int], float] = {(1, 0, -1): 1.0}
+    for _ in range(n):
+        new: dict[tuple[int, int, int], float] = {}
+        for (e, p, q), c in terms.items():
+            # d/dtheta of (pi - theta)^e cos^p sin^q, then divided by sin.
+            for key, val in (((e - 1, p, q - 1), -e * c), ((e, p - 1, q), -p * c),
+                             ((e, p + 1, q - 2), q * c)):
+                if val:
+                    new[key] = new.get(key, 0.0) + val
+        terms = new
+    sign = (-1) ** n
+    return tuple((sign * c, e, p, q + 2 * n + 1) for (e, p, q), c in terms.items() if c)
+
+
+def _arccos_kernel(n: int, k: Tensor, v1: Tensor, v2: Tensor) -> Tensor:
+    """``E[f_n(X) f_n(Y)] = (v1 v2)^(n/2) J_n(theta) / (2 pi)`` for ``f_n = x^n 1{x > 0}``."""
+    cos, scale = _cos_and_scale(k, v1, v2)
+    phi = torch.arccos(-cos)  # pi - theta
+    sin = torch.sin(phi)
+    j = torch.zeros_like(cos)
+    for c, e, p, q in _arccos_terms(n):
+        term = c * cos**p * sin**q
+        j = j + (term * phi if e else term)
+    return j * scale**n / (2 * _PI)
+
+
+class RectifiedMonomial(Activation):
+    """``x^degree`` for ``x > 0``, else 0: the arc-cosine kernel of that degree
+    (Cho & Saul 2009); ``E[f' f'] = n^2 E[f_(n-1)(X) f_(n-1)(Y)]``."""
+
+    def __init__(self, degree: int) -> None:
+        if not isinstance(degree, int) or degree < 0:
+            raise ValueError(f"degree must be a non-negative int, got {degree!r}.")
+        self.degree = degree
+
+    def fn(self, x: Tensor) -> Tensor:
+        return (x > 0).to(x.dtype) * x**self.degree
+
+    def _nngp(self, k, v1, v2):
+        return _arccos_kernel(self.degree, k, v1, v2)
+
+    def _dot(self, k, v1, v2):
+        n = self.degree
+        if n == 0:
+            return torch.zeros_like(k)
+        return _arccos_kernel(n - 1, k, v1, v2) * n**2
+
+    def __repr__(self) -> str:
+        return f"RectifiedMonomial({self.degree})"

@@ -1,0 +1,197 @@
+"""The layer protocol: a kernel rule and a finite-width twin in one object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import as_input_tensor, check_input_pair
+from ..kernel import Kernel
+
+__all__ = ["Layer", "BuildContext", "Kernels", "Shapes", "input_kernel"]
+
+#: What flows between layers: one kernel, or a tuple of them between FanOut and FanIn.
+Kernels = Union[Kernel, tuple[Kernel, ...]]
+#: Per-example shapes, one or a tuple of them, as `Kernels`.
+Shapes = Union[tuple[int, ...], tuple[tuple[int, ...], ...]]
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """Where and how finite-width parameters are drawn."""
+
+    generator: torch.Generator | None
+    dtype: torch.dtype
+    device: torch.device
+
+    def randn(self, *shape: int) -> Tensor:
+        """Standard normal draws from the context's generator, on its device."""
+        gen_device = self.generator.device if self.generator is not None else torch.device("cpu")
+        out = torch.randn(shape, generator=self.generator, dtype=self.dtype, device=gen_device)
+        return out.to(self.device)
+
+
+class Layer:
+    """Base class of ntkit layers.
+
+    A layer knows two things: how a `Kernel` passes through it in the
+    infinite-width limit (:meth:`propagate`), and how to build the same layer
+    at finite width as a `torch.nn.Module` (:meth:`build`). Containers compose
+    both at once.
+    """
+
+    # ---------------------------------------------------------------- the rule
+    def propagate(self, k: Kernels) -> Kernels:
+        """The kernel after this layer, given the kernel before it."""
+        raise NotImplementedError
+
+    def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
+        """The finite-width module and its per-example output shape."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------- public surface
+    def kernel(
+        self,
+        x1: Tensor,
+        x2: Tensor | None = None,
+        *,
+        diagonal: bool = False,
+        memory_budget: int | str | None = None,
+        progress: bool | None = None,
+    ) -> Kernel:
+        """The infinite-width NNGP and NTK of this network between two batches.
+
+        Args:
+            x1: inputs, shape ``(N1, *features)``, float32 or float64; the kernel
+                is computed in that dtype on that device.
+            x2: inputs, shape ``(N2, *features)``, or None for ``k(x1, x1)``
+                (computed once per symmetric pair of tiles).
+            diagonal: return only ``k(x1_i, x1_i)`` (``nngp`` and ``ntk`` of
+                shape ``(N1,)``); requires ``x2=None``.
+            memory_budget: bytes (or a string such as ``"2GiB"``) of working
+                memory for the tiles beyond the output itself; default 1 GiB.
+                Any N works: tiles need not divide it.
+            progress: show a progress bar over tiles; by default one appears
+                when the computation takes more than a few seconds.
+
+        Returns:
+            A `Kernel` with ``nngp`` and ``ntk`` of shape ``(N1, N2)`` (or
+            ``(N1,)`` when ``diagonal``).
+        """
+        from ..compute import tiled_kernel
+
+        x1 = as_input_tensor(x1, "x1")
+        if x2 is not None:
+            x2 = as_input_tensor(x2, "x2")
+        check_input_pair(x1, x2)
+        if diagonal and x2 is not None:
+            raise ValueError(
+                "diagonal=True computes k(x1_i, x1_i) and takes no x2; call "
+                "net.kernel(x1, diagonal=True), or net.kernel(x1, x2) for the full matrix."
+            )
+        return tiled_kernel(
+            self.propagate, x1, x2, diagonal=diagonal, memory_budget=memory_budget,
+            progress=progress,
+        )
+
+    def build(
+        self,
+        input_shape: Sequence[int] | int,
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> nn.Module:
+        """The same network at finite width, as a `torch.nn.Module`.
+
+        Widths are the ``out_features`` given to the layers; parameters are drawn
+        with exactly the distribution the kernel assumes (see `Linear`).
+
+        Args:
+            input_shape: per-example input shape, e.g. ``(784,)`` or ``x.shape[1:]``.
+            generator: the source of randomness (a `torch.Generator`); parameters
+                are drawn on its device and moved to ``device``.
+            dtype: parameter dtype, default `torch.get_default_dtype()`.
+            device: parameter device, default CPU.
+        """
+        if isinstance(input_shape, int):
+            input_shape = (input_shape,)
+        shape = tuple(int(s) for s in input_shape)
+        if not shape or any(s <= 0 for s in shape):
+            raise ValueError(
+                f"input_shape must be the per-example shape with positive sizes, e.g. (784,) "
+                f"or x.shape[1:]; got {tuple(input_shape)}."
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator, got {type(generator).__name__}; "
+                f"use torch.Generator().manual_seed(seed)."
+            )
+        ctx = BuildContext(
+            generator=generator,
+            dtype=dtype or torch.get_default_dtype(),
+            device=torch.device(device) if device is not None else torch.device("cpu"),
+        )
+        module, _ = self._build(shape, ctx)
+        return module
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def input_kernel(x1: Tensor, x2: Tensor | None, *, diagonal: bool = False) -> Kernel:
+    """The kernel of the inputs themselves: ``x1 . x2 / channels``.
+
+    Dense inputs ``(N, features)`` give ``(N1, N2)``; inputs with spatial axes
+    ``(N, C, *spatial)`` give the per-position channel average
+    ``(N1, N2, *spatial)`` (the spatial diagonal).
+    """
+    x1_is_x2 = x2 is None
+    if x2 is None:
+        x2 = x1
+    channels = x1.shape[1]
+    cov1 = (x1 * x1).sum(1) / channels
+    cov2 = cov1 if x1_is_x2 else (x2 * x2).sum(1) / channels
+    if diagonal:
+        nngp = cov1
+    elif x1.ndim == 2:
+        nngp = (x1 @ x2.T) / channels
+    else:
+        nngp = torch.einsum("ic...,jc...->ij...", x1, x2) / channels
+    return Kernel(
+        nngp=nngp,
+        ntk=torch.zeros((), dtype=nngp.dtype, device=nngp.device).expand(nngp.shape),
+        cov1=cov1,
+        cov2=cov2,
+        shape=tuple(x1.shape[1:]),
+        is_gaussian=False,
+        is_input=True,
+        x1_is_x2=x1_is_x2,
+        diagonal=diagonal,
+    )
+
+
+def single(k: Kernels, layer: Layer) -> Kernel:
+    """`k` if it is one kernel; an error naming `layer` if it is several branches."""
+    if isinstance(k, tuple):
+        raise ValueError(
+            f"{layer!r} takes one input but receives {len(k)} branches; merge them first "
+            f"with FanInSum(), FanInConcat() or FanInProd(), or apply per-branch layers "
+            f"with Parallel(...)."
+        )
+    return k
+
+
+def flat_width(shape: Shapes, layer: Layer) -> int:
+    """The feature count of a dense per-example shape ``(width,)``, or an error."""
+    if not shape or isinstance(shape[0], tuple):
+        raise ValueError(f"{layer!r} takes one input but receives branches of shapes {shape}.")
+    if len(shape) != 1:
+        raise ValueError(
+            f"{layer!r} takes dense features (N, features) but receives per-example shape "
+            f"{tuple(shape)}; put nk.Flatten() before it."
+        )
+    return int(shape[0])

@@ -1,0 +1,257 @@
+"""Combinators: `Sequential`, `Parallel`, branching, `Repeat`, `Identity`.
+
+Between a `FanOut` and a fan-in, kernels travel as a tuple, one per branch;
+the finite twins pass tuples of tensors the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..kernel import Kernel
+from .base import BuildContext, Kernels, Layer, Shapes, single
+
+__all__ = ["Sequential", "Parallel", "FanOut", "FanInSum", "FanInConcat", "FanInProd",
+           "Repeat", "Identity"]
+
+
+def _check_layers(layers: tuple, owner: str) -> tuple[Layer, ...]:
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Layer):
+            hint = " (use nk.from_torch to convert torch modules)" if isinstance(
+                layer, nn.Module) else ""
+            raise TypeError(
+                f"{owner} takes ntkit layers; argument {i} is {type(layer).__name__}{hint}."
+            )
+    return tuple(layers)
+
+
+class Sequential(Layer):
+    """Layers applied one after another, like `torch.nn.Sequential`."""
+
+    def __init__(self, *layers: Layer) -> None:
+        self.layers = _check_layers(layers, "Sequential")
+
+    def propagate(self, k: Kernels) -> Kernels:
+        for layer in self.layers:
+            k = layer.propagate(k)
+        return k
+
+    def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
+        modules = []
+        for layer in self.layers:
+            module, shape = layer._build(shape, ctx)
+            modules.append(module)
+        return nn.Sequential(*modules), shape
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Sequential(*self.layers[i])
+        return self.layers[i]
+
+    def __repr__(self) -> str:
+        inner = ",\n".join("  " + repr(layer).replace("\n", "\n  ") for layer in self.layers)
+        return f"Sequential(\n{inner}\n)"
+
+
+class Repeat(Sequential):
+    """``layer`` applied ``n`` times; `build` draws independent parameters for each."""
+
+    def __init__(self, layer: Layer, n: int) -> None:
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}.")
+        super().__init__(*([layer] * n))
+        self.layer, self.n = layer, n
+
+    def __repr__(self) -> str:
+        return f"Repeat({self.layer!r}, {self.n})"
+
+
+class Identity(Layer):
+    """Passes its input through unchanged."""
+
+    def propagate(self, k: Kernels) -> Kernels:
+        return k
+
+    def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
+        return nn.Identity(), shape
+
+
+class FanOut(Layer):
+    """Copies its input into ``n`` branches."""
+
+    def __init__(self, n: int) -> None:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}.")
+        self.n = n
+
+    def propagate(self, k: Kernels) -> tuple[Kernel, ...]:
+        return (single(k, self),) * self.n
+
+    def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
+        return _FanOutModule(self.n), (shape,) * self.n
+
+    def __repr__(self) -> str:
+        return f"FanOut({self.n})"
+
+
+class Parallel(Layer):
+    """Applies the i-th layer to the i-th branch."""
+
+    def __init__(self, *layers: Layer) -> None:
+        self.layers = _check_layers(layers, "Parallel")
+
+    def _branches(self, k: Kernels) -> tuple:
+        if not isinstance(k, tuple) or len(k) != len(self.layers):
+            got = f"{len(k)} branches" if isinstance(k, tuple) else "one input"
+            raise ValueError(
+                f"Parallel with {len(self.layers)} layers needs {len(self.layers)} branches "
+                f"but receives {got}; put FanOut({len(self.layers)}) before it."
+            )
+        return k
+
+    def propagate(self, k: Kernels) -> tuple[Kernel, ...]:
+        return tuple(layer.propagate(b) for layer, b in zip(self.layers, self._branches(k)))
+
+    def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
+        built = [layer._build(s, ctx) for layer, s in zip(self.layers, self._branches(shape))]
+        return _ParallelModule([m for m, _ in built]), tuple(s for _, s in built)
+
+    def __repr__(self) -> str:
+        inner = ",\n".join("  " + repr(layer).replace("\n", "\n  ") for layer in self.layers)
+        return f"Parallel(\n{inner}\n)"
+
+
+def _merge_inputs(k: Kernels, layer: Layer) -> tuple[Kernel, ...]:
+    if not isinstance(k, tuple):
+        return (k,)
+    return k
+
+
+class FanInSum(Layer):
+    """Sums its branches. Branches are independent given the input, so the
+    kernels add: ``nngp = sum_i nngp_i``, ``ntk = sum_i ntk_i``."""
+
+    def propagate(self, k: Kernels) -> Kernel:
+        ks = _merge_inputs(k, self)
+        _same_shapes([b.shape for b in ks], self)
+        return ks[0].replace(
+            nngp=_sum(b.nngp for b in ks), ntk=_sum(b.ntk for b in ks),
+            cov1=_sum(b.cov1 for b in ks), cov2=_sum(b.cov2 for b in ks),
+            is_gaussian=all(b.is_gaussian for b in ks), is_input=False,
+        )
+
+    def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
+        shapes = shape if shape and isinstance(shape[0], tuple) else (shape,)
+        _same_shapes(shapes, self)
+        return _FanInModule("sum"), shapes[0]
+
+
+class FanInProd(Layer):
+    """Multiplies its branches elementwise. For independent branches
+    ``nngp = prod_i nngp_i`` and, by the product rule,
+    ``ntk = sum_i ntk_i prod_(j != i) nngp_j``."""
+
+    def propagate(self, k: Kernels) -> Kernel:
+        ks = _merge_inputs(k, self)
+        _same_shapes([b.shape for b in ks], self)
+        if len(ks) == 1:
+            return ks[0]
+        ntk = _sum(
+            math.prod((b.ntk if j == i else b.nngp for j, b in enumerate(ks)), start=1)
+            for i in range(len(ks))
+        )
+        return ks[0].replace(
+            nngp=math.prod((b.nngp for b in ks), start=1), ntk=ntk,
+            cov1=math.prod((b.cov1 for b in ks), start=1),
+            cov2=math.prod((b.cov2 for b in ks), start=1),
+            is_gaussian=False, is_input=False,
+        )
+
+    def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
+        shapes = shape if shape and isinstance(shape[0], tuple) else (shape,)
+        _same_shapes(shapes, self)
+        return _FanInModule("prod"), shapes[0]
+
+
+class FanInConcat(Layer):
+    """Concatenates its branches along the feature (channel) axis.
+
+    A later layer sees each branch in proportion to its width, so the kernel is
+    the width-weighted mean ``sum_i n_i k_i / sum_i n_i``.
+    """
+
+    def propagate(self, k: Kernels) -> Kernel:
+        ks = _merge_inputs(k, self)
+        _same_shapes([b.shape[1:] for b in ks], self, what="spatial shapes")
+        widths = [b.shape[0] for b in ks]
+        total = sum(widths)
+
+        def mix(field: str) -> Tensor:
+            return _sum(getattr(b, field) * (w / total) for b, w in zip(ks, widths))
+
+        return ks[0].replace(
+            nngp=mix("nngp"), ntk=mix("ntk"), cov1=mix("cov1"), cov2=mix("cov2"),
+            shape=(total,) + tuple(ks[0].shape[1:]),
+            is_gaussian=all(b.is_gaussian for b in ks), is_input=False,
+        )
+
+    def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
+        shapes = shape if shape and isinstance(shape[0], tuple) else (shape,)
+        _same_shapes([s[1:] for s in shapes], self, what="spatial shapes")
+        return _FanInModule("concat"), (sum(s[0] for s in shapes),) + tuple(shapes[0][1:])
+
+
+def _sum(items) -> Tensor:
+    it = iter(items)
+    total = next(it)
+    for x in it:
+        total = total + x
+    return total
+
+
+def _same_shapes(shapes, layer: Layer, what: str = "shapes") -> None:
+    shapes = [tuple(s) for s in shapes]
+    if len(set(shapes)) > 1:
+        raise ValueError(
+            f"{type(layer).__name__} needs branches of equal {what}, got {shapes}; give the "
+            f"branches' last Linear layers the same out_features."
+        )
+
+
+class _FanOutModule(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return (x,) * self.n
+
+
+class _ParallelModule(nn.ModuleList):
+    def forward(self, xs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return tuple(m(x) for m, x in zip(self, xs))
+
+
+class _FanInModule(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def forward(self, xs) -> Tensor:
+        if isinstance(xs, Tensor):
+            return xs
+        if self.how == "sum":
+            return _sum(xs)
+        if self.how == "prod":
+            return math.prod(xs, start=1) if len(xs) > 1 else xs[0]
+        return torch.cat(list(xs), dim=1)
+
+    def extra_repr(self) -> str:
+        return self.how

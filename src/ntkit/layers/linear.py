@@ -1,0 +1,169 @@
+"""Affine layers and reshaping: `Linear`, `Flatten`."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..kernel import Kernel
+from .base import BuildContext, Kernels, Layer, Shapes, flat_width, single
+
+__all__ = ["Linear", "Flatten", "NTKLinear"]
+
+Parameterization = Literal["ntk", "standard"]
+
+
+class Linear(Layer):
+    """A fully-connected layer of any width, in NTK or standard parameterization.
+
+    NTK parameterization (Jacot et al. 2018, eq. 1)::
+
+        y = (w_std / sqrt(fan_in)) W x + b_std b,    W, b ~ N(0, 1)
+
+    standard parameterization (Sohl-Dickstein et al. 2020)::
+
+        y = W x + b,    W ~ N(0, w_std^2 / fan_in),  b ~ N(0, b_std^2)
+
+    Both give the same NNGP, ``w_std^2 K + b_std^2``. The NTK is
+    ``nngp' + w_std^2 Theta`` in NTK parameterization and
+    ``fan_in K + 1 + w_std^2 Theta`` in standard parameterization, whose NTK
+    grows with the widths (the ``1`` is the bias's gradient; ``b_std=None``
+    drops the bias). These are neural-tangents' ``stax.Dense`` conventions.
+
+    Args:
+        out_features: the width; used by `build` and by the standard
+            parameterization's NTK (the next layer's fan-in).
+        w_std: weight standard deviation (times ``sqrt(fan_in)``).
+        b_std: bias standard deviation; ``None`` for no bias parameter.
+        parameterization: ``"ntk"`` or ``"standard"``.
+        in_features: the expected fan-in, checked against the inputs when given;
+            like `torch.nn.LazyLinear`, it is otherwise taken from them.
+    """
+
+    def __init__(
+        self,
+        out_features: int,
+        w_std: float = 1.0,
+        b_std: float | None = 0.0,
+        *,
+        parameterization: Parameterization = "ntk",
+        in_features: int | None = None,
+    ) -> None:
+        if not isinstance(out_features, int) or isinstance(out_features, bool) or out_features < 1:
+            raise ValueError(f"out_features must be a positive int, got {out_features!r}.")
+        if parameterization not in ("ntk", "standard"):
+            raise ValueError(
+                f"parameterization must be 'ntk' or 'standard', got {parameterization!r}."
+            )
+        if not w_std >= 0 or (b_std is not None and not b_std >= 0):
+            raise ValueError(f"w_std and b_std must be >= 0, got w_std={w_std}, b_std={b_std}.")
+        self.out_features = out_features
+        self.w_std = float(w_std)
+        self.b_std = None if b_std is None else float(b_std)
+        self.parameterization = parameterization
+        self.in_features = in_features
+
+    def propagate(self, k: Kernels) -> Kernel:
+        k = single(k, self)
+        fan_in = flat_width(k.shape, self)
+        if self.in_features is not None and fan_in != self.in_features:
+            raise ValueError(
+                f"{self!r} expects {self.in_features} input features but receives {fan_in}; "
+                f"pass inputs of shape (N, {self.in_features}) or change in_features."
+            )
+        w2 = self.w_std**2
+        b2 = 0.0 if self.b_std is None else self.b_std**2
+        nngp = _affine(k.nngp, w2, b2)
+        if self.parameterization == "ntk":
+            ntk = torch.add(nngp, k.ntk, alpha=w2)
+        else:
+            bias_grad = 0.0 if self.b_std is None else 1.0
+            ntk = torch.add(k.ntk * w2, k.nngp, alpha=fan_in) + bias_grad
+        return k.replace(
+            nngp=nngp, ntk=ntk, cov1=_affine(k.cov1, w2, b2), cov2=_affine(k.cov2, w2, b2),
+            shape=(self.out_features,), is_gaussian=True, is_input=False,
+        )
+
+    def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
+        fan_in = flat_width(shape, self)
+        if self.in_features is not None and fan_in != self.in_features:
+            raise ValueError(
+                f"{self!r} expects {self.in_features} input features but input_shape gives "
+                f"{fan_in}."
+            )
+        module = NTKLinear(fan_in, self.out_features, self.w_std, self.b_std,
+                           self.parameterization, ctx)
+        return module, (self.out_features,)
+
+    def __repr__(self) -> str:
+        extra = "" if self.parameterization == "ntk" else ", parameterization='standard'"
+        return f"Linear({self.out_features}, w_std={self.w_std}, b_std={self.b_std}{extra})"
+
+
+def _affine(x: Tensor, w2: float, b2: float) -> Tensor:
+    return x * w2 + b2 if b2 else x * w2
+
+
+class NTKLinear(nn.Module):
+    """The finite twin of `Linear`: ``weight`` is ``(out, in)`` like `nn.Linear`.
+
+    In NTK parameterization the stored parameters are standard normal and the
+    forward pass scales them; in standard parameterization they carry their
+    variance and the forward pass is plain ``x W^T + b``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, w_std: float,
+                 b_std: float | None, parameterization: Parameterization,
+                 ctx: BuildContext) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.parameterization = parameterization
+        ntk = parameterization == "ntk"
+        self.w_scale = w_std / math.sqrt(in_features) if ntk else 1.0
+        self.b_scale = (b_std or 0.0) if ntk else 1.0
+        w = ctx.randn(out_features, in_features)
+        self.weight = nn.Parameter(w if ntk else w * (w_std / math.sqrt(in_features)))
+        if b_std is None:
+            self.register_parameter("bias", None)
+        else:
+            b = ctx.randn(out_features)
+            self.bias = nn.Parameter(b if ntk else b * b_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight * self.w_scale if self.w_scale != 1.0 else self.weight
+        bias = self.bias
+        if bias is not None and self.b_scale != 1.0:
+            bias = bias * self.b_scale
+        return nn.functional.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"parameterization={self.parameterization!r}")
+
+
+class Flatten(Layer):
+    """Flattens per-example features to ``(N, C * prod(spatial))``.
+
+    Kernel rule: the average of the per-position kernel over positions (for
+    inputs with spatial axes, whose kernel keeps the spatial diagonal).
+    """
+
+    def propagate(self, k: Kernels) -> Kernel:
+        k = single(k, self)
+        if len(k.shape) == 1:
+            return k
+        axes_n = tuple(range(1 if k.diagonal else 2, k.nngp.ndim))
+        axes_c = tuple(range(1, k.cov1.ndim))
+        return k.replace(
+            nngp=k.nngp.mean(axes_n), ntk=k.ntk.mean(axes_n),
+            cov1=k.cov1.mean(axes_c), cov2=k.cov2.mean(axes_c),
+            shape=(math.prod(k.shape),),
+        )
+
+    def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
+        if shape and isinstance(shape[0], tuple):
+            raise ValueError(f"Flatten takes one input but receives branches {shape}.")
+        return nn.Flatten(), (math.prod(shape),)
