@@ -3,12 +3,15 @@
 The public surface is re-exported here; everything else is private.
 """
 
+from .compute import parse_memory
+from .convert import from_torch
 from .kernel import Kernel
 from .layers import (
     ABReLU, Abs, Activation, Cos, Dropout, Elementwise, Erf, Exp, FanInConcat, FanInProd,
     FanInSum, FanOut, Flatten, Gaussian, GELU, Identity, Layer, LayerNorm, LeakyReLU, Linear,
     Monomial, Parallel, Rbf, RectifiedMonomial, ReLU, Repeat, Sequential, Sign, Sin,
 )
+from .monte_carlo import empirical_kernels, monte_carlo_kernel
 
 __version__ = "0.1.0"
 
@@ -16,5 +19,6 @@ __all__ = [
     "Kernel", "Layer", "Linear", "Flatten", "Activation", "ReLU", "LeakyReLU", "ABReLU", "Abs",
     "Sign", "Erf", "GELU", "Sin", "Cos", "Rbf", "Gaussian", "Exp", "Monomial",
     "RectifiedMonomial", "Elementwise", "LayerNorm", "Dropout", "Sequential", "Parallel",
-    "FanOut", "FanInSum", "FanInConcat", "FanInProd", "Repeat", "Identity",
+    "FanOut", "FanInSum", "FanInConcat", "FanInProd", "Repeat", "Identity", "from_torch",
+    "monte_carlo_kernel", "empirical_kernels", "parse_memory",
 ]

@@ -22,21 +22,20 @@ class LayerNorm(Layer):
 
         nngp' = nngp / sqrt((v1 + eps)(v2 + eps)),   ntk' = ntk / sqrt((v1 + eps)(v2 + eps))
 
-    With ``elementwise_affine=True`` the per-feature scale (initialised to 1)
-    and shift (initialised to 0) of `torch.nn.LayerNorm` are trained too; each
-    unit's own parameters add ``nngp' + 1`` to its NTK.
+    The layer has no learnable scale and shift (``torch.nn.LayerNorm(...,
+    elementwise_affine=False)``): a per-feature scale's gradient is the feature
+    itself, so its NTK contribution through a following nonlinearity ``f`` is
+    ``E[X Y f'(X) f'(Y)]``, which the layer-by-layer recursion cannot express.
 
     Args:
         eps: added to the variance, as in `torch.nn.LayerNorm` (default 1e-5;
             neural-tangents uses 1e-12).
-        elementwise_affine: include the learnable per-feature scale and shift.
     """
 
-    def __init__(self, eps: float = 1e-5, *, elementwise_affine: bool = False) -> None:
+    def __init__(self, eps: float = 1e-5) -> None:
         if not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {eps}.")
         self.eps = float(eps)
-        self.elementwise_affine = bool(elementwise_affine)
 
     def propagate(self, k: Kernels) -> Kernel:
         k = single(k, self)
@@ -54,8 +53,6 @@ class LayerNorm(Layer):
             scale = r1.unsqueeze(1) * r2.unsqueeze(0)
         nngp = k.nngp * scale
         ntk = k.ntk * scale
-        if self.elementwise_affine:
-            ntk = ntk + nngp + 1.0
         cov1 = k.cov1 * r1 * r1
         cov2 = cov1 if k.cov2 is k.cov1 else k.cov2 * r2 * r2
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2)
@@ -63,8 +60,7 @@ class LayerNorm(Layer):
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
         if not shape or isinstance(shape[0], tuple):
             raise ValueError(f"{self!r} takes one input but receives branches {shape}.")
-        module = nn.LayerNorm(shape[0], eps=self.eps, elementwise_affine=self.elementwise_affine,
-                              dtype=ctx.dtype, device=ctx.device)
+        module = nn.LayerNorm(shape[0], eps=self.eps, elementwise_affine=False)
         if len(shape) > 1:
             raise ValueError(
                 f"{self!r} normalises dense features (N, features); got per-example shape {shape}."
@@ -72,8 +68,7 @@ class LayerNorm(Layer):
         return module, shape
 
     def __repr__(self) -> str:
-        affine = ", elementwise_affine=True" if self.elementwise_affine else ""
-        return f"LayerNorm(eps={self.eps}{affine})"
+        return f"LayerNorm(eps={self.eps})"
 
 
 class Dropout(Layer):
