@@ -1,0 +1,165 @@
+"""Reference workloads: ntkit against neural-tangents, measured in the same run.
+
+    python benchmarks/run.py [CASE ...] [--reps N] [--nt-python PATH] [--no-peer]
+
+Each case is timed as the best of ``--reps`` runs after one warm-up, in a fresh
+subprocess per library so that peak memory (max RSS) belongs to that case
+alone. neural-tangents runs when its python is found (``--nt-python``, the
+``NT_PYTHON`` variable, or the default place of
+``shared/peers/install-neural-tangents``); its timings come from the peers'
+own ``nt_bench.py``. Prints a Markdown table; ``--json PATH`` also saves it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEFAULT_NT_PYTHON = Path.home() / ".cache/ntkit-peers/nt/bin/python"
+PEERS = [ROOT.parent / "shared" / "peers", ROOT / "shared" / "peers"]
+
+#: case -> (description, neural-tangents case name in nt_bench.py, its JSON "case" key)
+CASES = {
+    "fc": ("infinite-width NTK, 3 x [Linear(512, w_std=1.4, b_std=0.1), ReLU] + Linear(1), "
+           "x: 4000 x 784 float32, k(x, x)", "fc", "fc_relu_L3_N4000_d784_ntk"),
+}
+
+
+# ----------------------------------------------------------------- ntkit side
+def _ntkit_case(case: str, reps: int) -> dict:
+    import torch
+
+    import ntkit as nk
+
+    baseline = _peak_rss_mb()  # after imports, before data: what the library itself costs
+    if case == "fc":
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(4000, 784, generator=gen)
+        net = nk.Sequential(
+            nk.Repeat(nk.Sequential(nk.Linear(512, w_std=1.4, b_std=0.1), nk.ReLU()), 3),
+            nk.Linear(1),
+        )
+        run = lambda: net.kernel(x)  # noqa: E731
+    else:
+        raise KeyError(case)
+    run()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return {"seconds": min(times), "baseline_mb": baseline}
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _child(case: str, reps: int) -> None:
+    out = _ntkit_case(case, reps)
+    out["peak_mb"] = _peak_rss_mb()
+    print(json.dumps(out))
+
+
+# ------------------------------------------------------------------ the peer
+def _nt_python(arg: str | None) -> Path | None:
+    for cand in (arg, os.environ.get("NT_PYTHON"), DEFAULT_NT_PYTHON):
+        if cand and Path(cand).exists():
+            return Path(cand)
+    return None
+
+
+def _nt_bench_script() -> Path | None:
+    for d in PEERS:
+        if (d / "nt_bench.py").exists():
+            return d / "nt_bench.py"
+    return None
+
+
+def _run_peer(py: Path, script: Path, case: str, reps: int) -> dict | None:
+    """Runs nt_bench.py for one case under a wrapper that reports its peak RSS."""
+    wrapper = (
+        "import runpy, sys, resource, json\n"
+        "import jax, neural_tangents\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024\n"
+        f"sys.argv = [{str(script)!r}, {case!r}, '--reps', '{reps}']\n"
+        f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
+        "print(json.dumps({'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024,"
+        " 'baseline_mb': base}))\n"
+    )
+    proc = subprocess.run([str(py), "-c", wrapper], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"neural-tangents failed on {case}:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    result: dict = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            item = json.loads(line)
+            if "case" in item:
+                result[item["case"]] = item["seconds"]
+            else:
+                result.update(item)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("cases", nargs="*", default=list(CASES))
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--nt-python", default=None)
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child, args.reps)
+        return
+
+    py = None if args.no_peer else _nt_python(args.nt_python)
+    script = _nt_bench_script()
+    rows = []
+    for case in args.cases:
+        desc, nt_case, nt_key = CASES[case]
+        proc = subprocess.run([sys.executable, __file__, "--child", case, "--reps", str(args.reps)],
+                              capture_output=True, text=True, check=True)
+        ours = json.loads(proc.stdout.strip().splitlines()[-1])
+        peer = _run_peer(py, script, nt_case, args.reps) if py and script else None
+        row = {"case": case, "workload": desc, "ntkit_s": ours["seconds"],
+               "ntkit_peak_mb": ours["peak_mb"],
+               "ntkit_work_mb": ours["peak_mb"] - ours["baseline_mb"]}
+        if peer and nt_key in peer:
+            row.update(nt_s=peer[nt_key], nt_peak_mb=peer["peak_mb"],
+                       nt_work_mb=peer["peak_mb"] - peer["baseline_mb"],
+                       ratio=ours["seconds"] / peer[nt_key])
+        rows.append(row)
+
+    print("| case | ntkit s | neural-tangents s | time ratio | ntkit peak MB (work) "
+          "| neural-tangents peak MB (work) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        mine = f"{r['ntkit_peak_mb']:.0f} ({r['ntkit_work_mb']:.0f})"
+        if "nt_s" in r:
+            print(f"| {r['case']} | {r['ntkit_s']:.3f} | {r['nt_s']:.3f} | {r['ratio']:.2f}x "
+                  f"| {mine} | {r['nt_peak_mb']:.0f} ({r['nt_work_mb']:.0f}) |")
+        else:
+            print(f"| {r['case']} | {r['ntkit_s']:.3f} | not installed | - | {mine} | - |")
+    print("\nPeak MB is the process's maximum resident set; (work) is that peak minus the "
+          "resident set after importing the library, before the data is made.")
+    for r in rows:
+        print(f"- {r['case']}: {r['workload']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
