@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -103,7 +103,7 @@ def tiled_kernel(
     bar = tqdm(tiles, desc="kernel tiles", unit="tile", delay=2.0,
                disable=(not progress) if progress is not None else (len(tiles) < 4 or None))
     with torch.no_grad():
-        for r, c in _iterate(bar):
+        for r, c in bar:
             k = _tile(rule, x1, x2, r, c, diagonal)
             if facts is None:
                 facts = k
@@ -112,10 +112,6 @@ def tiled_kernel(
     bar.close()
     assert facts is not None
     return facts.replace(**out, x1_is_x2=x2 is None, diagonal=diagonal)
-
-
-def _iterate(bar: tqdm) -> Iterator:
-    yield from bar
 
 
 def _tile(rule, x1, x2, r, c, diagonal) -> Kernel:

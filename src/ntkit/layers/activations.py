@@ -99,14 +99,20 @@ class ActivationModule(nn.Module):
         return self.name
 
 
-def _cos_and_scale(k: Tensor, v1: Tensor, v2: Tensor) -> tuple[Tensor, Tensor]:
-    """The correlation ``k / sqrt(v1 v2)`` clamped to [-1, 1], and ``sqrt(v1 v2)``.
+def _cos_and_scale(k: Tensor, v1: Tensor, v2: Tensor, sign: float = 1.0
+                   ) -> tuple[Tensor, Tensor]:
+    """``sign * k / sqrt(v1 v2)`` clamped to [-1, 1], and ``sign * sqrt(v1 v2)``.
 
-    Zero variances give correlation 0 instead of NaN.
+    Zero variances give correlation 0 instead of NaN. ``sign=-1`` gives the
+    negated correlation without an extra pass over the tile.
     """
-    scale = torch.sqrt(v1) * torch.sqrt(v2)
+    r1, r2 = torch.sqrt(v1), torch.sqrt(v2)
+    if sign != 1.0:
+        r1 = r1 * sign
+    scale = r1 * r2
     cos = torch.div(k, scale)
-    cos = torch.where(scale > 0, cos, 0.0) if bool((scale == 0).any()) else cos
+    if bool((v1 == 0).any()) or bool((v2 == 0).any()):  # checks vectors, not the tile
+        cos = torch.where(scale != 0, cos, 0.0)
     return cos.clamp_(-1.0, 1.0), scale
 
 
@@ -128,10 +134,12 @@ class ABReLU(Activation):
         return torch.where(x < 0, self.a * x, self.b * x)
 
     def _nngp_and_dot(self, k, v1, v2):
-        cos, scale = _cos_and_scale(k, v1, v2)
-        # pi - theta = arccos(-cos); sin(pi - theta) = sin(theta).
-        phi = torch.arccos(cos.neg_())
-        relu = torch.mul(phi, k).addcmul_(scale, torch.sin(phi)).mul_(1 / (2 * _PI))
+        # pi - theta = arccos(-cos) and sin(pi - theta) = sin(theta), from the
+        # negated correlation and scale.
+        neg_cos, neg_scale = _cos_and_scale(k, v1, v2, sign=-1.0)
+        phi = torch.arccos(neg_cos)
+        relu = torch.mul(phi, k).addcmul_(neg_scale, torch.sin(phi), value=-1.0)
+        relu.mul_(1 / (2 * _PI))
         dot = phi.mul_(1 / (2 * _PI))
         ab, d2 = self.a * self.b, (self.b - self.a) ** 2
         if ab == 0 and d2 == 1:

@@ -128,10 +128,8 @@ class Parallel(Layer):
         return f"Parallel(\n{inner}\n)"
 
 
-def _merge_inputs(k: Kernels, layer: Layer) -> tuple[Kernel, ...]:
-    if not isinstance(k, tuple):
-        return (k,)
-    return k
+def _branches_of(k: Kernels) -> tuple[Kernel, ...]:
+    return k if isinstance(k, tuple) else (k,)
 
 
 class FanInSum(Layer):
@@ -139,7 +137,7 @@ class FanInSum(Layer):
     kernels add: ``nngp = sum_i nngp_i``, ``ntk = sum_i ntk_i``."""
 
     def propagate(self, k: Kernels) -> Kernel:
-        ks = _merge_inputs(k, self)
+        ks = _branches_of(k)
         _same_shapes([b.shape for b in ks], self)
         return ks[0].replace(
             nngp=_sum(b.nngp for b in ks), ntk=_sum(b.ntk for b in ks),
@@ -159,7 +157,7 @@ class FanInProd(Layer):
     ``ntk = sum_i ntk_i prod_(j != i) nngp_j``."""
 
     def propagate(self, k: Kernels) -> Kernel:
-        ks = _merge_inputs(k, self)
+        ks = _branches_of(k)
         _same_shapes([b.shape for b in ks], self)
         if len(ks) == 1:
             return ks[0]
@@ -188,7 +186,7 @@ class FanInConcat(Layer):
     """
 
     def propagate(self, k: Kernels) -> Kernel:
-        ks = _merge_inputs(k, self)
+        ks = _branches_of(k)
         _same_shapes([b.shape[1:] for b in ks], self, what="spatial shapes")
         widths = [b.shape[0] for b in ks]
         total = sum(widths)
