@@ -12,13 +12,27 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["as_input_tensor", "check_input_pair"]
+__all__ = ["as_input_tensor", "check_input_pair", "check_finite", "as_input_pair"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def as_input_pair(x1: Any, x2: Any) -> tuple[Tensor, Tensor | None]:
+    """Both input batches as tensors, checked for type, shape, pairing and values."""
+    x1 = as_input_tensor(x1, "x1")
+    x2 = None if x2 is None else as_input_tensor(x2, "x2")
+    check_input_pair(x1, x2)
+    check_finite(x1, "x1")
+    if x2 is not None:
+        check_finite(x2, "x2")
+    return x1, x2
+
+
 def as_input_tensor(x: Any, name: str) -> Tensor:
     """Returns `x` as a floating tensor of shape ``(N, *features)``, or raises.
+
+    Checks type, dtype, device and shape only; values are checked by
+    `check_finite` once the pair is known to share a device.
 
     Tensors are taken as they are (no copy); NumPy arrays and nested sequences
     are converted with `torch.as_tensor`, keeping float64 as float64.
@@ -57,7 +71,20 @@ def as_input_tensor(x: Any, name: str) -> Tensor:
             f"{name} is an empty batch (shape {tuple(x.shape)}); pass at least one example."
         )
     if x.numel() == 0:
-        raise ValueError(f"{name} has no features (shape {tuple(x.shape)}).")
+        raise ValueError(
+            f"{name} has no features (shape {tuple(x.shape)}); each example needs at least one "
+            f"feature. Check how the inputs were sliced or loaded."
+        )
+    return x
+
+
+def check_finite(x: Tensor, name: str) -> None:
+    """Raises when `x` holds no data (meta) or NaN or infinite values."""
+    if x.device.type == "meta":
+        raise ValueError(
+            f"{name} is on the 'meta' device and holds no data; kernels need real values. "
+            f"Materialise it on 'cpu' or 'cuda' first."
+        )
     if not bool(torch.isfinite(x).all()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
@@ -66,7 +93,6 @@ def as_input_tensor(x: Any, name: str) -> Tensor:
             f"{name} contains {n_nan} NaN and {n_inf} infinite values (first rows affected: "
             f"{rows}); kernels of non-finite inputs are undefined. Remove or impute them."
         )
-    return x
 
 
 def check_input_pair(x1: Tensor, x2: Tensor | None) -> None:

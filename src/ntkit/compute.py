@@ -31,15 +31,23 @@ def parse_memory(budget: int | float | str | None) -> int:
     if budget is None:
         return DEFAULT_MEMORY_BUDGET
     if isinstance(budget, str):
-        m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", budget)
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", budget)
         if not m or m.group(2).lower() not in _UNITS:
             raise ValueError(
                 f"memory_budget={budget!r} is not understood; give bytes as an int or a string "
                 f"such as '512MB' or '2GiB'."
             )
         budget = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if not budget > 0:
-        raise ValueError(f"memory_budget must be positive, got {budget!r}.")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(
+            f"memory_budget must be a number of bytes or a string such as '2GiB', got "
+            f"{type(budget).__name__}."
+        )
+    if not (math.isfinite(budget) and budget >= 1):
+        raise ValueError(
+            f"memory_budget must be positive and finite (bytes), got {budget!r}; "
+            f"e.g. memory_budget='2GiB'."
+        )
     return int(budget)
 
 

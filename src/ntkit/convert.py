@@ -38,7 +38,7 @@ def from_torch(
     parameterization: Literal["ntk", "standard"] = "standard",
     w_std: float | None = None,
     b_std: float | None = None,
-    degree: int = 25,
+    degree: int = 64,
 ) -> Sequential:
     """The infinite-width twin of a `torch.nn.Sequential`.
 
@@ -89,6 +89,11 @@ def _convert_children(seq, prefix, parameterization, w_std, b_std, degree) -> li
 
 def _convert(m: nn.Module, path: str, parameterization, w_std, b_std, degree) -> Layer:
     if isinstance(m, nn.Linear):
+        if getattr(m, "has_uninitialized_params", lambda: False)():
+            raise TypeError(
+                f"module {path} ({m!r}) has not been initialised, so its in_features is "
+                f"unknown; run one forward pass on example inputs before from_torch."
+            )
         fan_in = m.in_features
         bias = None
         if m.bias is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,7 +95,9 @@ class Kernel:
                 f"a {'diagonal' if self.diagonal else 'full'} Kernel takes at most "
                 f"{n_axes} indices (over inputs), got {len(index)}"
             )
-        index = tuple(_keep_axis(i) for i in index) + (slice(None),) * (n_axes - len(index))
+        sizes = (self.nngp.shape[0],) if self.diagonal else tuple(self.nngp.shape[:2])
+        index = tuple(_keep_axis(i, n) for i, n in zip(index, sizes)) + (slice(None),) * (
+            n_axes - len(index))
         if self.diagonal:
             (rows,) = index
             sel = self.cov1[rows]
@@ -120,10 +123,19 @@ class Kernel:
 _TENSORS = ("nngp", "ntk", "cov1", "cov2")
 
 
-def _keep_axis(index: Any) -> Any:
-    if isinstance(index, int):
-        return slice(index, index + 1 if index != -1 else None)
-    return index
+def _keep_axis(index: Any, size: int) -> Any:
+    """An integer-like index as a one-element slice (the axis is kept)."""
+    if isinstance(index, (slice, list)) or (isinstance(index, Tensor) and index.ndim > 0):
+        return index
+    try:
+        i = operator.index(index)
+    except TypeError:
+        return index
+    try:
+        i = range(size)[i]
+    except IndexError:
+        raise IndexError(f"index {i} is out of range for {size} inputs") from None
+    return slice(i, i + 1)
 
 
 def _same_index(rows: Any, cols: Any) -> bool:

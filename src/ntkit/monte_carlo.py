@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from tqdm.auto import tqdm
 
-from ._checks import as_input_tensor, check_input_pair
+from ._checks import as_input_pair
 from .compute import parse_memory
 from .kernel import Kernel
 from .layers.base import Layer
@@ -101,10 +101,7 @@ def empirical_kernels(
             f"generator must be a torch.Generator (randomness is explicit), got "
             f"{type(generator).__name__}; use torch.Generator().manual_seed(0)."
         )
-    x1 = as_input_tensor(x1, "x1")
-    if x2 is not None:
-        x2 = as_input_tensor(x2, "x2")
-    check_input_pair(x1, x2)
+    x1, x2 = as_input_pair(x1, x2)
     budget = parse_memory(memory_budget)
     net.kernel(x1[:1])  # validates the architecture against the inputs
     for _ in tqdm(range(n_samples), desc="networks", unit="net", delay=2.0,

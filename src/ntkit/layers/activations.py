@@ -53,20 +53,28 @@ class Activation(Layer):
         """``E[f(X)^2]`` for ``X ~ N(0, c)``."""
         return self._nngp(c, c, c)
 
+    def _self_dot(self, c: Tensor) -> Tensor:
+        """``E[f'(X)^2]`` for ``X ~ N(0, c)``."""
+        return self._dot(c, c, c)
+
     def propagate(self, k: Kernels) -> Kernel:
+        # Pairs of an input with itself have correlation exactly 1: they are set from
+        # `_variance` and `_self_dot`, never through arccos, whose square root
+        # would turn rounding at correlation 1 into errors of about 1e-8.
         k = single(k, self)
         require_gaussian(k, self)
+        cov1 = self._variance(k.cov1)
+        cov2 = cov1 if k.cov2 is k.cov1 else self._variance(k.cov2)
+        if k.diagonal:
+            ntk = k.ntk * self._self_dot(k.cov1)
+            return k.replace(nngp=cov1, ntk=ntk, cov1=cov1, cov2=cov1, is_gaussian=False)
         v1, v2 = k.variances()
         nngp, dot = self._nngp_and_dot(k.nngp, v1, v2)
         ntk = k.ntk * dot
-        cov1 = self._variance(k.cov1)
-        cov2 = cov1 if k.cov2 is k.cov1 else self._variance(k.cov2)
-        if k.x1_is_x2 and not k.diagonal:
-            # Pairs of an input with itself have correlation exactly 1; setting them
-            # from the variances avoids the sqrt-amplified rounding of arccos near 1.
+        if k.x1_is_x2:
             idx = torch.arange(nngp.shape[0], device=nngp.device)
             nngp[idx, idx] = cov1
-            ntk[idx, idx] = k.ntk[idx, idx] * self._dot(k.cov1, k.cov1, k.cov1)
+            ntk[idx, idx] = k.ntk[idx, idx] * self._self_dot(k.cov1)
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False)
 
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
@@ -148,6 +156,9 @@ class ABReLU(Activation):
 
     def _variance(self, c: Tensor) -> Tensor:
         return c * ((self.a**2 + self.b**2) / 2)
+
+    def _self_dot(self, c: Tensor) -> Tensor:
+        return torch.full_like(c, (self.a**2 + self.b**2) / 2)
 
     def __repr__(self) -> str:
         return f"ABReLU(a={self.a}, b={self.b})"
@@ -459,6 +470,10 @@ def _arccos_kernel(n: int, k: Tensor, v1: Tensor, v2: Tensor) -> Tensor:
     return j * scale**n / (2 * _PI)
 
 
+def _double_factorial(n: int) -> int:
+    return math.prod(range(n, 0, -2)) if n > 0 else 1
+
+
 class RectifiedMonomial(Activation):
     """``x^degree`` for ``x > 0``, else 0: the arc-cosine kernel of that degree
     (Cho & Saul 2009); ``E[f' f'] = n^2 E[f_(n-1)(X) f_(n-1)(Y)]``."""
@@ -479,6 +494,17 @@ class RectifiedMonomial(Activation):
         if n == 0:
             return torch.zeros_like(k)
         return _arccos_kernel(n - 1, k, v1, v2) * n**2
+
+    def _variance(self, c: Tensor) -> Tensor:
+        # E[X^(2n) 1{X > 0}] = (2n - 1)!! c^n / 2, and 0 when c = 0.
+        n = self.degree
+        return (c > 0).to(c.dtype) * c**n * (_double_factorial(2 * n - 1) / 2)
+
+    def _self_dot(self, c: Tensor) -> Tensor:
+        n = self.degree
+        if n == 0:
+            return torch.zeros_like(c)
+        return (c > 0).to(c.dtype) * c ** (n - 1) * (n**2 * _double_factorial(2 * n - 3) / 2)
 
     def __repr__(self) -> str:
         return f"RectifiedMonomial({self.degree})"

@@ -8,7 +8,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .._checks import as_input_tensor, check_input_pair
+from .._checks import as_input_pair
 from ..kernel import Kernel
 
 __all__ = ["Layer", "BuildContext", "Kernels", "Shapes", "input_kernel"]
@@ -83,10 +83,7 @@ class Layer:
         """
         from ..compute import tiled_kernel
 
-        x1 = as_input_tensor(x1, "x1")
-        if x2 is not None:
-            x2 = as_input_tensor(x2, "x2")
-        check_input_pair(x1, x2)
+        x1, x2 = as_input_pair(x1, x2)
         if diagonal and x2 is not None:
             raise ValueError(
                 "diagonal=True computes k(x1_i, x1_i) and takes no x2; call "

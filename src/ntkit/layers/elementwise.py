@@ -26,10 +26,11 @@ class Elementwise(Activation):
     (Han et al. 2022, "Fast neural kernel embeddings for general activations").
     The derivative is taken by forward-mode autodiff of ``fn``.
 
-    Error falls quickly with ``degree`` for smooth functions (25 gives about
-    1e-8 relative for tanh at unit variance); functions with kinks (ReLU,
-    Abs) converge slowly, so prefer their closed forms. Cost: ``degree^2``
-    evaluations of ``fn`` per kernel entry.
+    Error falls quickly with ``degree`` for smooth functions: for tanh at unit
+    variance, measured against adaptive quadrature, the relative error of
+    ``E[f^2]`` (and of ``E[f'^2]``) is 5e-5 (5e-4) with 25 nodes, 1e-7 (3e-6)
+    with 50, 7e-9 (2e-7) with the default 64 and 2e-11 (8e-10) with 100. Functions with kinks (ReLU, Abs) converge slowly, so prefer their
+    closed forms. Cost: ``degree^2`` evaluations of ``fn`` per kernel entry.
 
     Args:
         fn: elementwise function of a tensor, e.g. ``torch.tanh``, ``torch.nn.SiLU()``.
@@ -37,7 +38,7 @@ class Elementwise(Activation):
         name: shown in messages and ``repr``; defaults to the function's name.
     """
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], degree: int = 25, *,
+    def __init__(self, fn: Callable[[Tensor], Tensor], degree: int = 64, *,
                  name: str | None = None) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be a callable on tensors, got {type(fn).__name__}.")

@@ -58,8 +58,21 @@ class Linear(Layer):
             raise ValueError(
                 f"parameterization must be 'ntk' or 'standard', got {parameterization!r}."
             )
-        if not w_std >= 0 or (b_std is not None and not b_std >= 0):
-            raise ValueError(f"w_std and b_std must be >= 0, got w_std={w_std}, b_std={b_std}.")
+        for name, value in (("w_std", w_std), ("b_std", b_std)):
+            if value is None and name == "b_std":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a real number, got {type(value).__name__} "
+                                f"{value!r}.")
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {name}={value}.")
+        if in_features is not None and (
+                not isinstance(in_features, int) or isinstance(in_features, bool)
+                or in_features < 1):
+            raise ValueError(
+                f"in_features must be a positive int or None (taken from the inputs), got "
+                f"{in_features!r}."
+            )
         self.out_features = out_features
         self.w_std = float(w_std)
         self.b_std = None if b_std is None else float(b_std)
