@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+import scipy.special
 import torch
 from torch import Tensor
 
@@ -47,7 +48,7 @@ class Elementwise(Activation):
         self._fn = fn
         self.degree = degree
         self.name = name or getattr(fn, "__name__", None) or type(fn).__name__
-        nodes, weights = np.polynomial.hermite.hermgauss(degree)
+        nodes, weights = scipy.special.roots_hermite(degree)  # stable at high degree
         self._nodes, self._weights = nodes * np.sqrt(2.0), weights / np.sqrt(np.pi)
         self._check_fn()
 
