@@ -7,10 +7,9 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
-from tqdm.auto import tqdm
 
 from ._checks import as_input_pair
-from .compute import parse_memory
+from .compute import parse_memory, progress_bar
 from .kernel import Kernel
 from .layers.base import Layer
 
@@ -53,24 +52,16 @@ def monte_carlo_kernel(
     Returns:
         A `Kernel` with ``nngp`` and ``ntk`` of shape ``(N1, N2)``.
     """
-    nngp = ntk = cov1 = cov2 = None
+    totals: list[Tensor] = []
     n_out = 1
-    for s_nngp, s_ntk, s_cov1, s_cov2, n_out in empirical_kernels(
+    for *sample, n_out in empirical_kernels(
         net, x1, x2, n_samples=n_samples, generator=generator, memory_budget=memory_budget,
         progress=progress,
     ):
-        if nngp is None:
-            nngp, ntk, cov1, cov2 = s_nngp, s_ntk, s_cov1, s_cov2
-        else:
-            nngp += s_nngp
-            ntk += s_ntk
-            cov1 += s_cov1
-            cov2 += s_cov2
-    assert nngp is not None and ntk is not None and cov1 is not None and cov2 is not None
-    return Kernel(
-        nngp=nngp / n_samples, ntk=ntk / n_samples, cov1=cov1 / n_samples,
-        cov2=cov2 / n_samples, shape=(n_out,), x1_is_x2=x2 is None,
-    )
+        totals = sample if not totals else [t + s for t, s in zip(totals, sample)]
+    nngp, ntk, cov1, cov2 = (t / n_samples for t in totals)
+    return Kernel(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, shape=(n_out,),
+                  x1_is_x2=x2 is None)
 
 
 def empirical_kernels(
@@ -104,8 +95,7 @@ def empirical_kernels(
     x1, x2 = as_input_pair(x1, x2)
     budget = parse_memory(memory_budget)
     net.kernel(x1[:1])  # validates the architecture against the inputs
-    for _ in tqdm(range(n_samples), desc="networks", unit="net", delay=2.0,
-                  disable=(not progress) if progress is not None else None):
+    for _ in progress_bar(range(n_samples), desc="networks", unit="net", progress=progress):
         model = net.build(tuple(x1.shape[1:]), generator=generator, dtype=x1.dtype,
                           device=x1.device)
         yield _one_network(model, x1, x2, budget)

@@ -6,7 +6,8 @@ the finite twins pass tuples of tensors the same way.
 
 from __future__ import annotations
 
-import math
+import functools
+import operator
 
 import torch
 from torch import Tensor, nn
@@ -132,6 +133,10 @@ def _branches_of(k: Kernels) -> tuple[Kernel, ...]:
     return k if isinstance(k, tuple) else (k,)
 
 
+def _branch_shapes(shape: Shapes) -> tuple[tuple[int, ...], ...]:
+    return shape if shape and isinstance(shape[0], tuple) else (shape,)
+
+
 class FanInSum(Layer):
     """Sums its branches. Branches are independent given the input, so the
     kernels add: ``nngp = sum_i nngp_i``, ``ntk = sum_i ntk_i``."""
@@ -146,7 +151,7 @@ class FanInSum(Layer):
         )
 
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
-        shapes = shape if shape and isinstance(shape[0], tuple) else (shape,)
+        shapes = _branch_shapes(shape)
         _same_shapes(shapes, self)
         return _FanInModule("sum"), shapes[0]
 
@@ -162,18 +167,15 @@ class FanInProd(Layer):
         if len(ks) == 1:
             return ks[0]
         ntk = _sum(
-            math.prod((b.ntk if j == i else b.nngp for j, b in enumerate(ks)), start=1)
-            for i in range(len(ks))
+            _prod(b.ntk if j == i else b.nngp for j, b in enumerate(ks)) for i in range(len(ks))
         )
         return ks[0].replace(
-            nngp=math.prod((b.nngp for b in ks), start=1), ntk=ntk,
-            cov1=math.prod((b.cov1 for b in ks), start=1),
-            cov2=math.prod((b.cov2 for b in ks), start=1),
-            is_gaussian=False, is_input=False,
+            nngp=_prod(b.nngp for b in ks), ntk=ntk, cov1=_prod(b.cov1 for b in ks),
+            cov2=_prod(b.cov2 for b in ks), is_gaussian=False, is_input=False,
         )
 
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
-        shapes = shape if shape and isinstance(shape[0], tuple) else (shape,)
+        shapes = _branch_shapes(shape)
         _same_shapes(shapes, self)
         return _FanInModule("prod"), shapes[0]
 
@@ -201,17 +203,17 @@ class FanInConcat(Layer):
         )
 
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
-        shapes = shape if shape and isinstance(shape[0], tuple) else (shape,)
+        shapes = _branch_shapes(shape)
         _same_shapes([s[1:] for s in shapes], self, what="spatial shapes")
         return _FanInModule("concat"), (sum(s[0] for s in shapes),) + tuple(shapes[0][1:])
 
 
 def _sum(items) -> Tensor:
-    it = iter(items)
-    total = next(it)
-    for x in it:
-        total = total + x
-    return total
+    return functools.reduce(operator.add, items)
+
+
+def _prod(items) -> Tensor:
+    return functools.reduce(operator.mul, items)
 
 
 def _same_shapes(shapes, layer: Layer, what: str = "shapes") -> None:
@@ -248,7 +250,7 @@ class _FanInModule(nn.Module):
         if self.how == "sum":
             return _sum(xs)
         if self.how == "prod":
-            return math.prod(xs, start=1) if len(xs) > 1 else xs[0]
+            return _prod(xs)
         return torch.cat(list(xs), dim=1)
 
     def extra_repr(self) -> str:

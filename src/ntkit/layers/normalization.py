@@ -60,12 +60,11 @@ class LayerNorm(Layer):
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
         if not shape or isinstance(shape[0], tuple):
             raise ValueError(f"{self!r} takes one input but receives branches {shape}.")
-        module = nn.LayerNorm(shape[0], eps=self.eps, elementwise_affine=False)
         if len(shape) > 1:
             raise ValueError(
                 f"{self!r} normalises dense features (N, features); got per-example shape {shape}."
             )
-        return module, shape
+        return nn.LayerNorm(shape[0], eps=self.eps, elementwise_affine=False), shape
 
     def __repr__(self) -> str:
         return f"LayerNorm(eps={self.eps})"
