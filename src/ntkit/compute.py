@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .kernel import Kernel
 from .layers.base import Kernels, input_kernel
 
-__all__ = ["tiled_kernel", "parse_memory", "DEFAULT_MEMORY_BUDGET"]
+__all__ = ["tiled_kernel", "parse_memory", "progress_bar", "DEFAULT_MEMORY_BUDGET"]
 
 #: Working memory for kernel tiles when none is given: 1 GiB.
 DEFAULT_MEMORY_BUDGET = 1 << 30
@@ -49,6 +49,16 @@ def parse_memory(budget: int | float | str | None) -> int:
             f"e.g. memory_budget='2GiB'."
         )
     return int(budget)
+
+
+def progress_bar(items, *, desc: str, unit: str, progress: bool | None,
+                 min_items: int = 1) -> tqdm:
+    """A tqdm bar: always with ``progress=True``, never with False, and by default
+    only for at least ``min_items`` items that take more than 2 s on a terminal."""
+    if progress is None:
+        return tqdm(items, desc=desc, unit=unit, delay=2.0,
+                    disable=True if len(items) < min_items else None)
+    return tqdm(items, desc=desc, unit=unit, disable=not progress)
 
 
 def tile_sides(n1: int, n2: int, entry_bytes: int, budget: int, device: torch.device
@@ -108,8 +118,7 @@ def tiled_kernel(
 
     out: dict[str, Tensor] = {}
     facts: Kernel | None = None
-    bar = tqdm(tiles, desc="kernel tiles", unit="tile", delay=2.0,
-               disable=(not progress) if progress is not None else (len(tiles) < 4 or None))
+    bar = progress_bar(tiles, desc="kernel tiles", unit="tile", progress=progress, min_items=4)
     with torch.no_grad():
         for r, c in bar:
             k = _tile(rule, x1, x2, r, c, diagonal)
