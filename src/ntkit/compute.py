@@ -85,6 +85,8 @@ def tiled_kernel(
     diagonal: bool,
     memory_budget: int | str | None,
     progress: bool | None,
+    position_pairs: bool = False,
+    network=None,
 ) -> Kernel:
     """Applies a network's kernel rule tile by tile and assembles the result.
 
@@ -98,8 +100,8 @@ def tiled_kernel(
             f"Convert with x1.float() or x1.double()."
         )
     budget = parse_memory(memory_budget)
-    spatial = math.prod(x1.shape[2:])
-    entry_bytes = x1.element_size() * spatial
+    positions = peak_positions(network, tuple(x1.shape[1:]), x1.dtype)
+    entry_bytes = x1.element_size() * positions ** (2 if position_pairs else 1)
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
 
@@ -121,7 +123,7 @@ def tiled_kernel(
     bar = progress_bar(tiles, desc="kernel tiles", unit="tile", progress=progress, min_items=4)
     with torch.no_grad():
         for r, c in bar:
-            k = _tile(rule, x1, x2, r, c, diagonal)
+            k = _tile(rule, x1, x2, r, c, diagonal, position_pairs)
             if facts is None:
                 facts = k
                 out = _allocate(k, n1, n2, diagonal)
@@ -131,15 +133,42 @@ def tiled_kernel(
     return facts.replace(**out, x1_is_x2=x2 is None, diagonal=diagonal)
 
 
-def _tile(rule, x1, x2, r, c, diagonal) -> Kernel:
+def peak_positions(network, input_shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """The most spatial positions any layer of ``network`` sees, found by running
+    its finite twin on the meta device (no memory, no arithmetic); the input's
+    positions if that is not possible."""
+    positions = math.prod(input_shape[1:])
+    if network is None or len(input_shape) < 2:
+        return positions
+    try:
+        module = network.build(input_shape, dtype=dtype, device="meta")
+        seen = [positions]
+
+        def record(_module, _args, out):
+            for t in out if isinstance(out, tuple) else (out,):
+                if isinstance(t, Tensor) and t.ndim > 2:
+                    seen.append(math.prod(t.shape[2:]))
+
+        handles = [m.register_forward_hook(record) for m in module.modules()]
+        try:
+            module(torch.empty((1, *input_shape), dtype=dtype, device="meta"))
+        finally:
+            for h in handles:
+                h.remove()
+        return max(seen)
+    except Exception:  # noqa: BLE001 - a layer without a meta twin: fall back to the input
+        return positions
+
+
+def _tile(rule, x1, x2, r, c, diagonal, position_pairs=False) -> Kernel:
     a = x1[r[0]:r[1]]
     if diagonal:
-        k = input_kernel(a, None, diagonal=True)
+        k = input_kernel(a, None, diagonal=True, position_pairs=position_pairs)
     elif x2 is None and r == c:
-        k = input_kernel(a, None)
+        k = input_kernel(a, None, position_pairs=position_pairs)
     else:
         b = (x1 if x2 is None else x2)[c[0]:c[1]]
-        k = input_kernel(a, b)
+        k = input_kernel(a, b, position_pairs=position_pairs)
     k = rule(k)
     if isinstance(k, tuple):
         raise ValueError(
@@ -174,6 +203,15 @@ def _store(out: dict[str, Tensor], k: Kernel, r, c, *, mirror: bool) -> None:
     out["nngp"][i0:i1, j0:j1] = k.nngp
     out["ntk"][i0:i1, j0:j1] = k.ntk
     if mirror and r != c:
-        out["nngp"][j0:j1, i0:i1] = k.nngp.transpose(0, 1)
-        out["ntk"][j0:j1, i0:i1] = k.ntk.transpose(0, 1)
+        out["nngp"][j0:j1, i0:i1] = _swap(k, k.nngp)
+        out["ntk"][j0:j1, i0:i1] = _swap(k, k.ntk)
         out["cov1"][j0:j1] = k.cov2
+
+
+def _swap(k: Kernel, t: Tensor) -> Tensor:
+    """``t`` with x1 and x2 exchanged: k(x2_j, x1_i), positions exchanged too."""
+    t = t.transpose(0, 1)
+    if k.position_pairs:
+        ns = (t.ndim - 2) // 2
+        t = t.permute(0, 1, *range(2 + ns, 2 + 2 * ns), *range(2, 2 + ns))
+    return t

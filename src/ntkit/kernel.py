@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,13 @@ class Kernel:
             batch, so that ``nngp[i, i]`` pairs an input with itself (matters for
             Dropout).
         diagonal: whether only the diagonal ``k(x_i, x_i)`` is held.
+        position_pairs: for features with spatial axes ``S`` (``shape[1:]``),
+            whether the covariance between every pair of positions is held:
+            ``nngp`` is then ``(N1, N2, *S, *S)`` (position ``p`` of ``x1`` against
+            ``p'`` of ``x2``) and ``cov1`` the per-example ``(N1, *S, *S)``.
+            Without it only matching positions are held: ``(N1, N2, *S)`` and
+            ``(N1, *S)``. Pooling and attention need the pairs; a network
+            computes them only when a layer needs them.
     """
 
     nngp: Tensor
@@ -47,21 +55,86 @@ class Kernel:
     is_input: bool = False
     x1_is_x2: bool = False
     diagonal: bool = False
+    position_pairs: bool = False
 
     # ------------------------------------------------------------------ values
     def replace(self, **changes: Any) -> "Kernel":
         """A copy with the given fields changed."""
         return dataclasses.replace(self, **changes)
 
-    def variances(self) -> tuple[Tensor, Tensor]:
-        """``cov1`` and ``cov2`` shaped to broadcast against ``nngp``.
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """The spatial axes of the features (``shape[1:]``); ``()`` for dense ones."""
+        return tuple(self.shape[1:])
 
-        Returns ``(cov1[:, None], cov2[None, :])`` for a full kernel and
-        ``(cov1, cov2)`` for a diagonal one.
-        """
-        if self.diagonal:
+    def position_variances(self) -> tuple[Tensor, Tensor]:
+        """Per-position variances of x1 and x2: ``(N1, *S)`` and ``(N2, *S)``."""
+        if not self.position_pairs:
             return self.cov1, self.cov2
-        return self.cov1.unsqueeze(1), self.cov2.unsqueeze(0)
+        u1 = position_diagonal(self.cov1, 1)
+        u2 = u1 if self.cov2 is self.cov1 else position_diagonal(self.cov2, 1)
+        return u1, u2
+
+    def variances(self) -> tuple[Tensor, Tensor]:
+        """Per-position variances of x1 and x2 shaped to broadcast against ``nngp``.
+
+        For a full kernel without position pairs these are ``cov1[:, None]`` and
+        ``cov2[None, :]``; for a diagonal one ``cov1`` and ``cov2``.
+        """
+        return self.broadcast_pair(*self.position_variances())
+
+    def broadcast_pair(self, a1: Tensor, a2: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-example (and per-position) quantities of x1 and x2, shapes
+        ``(N1, *S)`` and ``(N2, *S)`` (``S`` may be all ones), shaped to
+        broadcast against ``nngp``."""
+        ns = len(self.spatial_shape) if self.position_pairs else 0
+        ones = (1,) * ns
+        if self.diagonal:
+            if not ns:
+                return a1, a2
+            return (a1.reshape(*a1.shape, *ones),
+                    a2.reshape(a2.shape[0], *ones, *a2.shape[1:]))
+        return (a1.reshape(a1.shape[0], 1, *a1.shape[1:], *ones),
+                a2.reshape(1, a2.shape[0], *ones, *a2.shape[1:]))
+
+    def broadcast_self(self, a: Tensor) -> tuple[Tensor, Tensor]:
+        """A per-example, per-position quantity ``(N, *S)`` shaped to broadcast
+        against ``cov1`` on its two position sides."""
+        if not self.position_pairs:
+            return a, a
+        ones = (1,) * len(self.spatial_shape)
+        return a.reshape(*a.shape, *ones), a.reshape(a.shape[0], *ones, *a.shape[1:])
+
+    def self_pairs(self, t: Tensor) -> Tensor:
+        """A writable view of the entries of ``t`` (laid out like ``nngp``) that
+        pair an input with itself at the same position: shape ``(N, *S)``.
+
+        Only meaningful when ``x1_is_x2`` or ``diagonal``.
+        """
+        s = self.spatial_shape
+        n = t.shape[0]
+        if self.diagonal and not self.position_pairs:
+            return t
+        if not self.position_pairs:
+            return torch.diagonal(t, 0, 0, 1).movedim(-1, 0)
+        p = math.prod(s)
+        if self.diagonal:
+            d = t.view(n, p, p).diagonal(0, 1, 2)
+        else:
+            d = t.view(n, n, p, p).diagonal(0, 0, 1).diagonal(0, 0, 1)
+        return d.unflatten(1, s) if s else d[:, 0]
+
+    def to_position_diagonal(self) -> "Kernel":
+        """The same kernel holding only matching positions (drops position pairs)."""
+        if not self.position_pairs:
+            return self
+        b = 1 if self.diagonal else 2
+        cov1 = position_diagonal(self.cov1, 1)
+        return self.replace(
+            nngp=position_diagonal(self.nngp, b), ntk=position_diagonal(self.ntk, b),
+            cov1=cov1, cov2=cov1 if self.cov2 is self.cov1 else position_diagonal(self.cov2, 1),
+            position_pairs=False,
+        )
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
@@ -113,7 +186,8 @@ class Kernel:
         )
 
     def __repr__(self) -> str:
-        kind = "diagonal " if self.diagonal else ""
+        kind = ("diagonal " if self.diagonal else "") + (
+            "position-pair " if self.position_pairs else "")
         return (
             f"Kernel({kind}nngp={tuple(self.nngp.shape)}, ntk={tuple(self.ntk.shape)}, "
             f"shape={self.shape}, dtype={self.dtype}, device={self.device})"
@@ -121,6 +195,15 @@ class Kernel:
 
 
 _TENSORS = ("nngp", "ntk", "cov1", "cov2")
+
+
+def position_diagonal(t: Tensor, batch_dims: int) -> Tensor:
+    """``t[..., p, p]`` of a tensor ``(*batch, *S, *S)``: shape ``(*batch, *S)``."""
+    batch = t.shape[:batch_dims]
+    rest = t.shape[batch_dims:]
+    s = rest[: len(rest) // 2]
+    p = math.prod(s)
+    return t.reshape(*batch, p, p).diagonal(0, -2, -1).reshape(*batch, *s)
 
 
 def _keep_axis(index: Any, size: int) -> Any:

@@ -63,19 +63,36 @@ class Activation(Layer):
         # would turn rounding at correlation 1 into errors of about 1e-8.
         k = single(k, self)
         require_gaussian(k, self)
-        cov1 = self._variance(k.cov1)
-        cov2 = cov1 if k.cov2 is k.cov1 else self._variance(k.cov2)
-        if k.diagonal:
-            ntk = k.ntk * self._self_dot(k.cov1)
-            return k.replace(nngp=cov1, ntk=ntk, cov1=cov1, cov2=cov1, is_gaussian=False)
+        u1, u2 = k.position_variances()
+        var1 = self._variance(u1)
+        var2 = var1 if u2 is u1 else self._variance(u2)
+        if k.diagonal and not k.position_pairs:
+            ntk = k.ntk * self._self_dot(u1)
+            return k.replace(nngp=var1, ntk=ntk, cov1=var1, cov2=var1, is_gaussian=False)
         v1, v2 = k.variances()
         nngp, dot = self._nngp_and_dot(k.nngp, v1, v2)
         ntk = k.ntk * dot
-        if k.x1_is_x2:
-            idx = torch.arange(nngp.shape[0], device=nngp.device)
-            nngp[idx, idx] = cov1
-            ntk[idx, idx] = k.ntk[idx, idx] * self._self_dot(k.cov1)
+        if k.x1_is_x2 or k.diagonal:
+            k.self_pairs(nngp)[...] = var1
+            k.self_pairs(ntk)[...] = k.self_pairs(k.ntk) * self._self_dot(u1)
+        if not k.position_pairs:
+            cov1, cov2 = var1, var2
+        elif k.diagonal:
+            cov1 = cov2 = nngp
+        elif k.x1_is_x2:  # each example's own block is on the batch diagonal
+            cov1 = cov2 = torch.diagonal(nngp, 0, 0, 1).movedim(-1, 0).contiguous()
+        else:
+            cov1 = self._self_kernel(k, k.cov1, u1, var1)
+            cov2 = cov1 if k.cov2 is k.cov1 else self._self_kernel(k, k.cov2, u2, var2)
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False)
+
+    def _self_kernel(self, k: Kernel, cov: Tensor, u: Tensor, var: Tensor) -> Tensor:
+        """``E[f f]`` between the positions of each example: ``(N, *S, *S)``."""
+        a, b = k.broadcast_self(u)
+        out = self._nngp(cov, a, b)
+        n, p = out.shape[0], math.prod(k.spatial_shape)
+        out.view(n, p, p).diagonal(0, 1, 2)[...] = var.reshape(n, p)
+        return out
 
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
         return ActivationModule(self.fn, repr(self)), shape

@@ -29,6 +29,8 @@ class BuildContext:
 
     def randn(self, *shape: int) -> Tensor:
         """Standard normal draws from the context's generator, on its device."""
+        if self.device.type == "meta":
+            return torch.empty(shape, dtype=self.dtype, device="meta")
         gen_device = self.generator.device if self.generator is not None else torch.device("cpu")
         out = torch.randn(shape, generator=self.generator, dtype=self.dtype, device=gen_device)
         return out.to(self.device)
@@ -51,6 +53,16 @@ class Layer:
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
         """The finite-width module and its per-example output shape."""
         raise NotImplementedError
+
+    def needs_position_pairs(self) -> bool:
+        """Whether this layer (or one inside it) mixes positions, so that its input
+        kernel must hold every pair of positions (pooling, attention)."""
+        return False
+
+    def _forward(self, k: Kernels) -> Kernels:
+        """`propagate` as the whole network: `Sequential` drops position pairs
+        once no later layer needs them."""
+        return self.propagate(k)
 
     # --------------------------------------------------------- public surface
     def kernel(
@@ -90,8 +102,9 @@ class Layer:
                 "net.kernel(x1, diagonal=True), or net.kernel(x1, x2) for the full matrix."
             )
         return tiled_kernel(
-            self.propagate, x1, x2, diagonal=diagonal, memory_budget=memory_budget,
-            progress=progress,
+            self._forward, x1, x2, diagonal=diagonal, memory_budget=memory_budget,
+            progress=progress, position_pairs=x1.ndim > 2 and self.needs_position_pairs(),
+            network=self,
         )
 
     def build(
@@ -139,25 +152,41 @@ class Layer:
         return f"{type(self).__name__}()"
 
 
-def input_kernel(x1: Tensor, x2: Tensor | None, *, diagonal: bool = False) -> Kernel:
+def input_kernel(x1: Tensor, x2: Tensor | None, *, diagonal: bool = False,
+                 position_pairs: bool = False) -> Kernel:
     """The kernel of the inputs themselves: ``x1 . x2 / channels``.
 
     Dense inputs ``(N, features)`` give ``(N1, N2)``; inputs with spatial axes
-    ``(N, C, *spatial)`` give the per-position channel average
-    ``(N1, N2, *spatial)`` (the spatial diagonal).
+    ``(N, C, *S)`` give the per-position channel average ``(N1, N2, *S)``, or
+    with ``position_pairs`` every pair of positions, ``(N1, N2, *S, *S)``.
     """
     x1_is_x2 = x2 is None
     if x2 is None:
         x2 = x1
     channels = x1.shape[1]
-    cov1 = (x1 * x1).sum(1) / channels
-    cov2 = cov1 if x1_is_x2 else (x2 * x2).sum(1) / channels
-    if diagonal:
-        nngp = cov1
-    elif x1.ndim == 2:
-        nngp = (x1 @ x2.T) / channels
+    spatial = tuple(x1.shape[2:])
+    position_pairs = position_pairs and bool(spatial)
+    if position_pairs:
+        f1 = x1.reshape(x1.shape[0], channels, -1)
+        f2 = x2.reshape(x2.shape[0], channels, -1)
+        cov1 = torch.einsum("icp,icq->ipq", f1, f1).div_(channels).reshape(
+            x1.shape[0], *spatial, *spatial)
+        cov2 = cov1 if x1_is_x2 else torch.einsum("icp,icq->ipq", f2, f2).div_(
+            channels).reshape(x2.shape[0], *spatial, *spatial)
+        if diagonal:
+            nngp = cov1
+        else:
+            nngp = torch.einsum("icp,jcq->ijpq", f1, f2).div_(channels).reshape(
+                x1.shape[0], x2.shape[0], *spatial, *spatial)
     else:
-        nngp = torch.einsum("ic...,jc...->ij...", x1, x2) / channels
+        cov1 = (x1 * x1).sum(1) / channels
+        cov2 = cov1 if x1_is_x2 else (x2 * x2).sum(1) / channels
+        if diagonal:
+            nngp = cov1
+        elif x1.ndim == 2:
+            nngp = (x1 @ x2.T) / channels
+        else:
+            nngp = torch.einsum("ic...,jc...->ij...", x1, x2) / channels
     return Kernel(
         nngp=nngp,
         ntk=torch.zeros((), dtype=nngp.dtype, device=nngp.device).expand(nngp.shape),
@@ -168,6 +197,7 @@ def input_kernel(x1: Tensor, x2: Tensor | None, *, diagonal: bool = False) -> Ke
         is_input=True,
         x1_is_x2=x1_is_x2,
         diagonal=diagonal,
+        position_pairs=position_pairs,
     )
 
 

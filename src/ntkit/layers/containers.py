@@ -41,6 +41,19 @@ class Sequential(Layer):
             k = layer.propagate(k)
         return k
 
+    def needs_position_pairs(self) -> bool:
+        return any(layer.needs_position_pairs() for layer in self.layers)
+
+    def _forward(self, k: Kernels) -> Kernels:
+        last = max((i for i, layer in enumerate(self.layers) if layer.needs_position_pairs()),
+                   default=-1)
+        for i, layer in enumerate(self.layers):
+            k = layer.propagate(k)
+            if i == last:  # no later layer mixes positions: keep matching positions only
+                k = tuple(b.to_position_diagonal() for b in k) if isinstance(
+                    k, tuple) else k.to_position_diagonal()
+        return k
+
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
         modules = []
         for layer in self.layers:
@@ -119,6 +132,9 @@ class Parallel(Layer):
 
     def propagate(self, k: Kernels) -> tuple[Kernel, ...]:
         return tuple(layer.propagate(b) for layer, b in zip(self.layers, self._branches(k)))
+
+    def needs_position_pairs(self) -> bool:
+        return any(layer.needs_position_pairs() for layer in self.layers)
 
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
         built = [layer._build(s, ctx) for layer, s in zip(self.layers, self._branches(shape))]

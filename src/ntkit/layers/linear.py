@@ -168,6 +168,7 @@ class Flatten(Layer):
         k = single(k, self)
         if len(k.shape) == 1:
             return k
+        k = k.to_position_diagonal()
         axes_n = tuple(range(1 if k.diagonal else 2, k.nngp.ndim))
         axes_c = tuple(range(1, k.cov1.ndim))
         return k.replace(

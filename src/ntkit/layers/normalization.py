@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 from ..kernel import Kernel
 from .base import BuildContext, Kernels, Layer, Shapes, single
 
-__all__ = ["LayerNorm", "Dropout", "DropoutModule"]
+__all__ = ["LayerNorm", "Dropout", "DropoutModule", "ChannelLayerNorm"]
 
 
 class LayerNorm(Layer):
@@ -22,19 +23,30 @@ class LayerNorm(Layer):
 
         nngp' = nngp / sqrt((v1 + eps)(v2 + eps)),   ntk' = ntk / sqrt((v1 + eps)(v2 + eps))
 
+    For features with spatial axes ``(C, *S)``, ``axis="channels"`` normalises
+    over the channels at each position (``v`` is the per-position variance, as
+    a transformer's LayerNorm over a sequence ``(N, C, L)``), and ``axis="all"``
+    over channels and positions together (``v`` is the mean over positions;
+    ``torch.nn.GroupNorm(1, C)`` without affine). Dense features have only
+    channels, so both agree.
+
     The layer has no learnable scale and shift (``torch.nn.LayerNorm(...,
     elementwise_affine=False)``): a per-feature scale's gradient is the feature
     itself, so its NTK contribution through a following nonlinearity ``f`` is
     ``E[X Y f'(X) f'(Y)]``, which the layer-by-layer recursion cannot express.
 
     Args:
+        axis: ``"channels"`` (default) or ``"all"``.
         eps: added to the variance, as in `torch.nn.LayerNorm` (default 1e-5;
             neural-tangents uses 1e-12).
     """
 
-    def __init__(self, eps: float = 1e-5) -> None:
+    def __init__(self, axis: Literal["channels", "all"] = "channels", eps: float = 1e-5) -> None:
+        if axis not in ("channels", "all"):
+            raise ValueError(f"axis must be 'channels' or 'all', got {axis!r}.")
         if not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {eps}.")
+        self.axis = axis
         self.eps = float(eps)
 
     def propagate(self, k: Kernels) -> Kernel:
@@ -43,31 +55,55 @@ class LayerNorm(Layer):
             where = "the raw inputs" if k.is_input else "the output of a nonlinear layer"
             raise ValueError(
                 f"{self!r} receives {where}, whose features do not have zero mean; its kernel "
-                f"rule needs zero-mean Gaussian features. Put a Linear before LayerNorm."
+                f"rule needs zero-mean Gaussian features. Put a Linear before LayerNorm (or a Conv, for images)."
             )
-        r1 = torch.rsqrt(k.cov1 + self.eps)
-        r2 = r1 if k.cov2 is k.cov1 else torch.rsqrt(k.cov2 + self.eps)
-        if k.diagonal:
-            scale = r1 * r2
+        u1, u2 = k.position_variances()
+        if self.axis == "all" and u1.ndim > 1:
+            keep = (u1.shape[0],) + (1,) * (u1.ndim - 1)
+            u1 = u1.reshape(u1.shape[0], -1).mean(1).reshape(keep)
+            u2 = u2.reshape(u2.shape[0], -1).mean(1).reshape((u2.shape[0],) + keep[1:])
+        r1 = torch.rsqrt(u1 + self.eps)
+        r2 = r1 if k.cov2 is k.cov1 else torch.rsqrt(u2 + self.eps)
+        s1, s2 = k.broadcast_pair(r1, r2)
+        scale = s1 * s2
+        a, b = k.broadcast_self(r1)
+        cov1 = k.cov1 * (a * b)
+        if k.cov2 is k.cov1:
+            cov2 = cov1
         else:
-            scale = r1.unsqueeze(1) * r2.unsqueeze(0)
-        nngp = k.nngp * scale
-        ntk = k.ntk * scale
-        cov1 = k.cov1 * r1 * r1
-        cov2 = cov1 if k.cov2 is k.cov1 else k.cov2 * r2 * r2
-        return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2)
+            a, b = k.broadcast_self(r2)
+            cov2 = k.cov2 * (a * b)
+        if k.diagonal:
+            return k.replace(nngp=cov1, ntk=k.ntk * scale, cov1=cov1, cov2=cov1)
+        return k.replace(nngp=k.nngp * scale, ntk=k.ntk * scale, cov1=cov1, cov2=cov2)
 
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
         if not shape or isinstance(shape[0], tuple):
             raise ValueError(f"{self!r} takes one input but receives branches {shape}.")
-        if len(shape) > 1:
-            raise ValueError(
-                f"{self!r} normalises dense features (N, features); got per-example shape {shape}."
-            )
-        return nn.LayerNorm(shape[0], eps=self.eps, elementwise_affine=False), shape
+        if len(shape) == 1:
+            return nn.LayerNorm(shape[0], eps=self.eps, elementwise_affine=False), shape
+        if self.axis == "all":
+            return nn.GroupNorm(1, shape[0], eps=self.eps, affine=False), shape
+        return ChannelLayerNorm(shape[0], eps=self.eps), shape
 
     def __repr__(self) -> str:
-        return f"LayerNorm(eps={self.eps})"
+        axis = "" if self.axis == "channels" else "axis='all', "
+        return f"LayerNorm({axis}eps={self.eps})"
+
+
+class ChannelLayerNorm(nn.Module):
+    """`torch.nn.LayerNorm` over the channel axis of ``(N, C, *S)`` at each position."""
+
+    def __init__(self, channels: int, eps: float) -> None:
+        super().__init__()
+        self.channels, self.eps = channels, eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.layer_norm(x.movedim(1, -1), (self.channels,),
+                                        eps=self.eps).movedim(-1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, eps={self.eps}"
 
 
 class Dropout(Layer):
@@ -103,12 +139,13 @@ class Dropout(Layer):
                 "finitely many features); put it after a Linear or an activation."
             )
         factor = 1.0 / (1.0 - self.p)
-        cov1 = k.cov1 * factor
-        cov2 = cov1 if k.cov2 is k.cov1 else k.cov2 * factor
+        cov1 = _scale_self(k, k.cov1, factor)
+        cov2 = cov1 if k.cov2 is k.cov1 else _scale_self(k, k.cov2, factor)
         nngp, ntk = k.nngp, k.ntk
-        if k.x1_is_x2:
-            nngp, ntk = _scale_diagonal(nngp, factor, k.diagonal), _scale_diagonal(
-                ntk, factor, k.diagonal)
+        if k.diagonal:
+            nngp, ntk = cov1, _scale_pairs(k, ntk, factor)
+        elif k.x1_is_x2:
+            nngp, ntk = _scale_pairs(k, nngp, factor), _scale_pairs(k, ntk, factor)
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False)
 
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
@@ -120,13 +157,20 @@ class Dropout(Layer):
         return f"Dropout(p={self.p}, mode={self.mode!r})"
 
 
-def _scale_diagonal(x: Tensor, factor: float, diagonal: bool) -> Tensor:
-    if diagonal:
-        return x * factor
-    out = x.clone()
-    n = min(x.shape[0], x.shape[1])
-    idx = torch.arange(n, device=x.device)
-    out[idx, idx] = x[idx, idx] * factor
+def _scale_self(k: Kernel, cov: Tensor, factor: float) -> Tensor:
+    """Per-example covariances with each position's variance scaled."""
+    if not k.position_pairs:
+        return cov * factor
+    out = cov.clone()
+    n, p = cov.shape[0], math.prod(k.spatial_shape)
+    out.view(n, p, p).diagonal(0, 1, 2).mul_(factor)
+    return out
+
+
+def _scale_pairs(k: Kernel, t: Tensor, factor: float) -> Tensor:
+    """``t`` with the entries pairing an input with itself at one position scaled."""
+    out = t.clone()
+    k.self_pairs(out).mul_(factor)
     return out
 
 
