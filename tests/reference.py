@@ -35,6 +35,16 @@ def layer(name: str, kw: dict) -> nk.Layer:
               "FanInSum": nk.FanInSum, "FanInConcat": nk.FanInConcat, "Flatten": nk.Flatten}
     if name in simple:
         return simple[name]()
+    if name == "Conv":
+        return nk.Conv2d(kw["out_chan"], kw["filter_shape"], stride=kw.get("strides", 1),
+                         padding=kw.get("padding", "VALID").lower(), w_std=kw.get("W_std", 1.0),
+                         b_std=kw.get("b_std", 0.0),
+                         parameterization=kw.get("parameterization", "ntk"))
+    if name == "AvgPool":
+        return nk.AvgPool2d(kw["window_shape"], stride=kw.get("strides"),
+                            padding=kw.get("padding", "VALID").lower())
+    if name == "GlobalAvgPool":
+        return nk.GlobalAvgPool()
     if name == "LeakyRelu":
         return nk.LeakyReLU(kw["alpha"])
     if name == "Erf":

@@ -1,4 +1,4 @@
-"""Parity with neural-tangents on the dense reference cases of tests/data.
+"""Parity with neural-tangents on the kernel reference cases of tests/data.
 
 Witness: kernels computed by neural-tangents 0.6.5 in float64 (tests/data/README.md),
 on the same inputs, for the same architecture built by `reference.network`.
@@ -12,19 +12,18 @@ import torch
 import reference
 from conftest import NUMERICAL_RTOL, TOL, rel_err
 
-# Only the dense ("fc*") cases: convolutions (cnn_*) are a later issue.
-CASES = reference.cases("kernel", prefix="fc")
+CASES = reference.cases("kernel")
 #: Cases whose kernel is computed by quadrature (both here and in the reference).
 NUMERICAL = {"fc_tanh_numerical"}
 
 KEYS = ("nngp", "ntk", "nngp_11", "ntk_11")
 
 
-def test_all_dense_cases_are_collected():
-    """The parametrization covers every dense kernel case of cases.json."""
+def test_all_cases_are_collected():
+    """The parametrization covers every kernel case of cases.json, dense and convolutional."""
     names = [c["name"] for c in CASES]
-    assert len(names) >= 13 and len(set(names)) == len(names)
-    assert all(not n.startswith("cnn") for n in names)
+    assert len(names) >= 16 and len(set(names)) == len(names)
+    assert sum(n.startswith("cnn") for n in names) >= 3
 
 
 def _kernels(case: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -7,6 +7,8 @@ from .compute import parse_memory
 from .convert import from_torch
 from .kernel import Kernel
 from .layers import (
+    AvgPool1d, AvgPool2d, AvgPool3d, Conv1d, Conv2d, Conv3d, GlobalAvgPool, GlobalSumPool,
+    SumPool1d, SumPool2d, SumPool3d,
     ABReLU, Abs, Activation, Cos, Dropout, Elementwise, Erf, Exp, FanInConcat, FanInProd,
     FanInSum, FanOut, Flatten, Gaussian, GELU, Identity, Layer, LayerNorm, LeakyReLU, Linear,
     Monomial, Parallel, Rbf, RectifiedMonomial, ReLU, Repeat, Sequential, Sign, Sin,
@@ -21,4 +23,6 @@ __all__ = [
     "RectifiedMonomial", "Elementwise", "LayerNorm", "Dropout", "Sequential", "Parallel",
     "FanOut", "FanInSum", "FanInConcat", "FanInProd", "Repeat", "Identity", "from_torch",
     "monte_carlo_kernel", "empirical_kernels", "parse_memory",
+    "Conv1d", "Conv2d", "Conv3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "SumPool1d",
+    "SumPool2d", "SumPool3d", "GlobalAvgPool", "GlobalSumPool",
 ]

@@ -8,6 +8,10 @@ from .base import Layer, input_kernel
 from .containers import (
     FanInConcat, FanInProd, FanInSum, FanOut, Identity, Parallel, Repeat, Sequential,
 )
+from .conv import (
+    AvgPool1d, AvgPool2d, AvgPool3d, Conv1d, Conv2d, Conv3d, GlobalAvgPool, GlobalSumPool,
+    SumPool1d, SumPool2d, SumPool3d,
+)
 from .elementwise import Elementwise
 from .linear import Flatten, Linear
 from .normalization import Dropout, LayerNorm
@@ -17,4 +21,6 @@ __all__ = [
     "Abs", "Sign", "Erf", "GELU", "Sin", "Cos", "Rbf", "Gaussian", "Exp", "Monomial",
     "RectifiedMonomial", "Elementwise", "LayerNorm", "Dropout", "Sequential", "Parallel",
     "FanOut", "FanInSum", "FanInConcat", "FanInProd", "Repeat", "Identity",
+    "Conv1d", "Conv2d", "Conv3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "SumPool1d",
+    "SumPool2d", "SumPool3d", "GlobalAvgPool", "GlobalSumPool",
 ]
