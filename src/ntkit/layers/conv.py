@@ -101,12 +101,32 @@ def _index(ndim: int, where: dict[int, slice]) -> tuple:
 
 def _shifted_sum(t: Tensor, ax: _Axis, dims: tuple[int, ...]) -> Tensor:
     """``sum_d t[.., s o + δ d, .., s o' + δ d, ..]`` over the axes ``dims`` (padded)."""
-    for dim in dims:
-        t = ax.pad(t, dim)
-    out = None
+    if ax.mode != "zeros":
+        for dim in dims:
+            t = ax.pad(t, dim)
+        ax = _Axis(t.shape[dims[0]], 0, 0, ax.size, ax.stride, ax.dilation, "zeros")
+    # Zero padding without materialising it: each tap adds to the outputs whose
+    # input position is real.
+    parts = []
     for d in range(ax.size):
-        part = t[_index(t.ndim, {dim: ax.taps(d) for dim in dims})]
-        out = part.clone() if out is None else out.add_(part)
+        first = d * ax.dilation - ax.before  # input position of output 0
+        lo = max(0, -(first // ax.stride))  # first output with input >= 0
+        hi = min(ax.m, (ax.n - 1 - first) // ax.stride + 1) if ax.n - 1 >= first else 0
+        if hi > lo:
+            src = slice(first + lo * ax.stride, first + (hi - 1) * ax.stride + 1, ax.stride)
+            parts.append((lo, hi, src))
+    full = [p for p in parts if p[0] == 0 and p[1] == ax.m]
+    if full:
+        parts.remove(full[0])
+        out = t[_index(t.ndim, {dim: full[0][2] for dim in dims})].clone()
+    else:
+        shape = list(t.shape)
+        for dim in dims:
+            shape[dim] = ax.m
+        out = t.new_zeros(shape)
+    for lo, hi, src in parts:
+        out[_index(t.ndim, {dim: slice(lo, hi) for dim in dims})] += t[
+            _index(t.ndim, {dim: src for dim in dims})]
     return out
 
 
