@@ -29,7 +29,28 @@ PEERS = [ROOT.parent / "shared" / "peers", ROOT / "shared" / "peers"]
 CASES = {
     "fc": ("infinite-width NTK, 3 x [Linear(512, w_std=1.4, b_std=0.1), ReLU] + Linear(1), "
            "x: 4000 x 784 float32, k(x, x)", "fc", "fc_relu_L3_N4000_d784_ntk"),
+    "cnn": ("infinite-width NTK, 2 x [Conv2d(64, 3, padding='same', w_std=1.4, b_std=0.1), "
+            "ReLU] + GlobalAvgPool + Linear(1), x: 64 images 3 x 16 x 16 float32, k(x, x)",
+            "cnn", "cnn_gap_2conv_N64_16x16x3_ntk"),
+    "myrtle": ("infinite-width NTK of Myrtle-5 (2 x [Conv2d 3x3 same, ReLU], AvgPool2d(2), "
+               "[Conv2d, ReLU], AvgPool2d(2), [Conv2d, ReLU], 3 x AvgPool2d(2), Flatten, "
+               "Linear; w_std=sqrt(2), b_std=0), CIFAR-shaped 3 x 32 x 32 float32, "
+               "k(x1, x2) with 8 x 8 images; time per kernel entry", None, None),
 }
+
+
+def myrtle5() -> "object":
+    """Myrtle-5 (Shankar et al. 2020) as in neural-tangents' example."""
+    import math
+
+    import ntkit as nk
+
+    def block():
+        return [nk.Conv2d(1, 3, padding="same", w_std=math.sqrt(2), b_std=0.0), nk.ReLU()]
+
+    return nk.Sequential(*block(), *block(), nk.AvgPool2d(2), *block(), nk.AvgPool2d(2),
+                         *block(), nk.AvgPool2d(2), nk.AvgPool2d(2), nk.AvgPool2d(2),
+                         nk.Flatten(), nk.Linear(1, w_std=1.0))
 
 
 # ----------------------------------------------------------------- ntkit side
@@ -47,6 +68,22 @@ def _ntkit_case(case: str, reps: int) -> dict:
             nk.Linear(1),
         )
         run = lambda: net.kernel(x)  # noqa: E731
+        entries = x.shape[0] ** 2
+    elif case == "cnn":
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 3, 16, 16, generator=gen)
+        conv = lambda: nk.Conv2d(64, 3, padding="same", w_std=1.4, b_std=0.1)  # noqa: E731
+        net = nk.Sequential(conv(), nk.ReLU(), conv(), nk.ReLU(), nk.GlobalAvgPool(),
+                            nk.Linear(1))
+        run = lambda: net.kernel(x)  # noqa: E731
+        entries = x.shape[0] ** 2
+    elif case == "myrtle":
+        gen = torch.Generator().manual_seed(0)
+        x1 = torch.randn(8, 3, 32, 32, generator=gen)
+        x2 = torch.randn(8, 3, 32, 32, generator=gen)
+        net = myrtle5()
+        run = lambda: net.kernel(x1, x2)  # noqa: E731
+        entries = x1.shape[0] * x2.shape[0]
     else:
         raise KeyError(case)
     run()
@@ -55,7 +92,7 @@ def _ntkit_case(case: str, reps: int) -> dict:
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
-    return {"seconds": min(times), "baseline_mb": baseline}
+    return {"seconds": min(times), "baseline_mb": baseline, "entries": entries}
 
 
 def _peak_rss_mb() -> float:
@@ -133,8 +170,9 @@ def main() -> None:
         proc = subprocess.run([sys.executable, __file__, "--child", case, "--reps", str(args.reps)],
                               capture_output=True, text=True, check=True)
         ours = json.loads(proc.stdout.strip().splitlines()[-1])
-        peer = _run_peer(py, script, nt_case, args.reps) if py and script else None
+        peer = _run_peer(py, script, nt_case, args.reps) if py and script and nt_case else None
         row = {"case": case, "workload": desc, "ntkit_s": ours["seconds"],
+               "ms_per_entry": 1e3 * ours["seconds"] / ours["entries"],
                "ntkit_peak_mb": ours["peak_mb"],
                "ntkit_work_mb": ours["peak_mb"] - ours["baseline_mb"]}
         if peer and nt_key in peer:
@@ -152,11 +190,12 @@ def main() -> None:
             print(f"| {r['case']} | {r['ntkit_s']:.3f} | {r['nt_s']:.3f} | {r['ratio']:.2f}x "
                   f"| {mine} | {r['nt_peak_mb']:.0f} ({r['nt_work_mb']:.0f}) |")
         else:
-            print(f"| {r['case']} | {r['ntkit_s']:.3f} | not installed | - | {mine} | - |")
+            peer = "not installed" if CASES[r["case"]][1] else "no such workload"
+            print(f"| {r['case']} | {r['ntkit_s']:.3f} | {peer} | - | {mine} | - |")
     print("\nPeak MB is the process's maximum resident set; (work) is that peak minus the "
           "resident set after importing the library, before the data is made.")
     for r in rows:
-        print(f"- {r['case']}: {r['workload']}")
+        print(f"- {r['case']}: {r['workload']} ({r['ms_per_entry']:.3g} ms per kernel entry)")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

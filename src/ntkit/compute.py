@@ -73,7 +73,9 @@ def tile_sides(n1: int, n2: int, entry_bytes: int, budget: int, device: torch.de
     """
     entries = max(1, budget // (entry_bytes * _TEMPORARIES_PER_ENTRY))
     if device.type == "cpu":
-        cap = _CPU_TILE_ENTRIES if positions == 1 else _CPU_PAIR_TILE_ENTRIES // positions
+        # At least 2 x 2 input pairs, so that each example's own covariance is
+        # recomputed for at most as many pairs as the tile holds.
+        cap = _CPU_TILE_ENTRIES if positions == 1 else max(4, _CPU_PAIR_TILE_ENTRIES // positions)
         entries = min(entries, max(1, cap))
     side = max(1, math.isqrt(entries))
     rows = min(n1, side)
