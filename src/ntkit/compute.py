@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Callable
 
 import torch
@@ -114,6 +115,12 @@ def tiled_kernel(
     if position_pairs:
         positions = positions**2
     entry_bytes = x1.element_size() * positions
+    if entry_bytes * _TEMPORARIES_PER_ENTRY > budget:
+        warnings.warn(
+            f"one pair of inputs needs about {entry_bytes * _TEMPORARIES_PER_ENTRY / 2**20:.0f} "
+            f"MiB of working memory ({positions} numbers per kernel entry), more than "
+            f"memory_budget={budget / 2**20:.0f} MiB; computing one pair at a time anyway. "
+            f"Raise memory_budget to silence this.", stacklevel=3)
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
 
