@@ -13,6 +13,7 @@ from .layers import (
     FanInSum, FanOut, Flatten, Gaussian, GELU, Identity, Layer, LayerNorm, LeakyReLU, Linear,
     Monomial, Parallel, Rbf, RectifiedMonomial, ReLU, Repeat, Sequential, Sign, Sin,
 )
+from .layers import SelfAttention
 from .monte_carlo import empirical_kernels, monte_carlo_kernel
 
 __version__ = "0.1.0"
@@ -25,4 +26,5 @@ __all__ = [
     "monte_carlo_kernel", "empirical_kernels", "parse_memory",
     "Conv1d", "Conv2d", "Conv3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "SumPool1d",
     "SumPool2d", "SumPool3d", "GlobalAvgPool", "GlobalSumPool",
+    "SelfAttention",
 ]

@@ -4,6 +4,7 @@ from .activations import (
     ABReLU, Abs, Activation, Cos, Erf, Exp, Gaussian, GELU, LeakyReLU, Monomial,
     RectifiedMonomial, ReLU, Rbf, Sign, Sin,
 )
+from .attention import SelfAttention
 from .base import Layer, input_kernel
 from .containers import (
     FanInConcat, FanInProd, FanInSum, FanOut, Identity, Parallel, Repeat, Sequential,
@@ -23,4 +24,5 @@ __all__ = [
     "FanOut", "FanInSum", "FanInConcat", "FanInProd", "Repeat", "Identity",
     "Conv1d", "Conv2d", "Conv3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "SumPool1d",
     "SumPool2d", "SumPool3d", "GlobalAvgPool", "GlobalSumPool",
+    "SelfAttention",
 ]
