@@ -91,7 +91,11 @@ class Layer:
 
         Returns:
             A `Kernel` with ``nngp`` and ``ntk`` of shape ``(N1, N2)`` (or
-            ``(N1,)`` when ``diagonal``).
+            ``(N1,)`` when ``diagonal``) for a network with a dense readout. A
+            network that ends with spatial features ``(C, *S)`` gives
+            ``(N1, N2, *S)`` (matching positions), or ``(N1, N2, *S, *S)``
+            (every pair of positions, `Kernel.position_pairs`) when its last
+            layer mixes positions.
         """
         from ..compute import tiled_kernel
 
