@@ -60,9 +60,9 @@ class Layer:
         return False
 
     def _forward(self, k: Kernels) -> Kernels:
-        """`propagate` as the whole network: `Sequential` drops position pairs
-        once no later layer needs them."""
-        return self.propagate(k)
+        """`propagate` as the whole network, returning matching positions only
+        (`Sequential` drops the position pairs as soon as no later layer needs them)."""
+        return drop_position_pairs(self.propagate(k))
 
     # --------------------------------------------------------- public surface
     def kernel(
@@ -93,9 +93,7 @@ class Layer:
             A `Kernel` with ``nngp`` and ``ntk`` of shape ``(N1, N2)`` (or
             ``(N1,)`` when ``diagonal``) for a network with a dense readout. A
             network that ends with spatial features ``(C, *S)`` gives
-            ``(N1, N2, *S)`` (matching positions), or ``(N1, N2, *S, *S)``
-            (every pair of positions, `Kernel.position_pairs`) when its last
-            layer mixes positions.
+            ``(N1, N2, *S)``, the kernel at matching positions.
         """
         from ..compute import tiled_kernel
 
@@ -203,6 +201,13 @@ def input_kernel(x1: Tensor, x2: Tensor | None, *, diagonal: bool = False,
         diagonal=diagonal,
         position_pairs=position_pairs,
     )
+
+
+def drop_position_pairs(k: Kernels) -> Kernels:
+    """The kernel(s) at matching positions only (see `Kernel.to_position_diagonal`)."""
+    if isinstance(k, tuple):
+        return tuple(b.to_position_diagonal() for b in k)
+    return k.to_position_diagonal()
 
 
 def single(k: Kernels, layer: Layer) -> Kernel:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernel import Kernel
-from .base import BuildContext, Kernels, Layer, Shapes, single
+from .base import BuildContext, Kernels, Layer, Shapes, drop_position_pairs, single
 
 __all__ = ["Sequential", "Parallel", "FanOut", "FanInSum", "FanInConcat", "FanInProd",
            "Repeat", "Identity"]
@@ -50,9 +50,8 @@ class Sequential(Layer):
         for i, layer in enumerate(self.layers):
             k = layer.propagate(k)
             if i == last:  # no later layer mixes positions: keep matching positions only
-                k = tuple(b.to_position_diagonal() for b in k) if isinstance(
-                    k, tuple) else k.to_position_diagonal()
-        return k
+                k = drop_position_pairs(k)
+        return drop_position_pairs(k)
 
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
         modules = []
