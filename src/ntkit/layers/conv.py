@@ -393,6 +393,12 @@ class _Pool(_Spatial):
             self.padding = padding
         else:
             self.padding = _tuple(padding, self.ndim, "padding", name, minimum=0)
+            if any(p > k // 2 for p, k in zip(self.padding, self.kernel_size)):
+                raise ValueError(
+                    f"{name}: padding {self.padding} is more than half of kernel_size "
+                    f"{self.kernel_size}, so some windows would hold only padding (torch's "
+                    f"pooling refuses this too); use padding <= kernel_size // 2."
+                )
         self.mode = "zeros"
         self.count_include_pad = bool(count_include_pad)
 
