@@ -12,14 +12,18 @@ forward pass.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, vjp
 
 import ntkit as nk
+from ntkit.convert import ConversionError
 
 W = 1 / math.sqrt(3)
 
@@ -263,14 +267,6 @@ def test_default_variances_match_pytorch_init():
 
 
 # ====================================================== convolutional and residual models
-import contextlib  # noqa: E402
-
-import torch.nn.functional as F  # noqa: E402
-from torch.func import functional_call, vjp  # noqa: E402
-
-from ntkit.convert import ConversionError  # noqa: E402
-
-
 def _conv(nd: int, cin: int, cout: int, k, bias: bool = True, **kw) -> nk.Layer:
     """The documented default twin of nn.Conv{nd}d(cin, cout, k, bias=bias, **kw)."""
     fan_in = cin * math.prod(k if isinstance(k, tuple) else (k,) * nd)
@@ -781,47 +777,57 @@ def _control_flow(s, x):
     return x
 
 
-_LIN = dict(f=nn.Linear(3, 3), g=nn.Linear(3, 3), h=nn.Linear(3, 3))
-_CONV = dict(c=nn.Conv2d(3, 3, 3))
+def _lin3():
+    return {"f": nn.Linear(3, 3), "g": nn.Linear(3, 3), "h": nn.Linear(3, 3)}
+
+
+def _conv3():
+    return {"c": nn.Conv2d(3, 3, 3)}
+
+
+def _relu_twice(s, x):
+    y = s.f(x)
+    return s.r(y) + s.g(y)
+
+
 REFUSALS = {
     "BatchNorm2d": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()),
                     [r"module 1 \(BatchNorm2d", r"mixes the examples of a batch",
                      r"empirical NTK of the finite model", r"torch\.func"]),
     "BatchNorm-in-block": (lambda: _Wrap(lambda s, x: s.bn(s.c(x)), bn=nn.BatchNorm2d(3),
-                                         **_CONV),
+                                         **_conv3()),
                            [r"module bn \(BatchNorm2d", r"test_from_torch\.py:\d+",
                             r"empirical NTK"]),
     "MaxPool2d": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.MaxPool2d(2)),
                   [r"MaxPool2d has no closed-form", r"Gaussian expectation",
                    r"empirical NTK of the finite model"]),
-    "F.max_pool2d": (lambda: _Wrap(lambda s, x: F.max_pool2d(s.c(x), 2), **_CONV),
+    "F.max_pool2d": (lambda: _Wrap(lambda s, x: F.max_pool2d(s.c(x), 2), **_conv3()),
                      [r"node max_pool2d", r"F\.max_pool2d has no closed-form",
                       r"empirical NTK"]),
     "AdaptiveMaxPool2d": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveMaxPool2d(1)),
                           [r"AdaptiveMaxPool2d has no closed-form", r"empirical NTK"]),
     "groups": (lambda: nn.Sequential(nn.Conv2d(4, 8, 3, groups=2)),
                [r"module 0", r"groups=2", r"groups=1"]),
-    "not-series-parallel": (lambda: _Wrap(_bridge, **_LIN),
+    "not-series-parallel": (lambda: _Wrap(_bridge, **_lin3()),
                             [r"node add", r"not series-parallel", r"f is also used by h"]),
-    "scalar-mul": (lambda: _Wrap(lambda s, x: s.f(x) * 2, **_LIN),
+    "scalar-mul": (lambda: _Wrap(lambda s, x: s.f(x) * 2, **_lin3()),
                    [r"`f \* 2` \(node mul\)", r"constant"]),
-    "scalar-add": (lambda: _Wrap(lambda s, x: s.g(torch.relu(s.f(x)) + 1), **_LIN),
+    "scalar-add": (lambda: _Wrap(lambda s, x: s.g(torch.relu(s.f(x)) + 1), **_lin3()),
                    [r"`relu \+ 1`", r"constant", r"Sums of two tensors"]),
-    "product": (lambda: _Wrap(lambda s, x: s.f(x) * s.g(x), **_LIN),
+    "product": (lambda: _Wrap(lambda s, x: s.f(x) * s.g(x), **_lin3()),
                 [r"operator\.mul of tensors", r"FanInProd"]),
-    "correlated-sum": (lambda: _Wrap(lambda s, x: torch.relu(s.f(x)) + x, **_LIN),
+    "correlated-sum": (lambda: _Wrap(lambda s, x: torch.relu(s.f(x)) + x, **_lin3()),
                        [r"correlated", r"at most one branch"]),
-    "in-place-ambiguous": (lambda: _Wrap(lambda s, x: (lambda y: s.r(y) + s.g(y))(s.f(x)),
-                                         r=nn.ReLU(inplace=True), **_LIN),
+    "in-place-ambiguous": (lambda: _Wrap(_relu_twice, r=nn.ReLU(inplace=True), **_lin3()),
                            [r"module r", r"changes f in place", r"also used by `g\(f\)`"]),
-    "shared-module": (lambda: _Wrap(lambda s, x: s.f(torch.relu(s.f(x))), **_LIN),
+    "shared-module": (lambda: _Wrap(lambda s, x: s.f(torch.relu(s.f(x))), **_lin3()),
                       [r"module f", r"called more than once", r"independently initialised"]),
-    "control-flow": (lambda: _Wrap(_control_flow, **_LIN),
+    "control-flow": (lambda: _Wrap(_control_flow, **_lin3()),
                      [r"torch\.fx", r"symbolically traceable"]),
     "two-inputs": (_two_inputs, [r"takes 2 inputs"]),
-    "cat-dim-0": (lambda: _Wrap(lambda s, x: torch.cat([s.f(x), s.g(x)], 0), **_LIN),
+    "cat-dim-0": (lambda: _Wrap(lambda s, x: torch.cat([s.f(x), s.g(x)], 0), **_lin3()),
                   [r"dim=0", r"dim=1"]),
-    "mean-channels": (lambda: _Wrap(lambda s, x: s.c(x).mean(1), **_CONV),
+    "mean-channels": (lambda: _Wrap(lambda s, x: s.c(x).mean(1), **_conv3()),
                       [r"mean over dim=\(1,\)", r"spatial axes"]),
     "adaptive-size-2": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(2)),
                         [r"output size 2", r"nn\.AvgPool"]),
@@ -829,11 +835,11 @@ REFUSALS = {
                      [r"ceil_mode=True"]),
     "avgpool-divisor": (lambda: nn.Sequential(nn.AvgPool2d(2, divisor_override=3)),
                         [r"divisor_override=3"]),
-    "functional-conv": (lambda: _Wrap(lambda s, x: F.conv2d(x, s.c.weight), **_CONV),
+    "functional-conv": (lambda: _Wrap(lambda s, x: F.conv2d(x, s.c.weight), **_conv3()),
                         [r"parameter or buffer 'c\.weight'", r"nn\.Conv1d/2d/3d"]),
-    "softmax": (lambda: _Wrap(lambda s, x: torch.softmax(s.f(x), 1), **_LIN),
+    "softmax": (lambda: _Wrap(lambda s, x: torch.softmax(s.f(x), 1), **_lin3()),
                 [r"torch\.softmax has no infinite-width kernel rule", r"Supported: "]),
-    "alpha": (lambda: _Wrap(lambda s, x: torch.add(s.f(x), x, alpha=2), **_LIN), [r"alpha=2"]),
+    "alpha": (lambda: _Wrap(lambda s, x: torch.add(s.f(x), x, alpha=2), **_lin3()), [r"alpha=2"]),
 }
 
 
@@ -854,5 +860,27 @@ def test_refusals(name):
 def test_in_place_without_ambiguity_converts():
     """x.relu_() on a tensor used only there (and torchvision's `out += identity`) is the
     same as out of place, so it converts."""
-    net = nk.from_torch(_Wrap(lambda s, x: s.g(s.f(x).relu_()), **_LIN))
+    net = nk.from_torch(_Wrap(lambda s, x: s.g(s.f(x).relu_()), **_lin3()))
     _assert_same_kernel(net, nk.Sequential(_lin(3, 3), nk.ReLU(), _lin(3, 3)), _x(3, 3))
+
+
+def _sums(s, x):
+    y = s.f(x)
+    z = torch.relu(y + (s.g(y) + s.h(y)))
+    return s.o(torch.relu(y + s.norm(s.k(z))))
+
+
+def test_sum_of_uncorrelated_branches():
+    """A branch ending in its own Linear directly, after LayerNorm (an odd function of those
+    weights), or through a nested sum of such branches is uncorrelated with an identity
+    branch, so the sum converts to FanInSum (the twin, to 1e-12). y feeds both the inner
+    and the outer block: nested blocks from one tensor."""
+    model = _Wrap(_sums, f=nn.Linear(4, 6), g=nn.Linear(6, 6), h=nn.Linear(6, 6),
+                  k=nn.Linear(6, 6), norm=nn.LayerNorm(6, elementwise_affine=False),
+                  o=nn.Linear(6, 1))
+    inner = nk.Sequential(nk.FanOut(2), nk.Parallel(_lin(6, 6), _lin(6, 6)), nk.FanInSum())
+    block = nk.Sequential(nk.FanOut(2), nk.Parallel(nk.Identity(), inner), nk.FanInSum(),
+                          nk.ReLU(), _lin(6, 6), nk.LayerNorm())
+    twin = nk.Sequential(_lin(4, 6), nk.FanOut(2), nk.Parallel(nk.Identity(), block),
+                         nk.FanInSum(), nk.ReLU(), _lin(6, 1))
+    _assert_same_kernel(nk.from_torch(model), twin, _x(4, 4), _x(2, 4, seed=1))

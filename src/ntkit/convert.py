@@ -19,17 +19,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 from torch.nn import functional as F
 
 from .layers import (
     GELU, AvgPool1d, AvgPool2d, AvgPool3d, Conv1d, Conv2d, Conv3d, Dropout, Elementwise,
-    FanInConcat, FanInSum, FanOut, Flatten, GlobalAvgPool, Identity, Layer, LayerNorm,
-    LeakyReLU, Linear, Parallel, ReLU, Sequential, SumPool1d, SumPool2d, SumPool3d,
+    FanInConcat, FanInSum, FanOut, Flatten, GlobalAvgPool, Identity, Layer, LayerNorm, LeakyReLU,
+    Linear, Parallel, ReLU, Sequential, SumPool1d, SumPool2d, SumPool3d,
 )
 
-__all__ = ["from_torch", "ConversionError"]
+__all__ = ["ConversionError", "from_torch"]
 
 
 class ConversionError(TypeError, ValueError):
@@ -114,8 +113,16 @@ def from_torch(
     or a projection shortcut, ResNet-style networks (without BatchNorm),
     Inception-style concatenations. In a sum, all branches but one must end in
     a layer with its own zero-mean weights (Linear or Conv, possibly followed
-    by pooling, flattening or dropout): then the branches are uncorrelated and
-    the kernel of the sum is the sum of their kernels.
+    by pooling, flattening, dropout or LayerNorm): then the branches are
+    uncorrelated and the kernel of the sum is the sum of their kernels.
+
+    The kernel itself exists where every activation receives Gaussian
+    pre-activations (see `ReLU`): a sum is Gaussian when all its branches are,
+    e.g. an identity shortcut of a Conv's output, a 1x1 projection shortcut,
+    or pre-activation blocks (ReLU before each Conv, as WideResNet). A
+    torchvision-style ResNet whose identity blocks add a ReLU's output before
+    the next ReLU converts, and its finite twin builds, but ``kernel`` refuses
+    it: that sum has no closed-form kernel (nor in neural-tangents).
 
     Args:
         module: the model: an ``nn.Sequential`` (nested ones are flattened) or
@@ -256,8 +263,7 @@ class _Slot:
     chain: list = field(default_factory=list)
 
 
-#: Functional activations: the module each is, its arguments after the input, and
-#: whether it works in place by name (``F.relu_``).
+#: Functional activations: the module each is and its arguments after the input.
 _ACTIVATION_FUNCTIONS: dict = {}
 
 
@@ -288,10 +294,10 @@ def _register_activations() -> None:
             for owner in (F, torch, torch.special):
                 fn = getattr(owner, name, None)
                 if callable(fn) and fn not in _ACTIVATION_FUNCTIONS:
-                    _ACTIVATION_FUNCTIONS[fn] = (cls, params, name.endswith("_"))
+                    _ACTIVATION_FUNCTIONS[fn] = (cls, params)
     expit = getattr(torch.special, "expit", None)
     if expit is not None:
-        _ACTIVATION_FUNCTIONS[expit] = (nn.Sigmoid, (), False)
+        _ACTIVATION_FUNCTIONS[expit] = (nn.Sigmoid, ())
 
 
 _register_activations()
@@ -379,7 +385,7 @@ class _Converter:
         tracer.record_stack_traces = True
         try:
             return tracer.trace(self.root)
-        except Exception as e:  # noqa: BLE001 - any tracing failure is reported as one
+        except Exception as e:
             raise ConversionError(
                 f"from_torch traces {type(self.root).__name__}.forward with torch.fx, which "
                 f"failed: {type(e).__name__}: {e}. forward must be symbolically traceable: no "
@@ -528,7 +534,7 @@ class _Converter:
                 raise self._fail(node, "only nn.Flatten(start_dim=1, end_dim=-1) is supported",
                                  supported=False)
             return Flatten()
-        if type(m) is nn.Dropout:
+        if isinstance(m, nn.Dropout):
             return Dropout(m.p, mode="train" if m.training else "eval")
         if isinstance(m, nn.LayerNorm):
             if m.elementwise_affine:
@@ -679,7 +685,7 @@ class _Converter:
         return params
 
     def _activation_module(self, node, rest, kwargs) -> nn.Module:
-        cls, names, _ = _ACTIVATION_FUNCTIONS[node.target]
+        cls, names = _ACTIVATION_FUNCTIONS[node.target]
         params = self._bind(node, names, rest, kwargs)
         params.pop("inplace", None)
         return cls(**params)
@@ -829,7 +835,7 @@ class _Converter:
             raise self._fail(node, (
                 f"it adds branches of which {len(plain)} do not end in a layer with its own "
                 f"zero-mean weights (nn.Linear or nn.Conv, possibly followed by pooling, "
-                f"flattening or dropout); such branches are correlated, so the kernel of their "
+                f"flattening, dropout or LayerNorm); such branches are correlated, so the kernel of their "
                 f"sum is not the sum of their kernels (nk.FanInSum). from_torch converts sums "
                 f"in which at most one branch, such as the identity shortcut of a residual "
                 f"block, does not end in such a layer"), supported=False)
@@ -841,14 +847,16 @@ def _branch(chain: list[Layer]) -> Layer:
     return chain[0] if len(chain) == 1 else Sequential(*chain)
 
 
-_PASS_LINEAR = (Identity, Flatten, AvgPool1d, AvgPool2d, AvgPool3d, SumPool1d, SumPool2d,
-                SumPool3d, GlobalAvgPool, Dropout)
+#: Layers that keep a branch an odd function of its last weights (so uncorrelated with the
+#: other branches): linear parameter-free ones, and LayerNorm.
+_PASS_ODD = (Identity, Flatten, AvgPool1d, AvgPool2d, AvgPool3d, SumPool1d, SumPool2d, SumPool3d,
+             GlobalAvgPool, Dropout, LayerNorm)
 
 
 def _fresh(chain) -> bool:
-    """Whether a branch's output is linear in weights of its own with zero mean (it ends in
-    a Linear or Conv, possibly followed by linear parameter-free layers), so that it is
-    uncorrelated with every other branch."""
+    """Whether a branch's output is an odd function of weights of its own with a symmetric
+    distribution (it ends in a Linear or Conv, possibly followed by linear parameter-free
+    layers or LayerNorm), so that it is uncorrelated with every other branch."""
     chain = list(chain)
     while chain:
         layer = chain.pop()
@@ -861,7 +869,7 @@ def _fresh(chain) -> bool:
         if isinstance(layer, Sequential):
             chain += list(layer.layers)
             continue
-        if not isinstance(layer, _PASS_LINEAR):
+        if not isinstance(layer, _PASS_ODD):
             return False
     return False
 
