@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .kernel import Kernel
+from .kernel import Kernel, SelfTrace
 from .layers.base import Kernels, input_kernel
 
 __all__ = ["tiled_kernel", "parse_memory", "progress_bar", "DEFAULT_MEMORY_BUDGET"]
@@ -22,9 +22,9 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 _TEMPORARIES_PER_ENTRY = 24
 #: On CPU, tiles of this many entries keep the elementwise passes in cache.
 _CPU_TILE_ENTRIES = 384 * 384
-#: The same for kernels between pairs of positions, whose tiles also recompute each
-#: example's own covariance (a cost of about 2/side): measured best on the `cnn` workload.
-_CPU_PAIR_TILE_ENTRIES = 40 * 256 * 256
+#: The same for kernels with spatial positions (measured on the `cnn` and `myrtle`
+#: workloads: flat between 2^19 and 2^22, slower above).
+_CPU_PAIR_TILE_ENTRIES = 1 << 20
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
@@ -74,9 +74,7 @@ def tile_sides(n1: int, n2: int, entry_bytes: int, budget: int, device: torch.de
     """
     entries = max(1, budget // (entry_bytes * _TEMPORARIES_PER_ENTRY))
     if device.type == "cpu":
-        # At least 2 x 2 input pairs, so that each example's own covariance is
-        # recomputed for at most as many pairs as the tile holds.
-        cap = _CPU_TILE_ENTRIES if positions == 1 else max(4, _CPU_PAIR_TILE_ENTRIES // positions)
+        cap = _CPU_TILE_ENTRIES if positions == 1 else _CPU_PAIR_TILE_ENTRIES // positions
         entries = min(entries, max(1, cap))
     side = max(1, math.isqrt(entries))
     rows = min(n1, side)
@@ -139,10 +137,16 @@ def tiled_kernel(
 
     out: dict[str, Tensor] = {}
     facts: Kernel | None = None
+    traces = None
+    if position_pairs and not diagonal:
+        with torch.no_grad():
+            step = tile_sides(n1, 1, entry_bytes, budget, x1.device, positions)[0] ** 2
+            traces = tuple(None if x is None else _self_trace(rule, x, step)
+                           for x in (x1, x2))
     bar = progress_bar(tiles, desc="kernel tiles", unit="tile", progress=progress, min_items=4)
     with torch.no_grad():
         for r, c in bar:
-            k = _tile(rule, x1, x2, r, c, diagonal, position_pairs)
+            k = _tile(rule, x1, x2, r, c, diagonal, position_pairs, traces)
             if facts is None:
                 facts = k
                 out = _allocate(k, n1, n2, diagonal)
@@ -179,15 +183,33 @@ def peak_positions(network, input_shape: tuple[int, ...], dtype: torch.dtype) ->
         return positions
 
 
-def _tile(rule, x1, x2, r, c, diagonal, position_pairs=False) -> Kernel:
+def _self_trace(rule, x: Tensor, step: int) -> SelfTrace:
+    """Runs the network on each example alone (in blocks), recording what the
+    layers that mix positions need of its own covariance (see `SelfTrace`)."""
+    blocks = []
+    for i0, i1 in _ranges(x.shape[0], step):
+        trace = SelfTrace()
+        k = input_kernel(x[i0:i1], None, diagonal=True, position_pairs=True)
+        rule(k.replace(self_trace=trace))
+        blocks.append(trace)
+    return SelfTrace.joined(blocks)
+
+
+def _tile(rule, x1, x2, r, c, diagonal, position_pairs=False, traces=None) -> Kernel:
     a = x1[r[0]:r[1]]
+    # With a SelfTrace, tiles carry per-position variances instead of each example's
+    # full position covariance, which they would otherwise recompute.
+    cheap = traces is not None
     if diagonal:
         k = input_kernel(a, None, diagonal=True, position_pairs=position_pairs)
     elif x2 is None and r == c:
-        k = input_kernel(a, None, position_pairs=position_pairs)
+        k = input_kernel(a, None, position_pairs=position_pairs, cov_pairs=not cheap)
     else:
         b = (x1 if x2 is None else x2)[c[0]:c[1]]
-        k = input_kernel(a, b, position_pairs=position_pairs)
+        k = input_kernel(a, b, position_pairs=position_pairs, cov_pairs=not cheap)
+    if cheap:
+        t1, t2 = traces
+        k = k.replace(self_trace=t1.for_tile(t2, slice(*r), slice(*c)))
     k = rule(k)
     if isinstance(k, tuple):
         raise ValueError(

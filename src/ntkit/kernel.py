@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Kernel"]
+__all__ = ["Kernel", "SelfTrace"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,6 +44,12 @@ class Kernel:
             Without it only matching positions are held: ``(N1, N2, *S)`` and
             ``(N1, *S)``. Pooling and attention need the pairs; a network
             computes them only when a layer needs them.
+        cov_pairs: with ``position_pairs``, whether ``cov1``/``cov2`` hold each
+            example's covariance between all its positions ``(N, *S, *S)``
+            (True) or only its per-position variances ``(N, *S)`` (False). Tiles
+            use the cheaper form and take what the layers that mix positions need
+            from ``self_trace``, a pass over each example alone made beforehand.
+        self_trace: that pass (see `SelfTrace`), or None.
     """
 
     nngp: Tensor
@@ -56,6 +62,8 @@ class Kernel:
     x1_is_x2: bool = False
     diagonal: bool = False
     position_pairs: bool = False
+    cov_pairs: bool = True
+    self_trace: "SelfTrace | None" = None
 
     # ------------------------------------------------------------------ values
     def replace(self, **changes: Any) -> "Kernel":
@@ -69,7 +77,7 @@ class Kernel:
 
     def position_variances(self) -> tuple[Tensor, Tensor]:
         """Per-position variances of x1 and x2: ``(N1, *S)`` and ``(N2, *S)``."""
-        if not self.position_pairs:
+        if not (self.position_pairs and self.cov_pairs):
             return self.cov1, self.cov2
         u1 = position_diagonal(self.cov1, 1)
         u2 = u1 if self.cov2 is self.cov1 else position_diagonal(self.cov2, 1)
@@ -100,7 +108,7 @@ class Kernel:
     def broadcast_self(self, a: Tensor) -> tuple[Tensor, Tensor]:
         """A per-example, per-position quantity ``(N, *S)`` shaped to broadcast
         against ``cov1`` on its two position sides."""
-        if not self.position_pairs:
+        if not (self.position_pairs and self.cov_pairs):
             return a, a
         ones = (1,) * len(self.spatial_shape)
         return a.reshape(*a.shape, *ones), a.reshape(a.shape[0], *ones, *a.shape[1:])
@@ -129,12 +137,29 @@ class Kernel:
         if not self.position_pairs:
             return self
         b = 1 if self.diagonal else 2
-        cov1 = position_diagonal(self.cov1, 1)
+        cov1, cov2 = self.position_variances()
         return self.replace(
             nngp=position_diagonal(self.nngp, b), ntk=position_diagonal(self.ntk, b),
-            cov1=cov1, cov2=cov1 if self.cov2 is self.cov1 else position_diagonal(self.cov2, 1),
-            position_pairs=False,
+            cov1=cov1, cov2=cov2, position_pairs=False, cov_pairs=True,
         )
+
+    def self_covariances(self, compute, record=None) -> tuple[Tensor, Tensor]:
+        """``cov1`` and ``cov2`` after a layer that mixes positions.
+
+        ``compute(cov)`` maps a full per-example covariance ``(N, *S, *S)`` to
+        the layer's output; with ``cov_pairs`` it is applied here, otherwise the
+        values come from ``self_trace`` (recorded by the same call in a pass
+        over each example alone). ``record(value)`` gives what is stored and
+        replayed (default: the value itself).
+        """
+        if not (self.position_pairs and self.cov_pairs):
+            return self.self_trace.replay()
+        cov1 = compute(self.cov1)
+        cov2 = cov1 if self.cov2 is self.cov1 else compute(self.cov2)
+        if self.self_trace is not None:
+            self.self_trace.record(cov1 if record is None else record(cov1))
+        return cov1, cov2
+
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
@@ -195,6 +220,53 @@ class Kernel:
 
 
 _TENSORS = ("nngp", "ntk", "cov1", "cov2")
+
+
+class SelfTrace:
+    """What the layers that mix positions need of each example's own covariance.
+
+    A kernel between position pairs needs, at each pooling or attention layer,
+    every example's covariance between its own positions: ``(N, *S, *S)`` per
+    example, as costly as one more pair of inputs. Tiles of ``r x c`` pairs
+    would recompute it ``r + c`` times. Instead one pass over each example alone
+    (``diagonal=True``) *records* at each such layer what the tiles need there,
+    in call order, and every tile *replays* its rows and columns from it; in
+    between, tiles carry only per-position variances (``cov_pairs=False``).
+    """
+
+    def __init__(self, x1: list | None = None, x2: list | None = None,
+                 rows: slice | None = None, cols: slice | None = None) -> None:
+        self.values: list[Tensor] = [] if x1 is None else x1
+        self.x2 = x2
+        self.rows, self.cols = rows, cols
+        self.cursor = 0
+
+    @property
+    def recording(self) -> bool:
+        return self.rows is None
+
+    def record(self, value: Tensor) -> None:
+        if self.recording:
+            self.values.append(value)
+
+    def replay(self) -> tuple[Tensor, Tensor]:
+        if self.recording:
+            raise RuntimeError("SelfTrace.replay called while recording")
+        i = self.cursor
+        self.cursor += 1
+        a = self.values[i][self.rows]
+        if self.x2 is None and self.rows == self.cols:
+            return a, a
+        return a, (self.values if self.x2 is None else self.x2)[i][self.cols]
+
+    def for_tile(self, x2: "SelfTrace | None", rows: slice, cols: slice) -> "SelfTrace":
+        """A replaying trace for the tile ``rows x cols`` (``x2=None``: k(x1, x1))."""
+        return SelfTrace(self.values, None if x2 is None else x2.values, rows, cols)
+
+    @staticmethod
+    def joined(blocks: "list[SelfTrace]") -> "SelfTrace":
+        """One recording from the recordings of consecutive blocks of examples."""
+        return SelfTrace([torch.cat(parts) for parts in zip(*(b.values for b in blocks))])
 
 
 def position_diagonal(t: Tensor, batch_dims: int) -> Tensor:

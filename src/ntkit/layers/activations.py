@@ -79,6 +79,8 @@ class Activation(Layer):
             cov1, cov2 = var1, var2
         elif k.diagonal:
             cov1 = cov2 = nngp
+        elif not k.cov_pairs:
+            cov1, cov2 = var1, var2
         elif k.x1_is_x2:  # each example's own block is on the batch diagonal
             cov1 = cov2 = torch.diagonal(nngp, 0, 0, 1).movedim(-1, 0).contiguous()
         else:

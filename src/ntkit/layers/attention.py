@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..kernel import Kernel
+from ..kernel import Kernel, position_diagonal
 from .base import BuildContext, Kernels, Layer, Shapes, single
 
 __all__ = ["SelfAttention", "NTKSelfAttention"]
@@ -218,6 +218,15 @@ class SelfAttention(Layer):
             )
         p = math.prod(spatial)
         b = 1 if k.diagonal else 2
+        # Each example's own position covariance sets its attention matrix: tiles
+        # that carry only variances replay it from the pass over single examples.
+        cov_pairs = k.cov_pairs
+        if k.diagonal:
+            if k.self_trace is not None:
+                k.self_trace.record(k.nngp)
+        else:
+            c1, c2 = k.self_covariances(lambda c: c)
+            k = k.replace(cov1=c1, cov2=c2, cov_pairs=True)
 
         def flat(t: Tensor, batch: int) -> Tensor:
             return t.reshape(*t.shape[:batch], p, p)
@@ -275,10 +284,14 @@ class SelfAttention(Layer):
         else:
             out_cov1 = _affine(out_cov1, scale, b2)
             out_cov2 = out_cov1 if same2 else _affine(out_cov2, scale, b2)
+        out_cov1, out_cov2 = unflat(out_cov1, 1), unflat(out_cov2, 1)
+        if not cov_pairs:
+            out_cov1 = position_diagonal(out_cov1, 1)
+            out_cov2 = out_cov1 if same2 else position_diagonal(out_cov2, 1)
         return k.replace(
-            nngp=unflat(out_nngp, b), ntk=unflat(out_ntk, b), cov1=unflat(out_cov1, 1),
-            cov2=unflat(out_cov2, 1), shape=(self.out_channels, *spatial), is_gaussian=True,
-            is_input=False,
+            nngp=unflat(out_nngp, b), ntk=unflat(out_ntk, b), cov1=out_cov1, cov2=out_cov2,
+            shape=(self.out_channels, *spatial), is_gaussian=True, is_input=False,
+            cov_pairs=cov_pairs,
         )
 
     def _attention(self, cov: Tensor) -> Tensor:

@@ -155,12 +155,14 @@ class Layer:
 
 
 def input_kernel(x1: Tensor, x2: Tensor | None, *, diagonal: bool = False,
-                 position_pairs: bool = False) -> Kernel:
+                 position_pairs: bool = False, cov_pairs: bool = True) -> Kernel:
     """The kernel of the inputs themselves: ``x1 . x2 / channels``.
 
     Dense inputs ``(N, features)`` give ``(N1, N2)``; inputs with spatial axes
     ``(N, C, *S)`` give the per-position channel average ``(N1, N2, *S)``, or
-    with ``position_pairs`` every pair of positions, ``(N1, N2, *S, *S)``.
+    with ``position_pairs`` every pair of positions, ``(N1, N2, *S, *S)``
+    (``cov_pairs=False`` keeps only per-position variances in ``cov1``/``cov2``;
+    see `Kernel.cov_pairs`).
     """
     x1_is_x2 = x2 is None
     if x2 is None:
@@ -168,13 +170,18 @@ def input_kernel(x1: Tensor, x2: Tensor | None, *, diagonal: bool = False,
     channels = x1.shape[1]
     spatial = tuple(x1.shape[2:])
     position_pairs = position_pairs and bool(spatial)
+    cov_pairs = cov_pairs or diagonal
     if position_pairs:
         f1 = x1.reshape(x1.shape[0], channels, -1)
         f2 = x2.reshape(x2.shape[0], channels, -1)
-        cov1 = torch.einsum("icp,icq->ipq", f1, f1).div_(channels).reshape(
-            x1.shape[0], *spatial, *spatial)
-        cov2 = cov1 if x1_is_x2 else torch.einsum("icp,icq->ipq", f2, f2).div_(
-            channels).reshape(x2.shape[0], *spatial, *spatial)
+        if cov_pairs:
+            cov1 = torch.einsum("icp,icq->ipq", f1, f1).div_(channels).reshape(
+                x1.shape[0], *spatial, *spatial)
+            cov2 = cov1 if x1_is_x2 else torch.einsum("icp,icq->ipq", f2, f2).div_(
+                channels).reshape(x2.shape[0], *spatial, *spatial)
+        else:
+            cov1 = (x1 * x1).sum(1) / channels
+            cov2 = cov1 if x1_is_x2 else (x2 * x2).sum(1) / channels
         if diagonal:
             nngp = cov1
         else:
@@ -200,6 +207,7 @@ def input_kernel(x1: Tensor, x2: Tensor | None, *, diagonal: bool = False,
         x1_is_x2=x1_is_x2,
         diagonal=diagonal,
         position_pairs=position_pairs,
+        cov_pairs=cov_pairs,
     )
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..kernel import Kernel
+from ..kernel import Kernel, position_diagonal
 from .base import BuildContext, Kernels, Layer, Shapes, single
 from .linear import Parameterization, _affine
 
@@ -238,9 +238,9 @@ class _Conv(_Spatial):
         fan_in = k.shape[0] * taps
         b = 1 if k.diagonal else 2
 
-        def conv(t: Tensor, batch: int) -> Tensor:
+        def conv(t: Tensor, batch: int, pairs: bool = k.position_pairs) -> Tensor:
             for i, ax in enumerate(axes):
-                dims = (batch + i, batch + len(axes) + i) if k.position_pairs else (batch + i,)
+                dims = (batch + i, batch + len(axes) + i) if pairs else (batch + i,)
                 t = _shifted_sum(t, ax, dims)
             return t.div_(taps)
 
@@ -248,8 +248,9 @@ class _Conv(_Spatial):
         b2 = 0.0 if self.b_std is None else self.b_std**2
         nngp_c = conv(k.nngp, b)
         nngp = _affine(nngp_c, w2, b2)
-        cov1 = nngp if k.diagonal else _affine(conv(k.cov1, 1), w2, b2)
-        cov2 = cov1 if k.cov2 is k.cov1 else _affine(conv(k.cov2, 1), w2, b2)
+        cov_pairs = k.position_pairs and k.cov_pairs
+        cov1 = nngp if k.diagonal else _affine(conv(k.cov1, 1, cov_pairs), w2, b2)
+        cov2 = cov1 if k.cov2 is k.cov1 else _affine(conv(k.cov2, 1, cov_pairs), w2, b2)
         bias_grad = 0.0 if self.b_std is None else 1.0
         if self.parameterization == "ntk":
             ntk = nngp.clone() if k.is_input else torch.add(nngp, conv(k.ntk, b), alpha=w2)
@@ -421,8 +422,8 @@ class _Pool(_Spatial):
 
         b = 1 if k.diagonal else 2
         nngp = pool(k.nngp, b)
-        cov1 = nngp if k.diagonal else pool(k.cov1, 1)
-        cov2 = cov1 if k.cov2 is k.cov1 else pool(k.cov2, 1)
+        cov1, cov2 = _pooled_covariances(k, nngp, lambda c: pool(c, 1),
+                                         lambda c: position_diagonal(c, 1))
         ntk = (torch.zeros((), dtype=nngp.dtype, device=nngp.device).expand(nngp.shape)
                if k.is_input else pool(k.ntk, b))
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2,
@@ -447,6 +448,16 @@ class _Pool(_Spatial):
         if self.padding not in (0, (0,) * self.ndim):
             extra += f", padding={self.padding!r}"
         return f"{type(self).__name__}({k}{extra})"
+
+
+def _pooled_covariances(k: Kernel, nngp: Tensor, pool, record) -> tuple[Tensor, Tensor]:
+    """``cov1``, ``cov2`` after pooling: the diagonal kernel itself, computed from the
+    full per-example covariances, or replayed from the kernel's `SelfTrace`."""
+    if k.diagonal:
+        if k.self_trace is not None:
+            k.self_trace.record(record(nngp))
+        return nngp, nngp
+    return k.self_covariances(pool, record)
 
 
 def _require_pairs(k: Kernel, layer: Layer) -> None:
@@ -561,8 +572,7 @@ class GlobalAvgPool(Layer):
 
         b = 1 if k.diagonal else 2
         nngp = pool(k.nngp, b)
-        cov1 = nngp if k.diagonal else pool(k.cov1, 1)
-        cov2 = cov1 if k.cov2 is k.cov1 else pool(k.cov2, 1)
+        cov1, cov2 = _pooled_covariances(k, nngp, lambda c: pool(c, 1), lambda c: c)
         ntk = (torch.zeros((), dtype=nngp.dtype, device=nngp.device).expand(nngp.shape)
                if k.is_input else pool(k.ntk, b))
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, shape=(k.shape[0],),

@@ -159,7 +159,7 @@ class Dropout(Layer):
 
 def _scale_self(k: Kernel, cov: Tensor, factor: float) -> Tensor:
     """Per-example covariances with each position's variance scaled."""
-    if not k.position_pairs:
+    if not (k.position_pairs and k.cov_pairs):
         return cov * factor
     out = cov.clone()
     n, p = cov.shape[0], math.prod(k.spatial_shape)
