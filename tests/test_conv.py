@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -1016,3 +1017,31 @@ def test_bad_constructor_arguments(make, match):
     rejected at construction with the layer and argument named."""
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_self_trace_tiles_equal_full_covariance_path():
+    """Tiles that replay each example's own covariance from a SelfTrace (net.kernel, small
+    budget, many tiles) equal one pass that carries the full per-example covariances
+    (witness: propagate on input_kernel(..., position_pairs=True), no trace), for a network
+    with pooling, a residual branch, attention and global pooling."""
+    from conftest import rel_err
+    from ntkit.layers.base import input_kernel
+
+    net = nk.Sequential(
+        nk.Conv2d(4, 3, padding="same", w_std=1.3, b_std=0.2), nk.ReLU(),
+        nk.AvgPool2d(2, stride=1),
+        nk.FanOut(2),
+        nk.Parallel(nk.Sequential(nk.Conv2d(4, 2, padding="same"), nk.Erf(),
+                                  nk.Conv2d(4, 1)), nk.Conv2d(4, 1)),
+        nk.FanInSum(), nk.SelfAttention(4), nk.ReLU(), nk.SumPool2d(2), nk.Conv2d(4, 1),
+        nk.GELU(), nk.GlobalAvgPool(), nk.Linear(1),
+    )
+    x1, x2 = _x(5, 2, 5, 4, seed=71), _x(3, 2, 5, 4, seed=72)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for a, b in ((x1, x2), (x1, None)):
+            tiled = net.kernel(a, b, memory_budget=2000)
+            whole = net._forward(input_kernel(a, b, position_pairs=True))
+            for field in ("nngp", "ntk"):
+                got, want = getattr(tiled, field), getattr(whole, field)
+                assert rel_err(got, want) <= 1e-12, field
