@@ -103,10 +103,13 @@ class Activation(Layer):
 def require_gaussian(k: Kernel, layer: Layer) -> None:
     """Raises unless the features entering `layer` are zero-mean Gaussian."""
     if not k.is_gaussian:
-        where = "the raw inputs" if k.is_input else "the output of a nonlinear layer"
+        where = "the raw inputs" if k.is_input else (
+            "the output of a nonlinear layer (or a sum with such a branch, e.g. a residual "
+            "connection that adds an activation's output)")
         raise ValueError(
-            f"{layer!r} needs Gaussian pre-activations (the output of a Linear, or a sum of "
-            f"them) but receives {where}. Put a Linear before it; to compose two "
+            f"{layer!r} needs Gaussian pre-activations (the output of a Linear or Conv, or a "
+            f"sum of them) but receives {where}. Put a Linear or Conv before it; in residual "
+            f"networks use pre-activation blocks or a projection shortcut; to compose two "
             f"nonlinearities use nk.Elementwise(lambda x: f(g(x)))."
         )
 
