@@ -238,26 +238,40 @@ class _Conv(_Spatial):
         fan_in = k.shape[0] * taps
         b = 1 if k.diagonal else 2
 
-        def conv(t: Tensor, batch: int, pairs: bool = k.position_pairs) -> Tensor:
+        def conv_sum(t: Tensor, batch: int, pairs: bool = k.position_pairs) -> Tensor:
+            """The sum (not yet the mean) over taps."""
             for i, ax in enumerate(axes):
                 dims = (batch + i, batch + len(axes) + i) if pairs else (batch + i,)
                 t = _shifted_sum(t, ax, dims)
-            return t.div_(taps)
+            return t
 
+        # Each rule below is one fused pass over the summed tile:
+        # nngp = w^2 mean_d(K) + b^2 = b^2 + (w^2 / taps) sum_d(K).
         w2 = self.w_std**2
         b2 = 0.0 if self.b_std is None else self.b_std**2
-        nngp_c = conv(k.nngp, b)
-        nngp = _affine(nngp_c, w2, b2)
+        scale = w2 / taps
+        bias = torch.tensor(b2, dtype=k.nngp.dtype, device=k.nngp.device)
+
+        def affine(t: Tensor) -> Tensor:
+            return torch.add(bias, t, alpha=scale) if b2 else t.mul_(scale)
+
+        nngp_sum = conv_sum(k.nngp, b)
         cov_pairs = k.position_pairs and k.cov_pairs
-        cov1 = nngp if k.diagonal else _affine(conv(k.cov1, 1, cov_pairs), w2, b2)
-        cov2 = cov1 if k.cov2 is k.cov1 else _affine(conv(k.cov2, 1, cov_pairs), w2, b2)
+        cov1 = None if k.diagonal else affine(conv_sum(k.cov1, 1, cov_pairs))
+        cov2 = cov1 if k.cov2 is k.cov1 else affine(conv_sum(k.cov2, 1, cov_pairs))
         bias_grad = 0.0 if self.b_std is None else 1.0
-        if self.parameterization == "ntk":
-            ntk = nngp.clone() if k.is_input else torch.add(nngp, conv(k.ntk, b), alpha=w2)
-        elif k.is_input:
-            ntk = nngp_c * fan_in + bias_grad
-        else:
-            ntk = torch.add(conv(k.ntk, b) * w2, nngp_c, alpha=fan_in) + bias_grad
+        if self.parameterization == "standard":  # w^2 mean(Theta) + fan_in mean(K) + 1
+            ntk = torch.mul(nngp_sum, fan_in / taps)
+            if not k.is_input:
+                ntk.add_(conv_sum(k.ntk, b), alpha=scale)
+            if bias_grad:
+                ntk.add_(bias_grad)
+        nngp = affine(nngp_sum)
+        if self.parameterization == "ntk":  # nngp' + w^2 mean(Theta)
+            ntk = nngp.clone() if k.is_input else torch.add(nngp, conv_sum(k.ntk, b),
+                                                             alpha=scale)
+        if k.diagonal:
+            cov1 = cov2 = nngp
         return k.replace(
             nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2,
             shape=(self.out_channels,) + tuple(ax.m for ax in axes),
