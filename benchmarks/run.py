@@ -187,7 +187,7 @@ def main() -> None:
     for r in rows:
         mine = f"{r['ntkit_peak_mb']:.0f} ({r['ntkit_work_mb']:.0f})"
         if "nt_s" in r:
-            print(f"| {r['case']} | {r['ntkit_s']:.3f} | {r['nt_s']:.3f} | {r['ratio']:.2f}x "
+            print(f"| {r['case']} | {r['ntkit_s']:.3f} | {r['nt_s']:.3f} | {r['ratio']:.3f}x "
                   f"| {mine} | {r['nt_peak_mb']:.0f} ({r['nt_work_mb']:.0f}) |")
         else:
             peer = "not installed" if CASES[r["case"]][1] else "no such workload"

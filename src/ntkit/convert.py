@@ -875,7 +875,21 @@ def _fresh(chain) -> bool:
 
 
 # --------------------------------------------- layers that check torch's axes
-class _GlobalAvgPool(GlobalAvgPool):
+class _ShapeChecked:
+    """Mixin: runs ``self._check(shape)`` on the per-example shape before the layer's
+    kernel rule and its finite twin."""
+
+    def propagate(self, k):
+        if not isinstance(k, tuple):
+            self._check(k.shape)
+        return super().propagate(k)
+
+    def _build(self, shape, ctx):
+        self._check(shape)
+        return super()._build(shape, ctx)
+
+
+class _GlobalAvgPool(_ShapeChecked, GlobalAvgPool):
     """`GlobalAvgPool` that checks it pools exactly the spatial axes the torch model did."""
 
     def __init__(self, where: str, *, ndim: int | None = None, dims: tuple | None = None):
@@ -900,20 +914,11 @@ class _GlobalAvgPool(GlobalAvgPool):
                     f"{tuple(sorted(spatial))} (global average pooling) has a twin."
                 )
 
-    def propagate(self, k):
-        if not isinstance(k, tuple):
-            self._check(k.shape)
-        return super().propagate(k)
-
-    def _build(self, shape, ctx):
-        self._check(shape)
-        return super()._build(shape, ctx)
-
     def __repr__(self) -> str:
         return "GlobalAvgPool()"
 
 
-class _TorchLayerNorm(LayerNorm):
+class _TorchLayerNorm(_ShapeChecked, LayerNorm):
     """`LayerNorm` over the axes `torch.nn.LayerNorm` normalises: the features of dense
     inputs, or all of ``(C, *S)`` (``axis="all"``) when ``normalized_shape`` is all of them."""
 
@@ -931,11 +936,3 @@ class _TorchLayerNorm(LayerNorm):
                 f"normalising all of them (normalized_shape = x.shape[1:]) has a kernel rule."
             )
 
-    def propagate(self, k):
-        if not isinstance(k, tuple):
-            self._check(k.shape)
-        return super().propagate(k)
-
-    def _build(self, shape, ctx):
-        self._check(shape)
-        return super()._build(shape, ctx)
