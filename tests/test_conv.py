@@ -1019,11 +1019,19 @@ def test_bad_constructor_arguments(make, match):
         make()
 
 
-def test_self_trace_tiles_equal_full_covariance_path():
+@pytest.mark.parametrize("budget, replayed", [(200_000, True), (2_000, False)],
+                         ids=["replayed", "too-large-to-keep"])
+def test_self_trace_tiles_equal_full_covariance_path(budget, replayed, monkeypatch):
     """Tiles that replay each example's own covariance from a SelfTrace (net.kernel, small
-    budget, many tiles) equal one pass that carries the full per-example covariances
+    budget, many tiles), and tiles that carry it themselves when the trace would not fit a
+    quarter of the budget, equal one pass that carries the full per-example covariances
     (witness: propagate on input_kernel(..., position_pairs=True), no trace), for a network
     with pooling, a residual branch, attention and global pooling."""
+    from ntkit.kernel import SelfTrace
+
+    calls = []
+    replay = SelfTrace.replay
+    monkeypatch.setattr(SelfTrace, "replay", lambda self: calls.append(1) or replay(self))
     from conftest import rel_err
     from ntkit.layers.base import input_kernel
 
@@ -1040,8 +1048,9 @@ def test_self_trace_tiles_equal_full_covariance_path():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for a, b in ((x1, x2), (x1, None)):
-            tiled = net.kernel(a, b, memory_budget=2000)
+            tiled = net.kernel(a, b, memory_budget=budget)
             whole = net._forward(input_kernel(a, b, position_pairs=True))
             for field in ("nngp", "ntk"):
                 got, want = getattr(tiled, field), getattr(whole, field)
                 assert rel_err(got, want) <= 1e-12, field
+    assert bool(calls) == replayed

@@ -141,8 +141,10 @@ def tiled_kernel(
     if position_pairs and not diagonal:
         with torch.no_grad():
             step = tile_sides(n1, 1, entry_bytes, budget, x1.device, positions)[0] ** 2
-            traces = tuple(None if x is None else _self_trace(rule, x, step)
+            traces = tuple(None if x is None else _self_trace(rule, x, step, budget // 4)
                            for x in (x1, x2))
+            if any(t is False for t in traces):
+                traces = None  # too large to keep: tiles carry the covariances themselves
     bar = progress_bar(tiles, desc="kernel tiles", unit="tile", progress=progress, min_items=4)
     with torch.no_grad():
         for r, c in bar:
@@ -183,14 +185,19 @@ def peak_positions(network, input_shape: tuple[int, ...], dtype: torch.dtype) ->
         return positions
 
 
-def _self_trace(rule, x: Tensor, step: int) -> SelfTrace:
+def _self_trace(rule, x: Tensor, step: int, limit: int) -> SelfTrace | bool:
     """Runs the network on each example alone (in blocks), recording what the
-    layers that mix positions need of its own covariance (see `SelfTrace`)."""
+    layers that mix positions need of its own covariance (see `SelfTrace`);
+    False if the recording would take more than ``limit`` bytes (attention over
+    long sequences keeps each example's full position covariance)."""
     blocks = []
     for i0, i1 in _ranges(x.shape[0], step):
         trace = SelfTrace()
         k = input_kernel(x[i0:i1], None, diagonal=True, position_pairs=True)
         rule(k.replace(self_trace=trace))
+        per_example = sum(v[:1].numel() * v.element_size() for v in trace.values)
+        if per_example * x.shape[0] > limit:
+            return False
         blocks.append(trace)
     return SelfTrace.joined(blocks)
 
