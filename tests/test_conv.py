@@ -49,6 +49,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.func import functional_call, jvp
 
 import ntkit as nk
@@ -1054,3 +1055,23 @@ def test_self_trace_tiles_equal_full_covariance_path(budget, replayed, monkeypat
                 got, want = getattr(tiled, field), getattr(whole, field)
                 assert rel_err(got, want) <= 1e-12, field
     assert bool(calls) == replayed
+
+
+@pytest.mark.parametrize("pairs_after", [True, False], ids=["gap-readout", "flatten-readout"])
+def test_conv_after_pooling_the_raw_inputs(pairs_after):
+    """A first convolution works from the inputs' patches; after a pooling of the raw inputs
+    it must use the pooled kernel instead (witness: the same network on inputs pooled by
+    torch beforehand)."""
+    x = _x(3, 2, 6, 6, seed=81)
+    readout = [nk.GlobalAvgPool()] if pairs_after else [nk.Flatten()]
+    net = nk.Sequential(nk.AvgPool2d(2), nk.Conv2d(4, 3, padding="same"), nk.ReLU(),
+                        *readout, nk.Linear(1))
+    twin = nk.Sequential(nk.Conv2d(4, 3, padding="same"), nk.ReLU(), *readout, nk.Linear(1))
+    pooled = F.avg_pool2d(x, 2)
+    for a, b in ((x, None), (x, _x(2, 2, 6, 6, seed=82))):
+        k = net.kernel(a, b)
+        w = twin.kernel(F.avg_pool2d(a, 2) if a is not x else pooled,
+                        None if b is None else F.avg_pool2d(b, 2))
+        for field in ("nngp", "ntk"):
+            got, want = getattr(k, field), getattr(w, field)
+            assert (got - want).abs().max() <= 1e-12 * want.abs().max(), field

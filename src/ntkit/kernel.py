@@ -50,6 +50,8 @@ class Kernel:
             use the cheaper form and take what the layers that mix positions need
             from ``self_trace``, a pass over each example alone made beforehand.
         self_trace: that pass (see `SelfTrace`), or None.
+        inputs: while ``is_input``, the inputs ``(x1, x2)`` themselves (``x2`` None
+            when ``x1_is_x2``), so that a first convolution can work from patches.
     """
 
     nngp: Tensor
@@ -64,10 +66,14 @@ class Kernel:
     position_pairs: bool = False
     cov_pairs: bool = True
     self_trace: "SelfTrace | None" = None
+    inputs: "tuple[Tensor, Tensor | None] | None" = None
 
     # ------------------------------------------------------------------ values
     def replace(self, **changes: Any) -> "Kernel":
-        """A copy with the given fields changed."""
+        """A copy with the given fields changed. A new ``nngp`` drops ``inputs``
+        (they describe the input kernel only)."""
+        if "nngp" in changes:
+            changes.setdefault("inputs", None)
         return dataclasses.replace(self, **changes)
 
     @property

@@ -208,6 +208,7 @@ def input_kernel(x1: Tensor, x2: Tensor | None, *, diagonal: bool = False,
         diagonal=diagonal,
         position_pairs=position_pairs,
         cov_pairs=cov_pairs,
+        inputs=(x1, None if x1_is_x2 else x2),
     )
 
 

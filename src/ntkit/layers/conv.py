@@ -10,6 +10,7 @@ a sequence of cheap shifted sums along one axis (pooling) or one pair of axes
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Literal, Sequence, Union
@@ -128,6 +129,31 @@ def _shifted_sum(t: Tensor, ax: _Axis, dims: tuple[int, ...]) -> Tensor:
         out[_index(t.ndim, {dim: slice(lo, hi) for dim in dims})] += t[
             _index(t.ndim, {dim: src for dim in dims})]
     return out
+
+
+def _patches(x: Tensor, axes: list[_Axis]) -> Tensor:
+    """The windows of ``x`` ``(N, C, *S)``: ``(N, C * taps, P_out)``."""
+    for i, ax in enumerate(axes):
+        x = ax.pad(x, 2 + i)
+    parts = [x[(slice(None), slice(None)) + tuple(ax.taps(d) for ax, d in zip(axes, ds))]
+             for ds in itertools.product(*(range(ax.size) for ax in axes))]
+    return torch.stack(parts, 2).reshape(x.shape[0], -1, math.prod(ax.m for ax in axes))
+
+
+def _input_conv_sum(k: Kernel, axes: list[_Axis]) -> Tensor:
+    """The input kernel summed over a convolution's taps, straight from the inputs'
+    windows: one product of patch matrices instead of shifted sums over the
+    input's position-pair kernel."""
+    x1, x2 = k.inputs
+    u1 = _patches(x1, axes)
+    u2 = u1 if x2 is None else _patches(x2, axes)
+    spatial = tuple(ax.m for ax in axes)
+    n1, n2 = u1.shape[0], u2.shape[0]
+    if k.position_pairs:
+        out = torch.einsum("iap,jaq->ijpq", u1, u2).reshape(n1, n2, *spatial, *spatial)
+    else:
+        out = torch.einsum("iap,jap->ijp", u1, u2).reshape(n1, n2, *spatial)
+    return out.div_(x1.shape[1])
 
 
 class _Spatial(Layer):
@@ -255,7 +281,10 @@ class _Conv(_Spatial):
         def affine(t: Tensor) -> Tensor:
             return torch.add(bias, t, alpha=scale) if b2 else t.mul_(scale)
 
-        nngp_sum = conv_sum(k.nngp, b)
+        if k.is_input and k.inputs is not None and not k.diagonal:
+            nngp_sum = _input_conv_sum(k, axes)
+        else:
+            nngp_sum = conv_sum(k.nngp, b)
         cov_pairs = k.position_pairs and k.cov_pairs
         cov1 = None if k.diagonal else affine(conv_sum(k.cov1, 1, cov_pairs))
         cov2 = cov1 if k.cov2 is k.cov1 else affine(conv_sum(k.cov2, 1, cov_pairs))
@@ -275,7 +304,7 @@ class _Conv(_Spatial):
         return k.replace(
             nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2,
             shape=(self.out_channels,) + tuple(ax.m for ax in axes),
-            is_gaussian=True, is_input=False,
+            is_gaussian=True, is_input=False, inputs=None,
         )
 
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
