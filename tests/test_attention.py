@@ -23,7 +23,6 @@ Plus the shared consistency checks: diagonal vs full, tiles, float32, batches, d
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -34,7 +33,7 @@ import pytest
 import torch
 
 import ntkit as nk
-from conftest import TOL, rel_err
+from conftest import TOL, one_thread, rel_err
 from ntkit.layers import input_kernel
 
 DATA = Path(__file__).parent / "data"
@@ -163,17 +162,6 @@ def _feature_kernels(net: nk.Layer, x2, gen: torch.Generator):
             f1 = model(X1)
             f2 = f1 if x2 is None else model(x2)
             yield f1 @ f2.T / f1.shape[1]
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Networks this small run fastest on one thread (much faster on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def mc_excess(samples: torch.Tensor, net: nk.Layer, field: str, x2) -> float:

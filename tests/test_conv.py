@@ -53,6 +53,7 @@ from torch.nn import functional as F
 from torch.func import functional_call, jvp
 
 import ntkit as nk
+from conftest import one_thread
 from ntkit.compute import tiled_kernel
 from ntkit.layers import input_kernel
 from ntkit.layers.conv import NTKConv
@@ -71,10 +72,8 @@ FIELDS = ("nngp", "ntk", "cov1", "cov2")
 def _one_thread():
     """One intra-op thread for this module: its tensors are tiny, and with two threads the
     Monte Carlo loop runs 5-10x slower whenever another process shares the two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 def _x(*shape: int, seed: int) -> torch.Tensor:

@@ -12,7 +12,6 @@ forward pass.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 
@@ -23,6 +22,7 @@ from torch import nn
 from torch.func import functional_call, vjp
 
 import ntkit as nk
+from conftest import one_thread
 from ntkit.convert import ConversionError
 
 W = 1 / math.sqrt(3)
@@ -666,18 +666,6 @@ def test_conv_geometry_matches_torch_exactly(name):
 
 
 # ------------------------------------------------------------- Monte Carlo witness
-@contextlib.contextmanager
-def _one_thread():
-    """Tiny convolutions: thread start-up costs more than it saves (and much more on a
-    busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 class _McCNN(nn.Module):
     """Conv stem, a residual block (conv-relu-conv plus identity, then relu), average
     pooling, flatten, a wide head."""
@@ -733,7 +721,7 @@ def test_cnn_with_residual_block_matches_pytorch_init():
     model = _McCNN(width, n_out)
     x = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(1234)
-    with _one_thread():
+    with one_thread():
         nngps, ntks = _torch_init_samples(model, x, n_nets)
     k = nk.from_torch(model).kernel(x.double())
     for name, samples, ref in (("nngp", nngps, k.nngp), ("ntk", ntks, k.ntk)):
