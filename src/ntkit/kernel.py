@@ -149,19 +149,25 @@ class Kernel:
             cov1=cov1, cov2=cov2, position_pairs=False, cov_pairs=True,
         )
 
-    def self_covariances(self, compute, record=None) -> tuple[Tensor, Tensor]:
+    def self_covariances(self, compute, record=None, *, diagonal_result=None
+                         ) -> tuple[Tensor, Tensor]:
         """``cov1`` and ``cov2`` after a layer that mixes positions.
 
         ``compute(cov)`` maps a full per-example covariance ``(N, *S, *S)`` to
         the layer's output; with ``cov_pairs`` it is applied here, otherwise the
         values come from ``self_trace`` (recorded by the same call in a pass
         over each example alone). ``record(value)`` gives what is stored and
-        replayed (default: the value itself).
+        replayed (default: the value itself). For a diagonal kernel, whose
+        covariances are its nngp, ``diagonal_result`` is the layer's output
+        nngp, used instead of computing it again.
         """
         if not (self.position_pairs and self.cov_pairs):
             return self.self_trace.replay()
-        cov1 = compute(self.cov1)
-        cov2 = cov1 if self.cov2 is self.cov1 else compute(self.cov2)
+        if self.diagonal and diagonal_result is not None:
+            cov1 = cov2 = diagonal_result
+        else:
+            cov1 = compute(self.cov1)
+            cov2 = cov1 if self.cov2 is self.cov1 else compute(self.cov2)
         if self.self_trace is not None:
             self.self_trace.record(cov1 if record is None else record(cov1))
         return cov1, cov2

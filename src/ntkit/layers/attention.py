@@ -221,12 +221,8 @@ class SelfAttention(Layer):
         # Each example's own position covariance sets its attention matrix: tiles
         # that carry only variances replay it from the pass over single examples.
         cov_pairs = k.cov_pairs
-        if k.diagonal:
-            if k.self_trace is not None:
-                k.self_trace.record(k.nngp)
-        else:
-            c1, c2 = k.self_covariances(lambda c: c)
-            k = k.replace(cov1=c1, cov2=c2, cov_pairs=True)
+        c1, c2 = k.self_covariances(lambda c: c)
+        k = k.replace(cov1=c1, cov2=c2, cov_pairs=True)
 
         def flat(t: Tensor, batch: int) -> Tensor:
             return t.reshape(*t.shape[:batch], p, p)

@@ -465,8 +465,8 @@ class _Pool(_Spatial):
 
         b = 1 if k.diagonal else 2
         nngp = pool(k.nngp, b)
-        cov1, cov2 = _pooled_covariances(k, nngp, lambda c: pool(c, 1),
-                                         lambda c: position_diagonal(c, 1))
+        cov1, cov2 = k.self_covariances(lambda c: pool(c, 1), lambda c: position_diagonal(c, 1),
+                                        diagonal_result=nngp)
         ntk = (torch.zeros((), dtype=nngp.dtype, device=nngp.device).expand(nngp.shape)
                if k.is_input else pool(k.ntk, b))
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2,
@@ -491,16 +491,6 @@ class _Pool(_Spatial):
         if self.padding not in (0, (0,) * self.ndim):
             extra += f", padding={self.padding!r}"
         return f"{type(self).__name__}({k}{extra})"
-
-
-def _pooled_covariances(k: Kernel, nngp: Tensor, pool, record) -> tuple[Tensor, Tensor]:
-    """``cov1``, ``cov2`` after pooling: the diagonal kernel itself, computed from the
-    full per-example covariances, or replayed from the kernel's `SelfTrace`."""
-    if k.diagonal:
-        if k.self_trace is not None:
-            k.self_trace.record(record(nngp))
-        return nngp, nngp
-    return k.self_covariances(pool, record)
 
 
 def _require_pairs(k: Kernel, layer: Layer) -> None:
@@ -615,7 +605,7 @@ class GlobalAvgPool(Layer):
 
         b = 1 if k.diagonal else 2
         nngp = pool(k.nngp, b)
-        cov1, cov2 = _pooled_covariances(k, nngp, lambda c: pool(c, 1), lambda c: c)
+        cov1, cov2 = k.self_covariances(lambda c: pool(c, 1), diagonal_result=nngp)
         ntk = (torch.zeros((), dtype=nngp.dtype, device=nngp.device).expand(nngp.shape)
                if k.is_input else pool(k.ntk, b))
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, shape=(k.shape[0],),
