@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..kernel import Kernel, position_diagonal
 from .base import BuildContext, Kernels, Layer, Shapes, single
+from .linear import _affine
 
 __all__ = ["SelfAttention", "NTKSelfAttention"]
 
@@ -365,10 +366,6 @@ def _mix(t: Tensor, a1: Tensor, a2: Tensor, *, diagonal: bool = False) -> Tensor
 def _inner(a: Tensor, b: Tensor) -> Tensor:
     """``sum_{q, q'} a[..., q, q'] b[..., q, q']``, kept as two trailing unit axes."""
     return (a * b).sum((-2, -1), keepdim=True)
-
-
-def _affine(t: Tensor, w2: float, b2: float) -> Tensor:
-    return t * w2 + b2 if b2 else t * w2
 
 
 @functools.lru_cache(maxsize=32)

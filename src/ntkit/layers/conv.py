@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from ..kernel import Kernel, position_diagonal
 from .base import BuildContext, Kernels, Layer, Shapes, single
-from .linear import Parameterization, _affine
+from .linear import Parameterization
 
 __all__ = [
     "Conv1d", "Conv2d", "Conv3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "SumPool1d",
