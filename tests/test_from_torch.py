@@ -781,7 +781,8 @@ def _relu_twice(s, x):
 REFUSALS = {
     "BatchNorm2d": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()),
                     [r"module 1 \(BatchNorm2d", r"mixes the examples of a batch",
-                     r"empirical NTK of the finite model", r"torch\.func"]),
+                     r"empirical NTK of the finite model",
+                     r"nk\.empirical_ntk\(model\.eval\(\), x1, x2\)"]),
     "BatchNorm-in-block": (lambda: _Wrap(lambda s, x: s.bn(s.c(x)), bn=nn.BatchNorm2d(3),
                                          **_conv3()),
                            [r"module bn \(BatchNorm2d", r"test_from_torch\.py:\d+",

@@ -58,9 +58,8 @@ _SUPPORTED = (
     "F.adaptive_avg_pool2d(x, 1), F.avg_pool2d, F.dropout"
 )
 _EMPIRICAL = (
-    "For a model with it, use the empirical NTK of the finite model instead: the Jacobian "
-    "of the actual model's outputs with respect to its parameters, J(x1) J(x2)^T, computed "
-    "with torch.func (functional_call with vjp or jacrev)"
+    "For a model with it, use the empirical NTK of the finite model instead, "
+    "nk.empirical_ntk(model.eval(), x1, x2): J(x1) J(x2)^T over its parameters"
 )
 _NO_KERNEL = {
     "BatchNorm": (
