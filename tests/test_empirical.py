@@ -79,7 +79,7 @@ def _cases():
     ]
 
 
-@pytest.mark.parametrize("method", ["jacobian", "vector_products", "auto"])
+@pytest.mark.parametrize("method", ["jacobian", "vector_products", "structured", "auto"])
 @pytest.mark.parametrize("name, make, x1, x2", _cases(), ids=[c[0] for c in _cases()])
 def test_methods_match_explicit_jacobian_product(name, make, x1, x2, method):
     """Every method and output mode equals the explicit J1 J2^T (float64, <= 1e-10 relative);
@@ -163,3 +163,140 @@ def test_vector_products_without_forward_ad_say_what_to_do():
     full, _ = _explicit(model, t, t)
     got = nk.empirical_ntk(model, t, output="full", method="jacobian")
     assert (got - full).abs().max() <= 1e-10 * full.abs().max()
+
+
+# ------------------------------------------------------------------ the structured method
+class _Shared(nn.Module):
+    """One Linear called twice, and a Linear whose weight is also used by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(torch.tanh(self.a(x))))
+        return self.b(h) + 0.5 * torch.nn.functional.linear(h.flip(-1), self.b.weight)
+
+
+class _Tied(nn.Module):
+    """Embedding and readout sharing one Parameter (tied weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 5)
+        self.mix = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 7, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, t):
+        return self.out(torch.tanh(self.mix(self.emb(t))).mean(1))
+
+
+class _UnbatchedConv(nn.Module):
+    """A conv fed one example at a time without a batch axis, and a sequence Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, padding=1)
+        self.seq = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.stack([torch.relu(self.conv(xi)) for xi in x])       # (N, 3, L)
+        return self.seq(h.transpose(1, 2)).flatten(1)                  # (N, L * 2)
+
+
+def _conv_cases():
+    g = torch.Generator().manual_seed(7)
+
+    def conv_net(conv, pool):
+        return lambda: nn.Sequential(conv(), nn.Tanh(), pool, nn.Flatten(),
+                                     nn.LazyLinear(2))
+
+    r = lambda *s: torch.randn(*s, generator=g)
+    return [
+        ("conv2d-groups-dilation-stride",
+         conv_net(lambda: nn.Conv2d(4, 6, 3, stride=2, dilation=2, padding=2, groups=2),
+                  nn.Identity()), r(3, 4, 7, 7), r(2, 4, 7, 7)),
+        ("conv2d-reflect-same-even", conv_net(
+            lambda: nn.Conv2d(2, 3, (2, 3), padding="same", padding_mode="reflect"),
+            nn.AvgPool2d(2)), r(3, 2, 5, 6), r(2, 2, 5, 6)),
+        ("conv2d-circular", conv_net(
+            lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"),
+            nn.AdaptiveAvgPool2d(2)), r(2, 2, 5, 5), r(3, 2, 5, 5)),
+        ("conv1d-replicate-depthwise", conv_net(
+            lambda: nn.Conv1d(3, 6, 4, padding=2, padding_mode="replicate", groups=3),
+            nn.Identity()), r(3, 3, 9), r(2, 3, 9)),
+        ("conv3d-valid-nobias", conv_net(
+            lambda: nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), bias=False),
+            nn.Identity()), r(2, 2, 4, 5, 3), r(3, 2, 4, 5, 3)),
+        ("shared-and-by-hand", _Shared, r(3, 4), r(2, 4)),
+        ("tied-embedding", _Tied, torch.randint(0, 7, (3, 4), generator=g),
+         torch.randint(0, 7, (2, 4), generator=g)),
+        ("unbatched-conv-sequence-linear", _UnbatchedConv, r(3, 2, 6), r(2, 2, 6)),
+    ]
+
+
+@pytest.mark.parametrize("gram", [None, True, False], ids=["chosen", "gram", "jacobians"])
+@pytest.mark.parametrize("name, make, x1, x2", _conv_cases(), ids=[c[0] for c in _conv_cases()])
+def test_structured_matches_explicit_on_layer_geometries(name, make, x1, x2, gram, monkeypatch):
+    """The structured method, with the contraction it chooses and with each one forced,
+    equals the explicit J1 J2^T on convolutions of every geometry (groups, dilation,
+    stride, padding modes, 1-3-D, no bias), layers called twice or without a batch axis,
+    weights also used outside their layer, and tied weights (float64, 1e-10)."""
+    from ntkit import empirical
+
+    torch.manual_seed(8)
+    model = make()
+    model(x1[:1])                       # materialise lazy layers
+    model = model.to(F64).eval()
+    if x1.is_floating_point():
+        x1, x2 = x1.to(F64), x2.to(F64)
+    if gram is not None:
+        monkeypatch.setattr(empirical._Jacobians, "_gram_is_cheaper",
+                            lambda self, s, n1, n2: gram and s.weight is not None)
+    full, parts = _explicit(model, x1, x2)
+    scale = full.abs().max()
+    for output, ref in [("full", full), ("trace", torch.diagonal(full, 0, -2, -1).sum(-1)),
+                        ("diagonal", torch.diagonal(full, 0, -2, -1))]:
+        got = nk.empirical_ntk(model, x1, x2, output=output, method="structured")
+        assert (got - ref).abs().max() <= 1e-10 * scale, output
+    layers = nk.empirical_ntk(model, x1, x2, output="full", method="structured", by_layer=True)
+    assert set(layers) == set(parts)
+    for n, part in parts.items():
+        assert (layers[n] - part).abs().max() <= 1e-10 * scale, n
+    sym = nk.empirical_ntk(model, x1, output="full", method="structured", memory_budget=2000)
+    assert (sym - _explicit(model, x1, x1)[0]).abs().max() <= 1e-10 * scale
+
+
+def test_structured_takes_layers_and_leaves_misused_weights_to_autodiff():
+    """Which parameters go the structured way: Linear/Conv layers do (a layer called twice
+    too); a weight also used by hand or tied to an embedding fails the autograd check and
+    goes through per-example Jacobians."""
+    from ntkit import empirical
+
+    def sites(model, x):
+        p = empirical._Problem.make(model, x, None, None, "trace", None)
+        return {s.name for s in empirical._structured_sites(p)}
+
+    torch.manual_seed(9)
+    assert sites(_mlp(), torch.randn(2, 5)) == {"0", "2", "4"}
+    assert sites(_cnn(), torch.randn(2, 2, 6, 6)) == {"0", "3", "7"}
+    assert sites(_Shared(), torch.randn(2, 4)) == {"a"}
+    assert sites(_Tied(), torch.randint(0, 7, (2, 4))) == {"mix"}
+
+
+def test_structured_full_kernel_of_wide_layers_never_forms_their_jacobians():
+    """For a wide MLP the dense layers take the Gram route (the per-example weight
+    Jacobians would be 16x larger than the whole kernel)."""
+    from ntkit import empirical
+
+    model = nn.Sequential(nn.Linear(30, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                          nn.Linear(256, 4))
+    x = torch.randn(16, 30)
+    p = empirical._Problem.make(model, x, None, None, "full", None)
+    eng = empirical._Jacobians(p, empirical._structured_sites(p))
+    assert [s.gram for s in eng.sites] == [True, True, True]
+    got = nk.empirical_ntk(model, x, output="full")
+    ref = nk.empirical_ntk(model, x, output="full", method="jacobian")
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
