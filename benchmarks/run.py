@@ -25,21 +25,64 @@ ROOT = HERE.parent
 DEFAULT_NT_PYTHON = Path.home() / ".cache/ntkit-peers/nt/bin/python"
 PEERS = [ROOT.parent / "shared" / "peers", ROOT / "shared" / "peers"]
 
-#: case -> (description, neural-tangents case name in nt_bench.py, its JSON "case" key)
+#: case -> (description, peers): each peer is (label, runner, runner's case, JSON "case" key);
+#: runner "nt" is neural-tangents' nt_bench.py, "torchfunc" the torch.func tutorial's
+#: methods (torchfunc_bench.py, run with this python).
 CASES = {
-    "fc": ("infinite-width NTK, 3 x [Linear(512, w_std=1.4, b_std=0.1), ReLU] + Linear(1), "
-           "x: 4000 x 784 float32, k(x, x)", "fc", "fc_relu_L3_N4000_d784_ntk"),
-    "cnn": ("infinite-width NTK, 2 x [Conv2d(64, 3, padding='same', w_std=1.4, b_std=0.1), "
-            "ReLU] + GlobalAvgPool + Linear(1), x: 64 images 3 x 16 x 16 float32, k(x, x)",
-            "cnn", "cnn_gap_2conv_N64_16x16x3_ntk"),
-    "myrtle": ("infinite-width NTK of Myrtle-5 (2 x [Conv2d 3x3 same, ReLU], AvgPool2d(2), "
+    "fc": (("infinite-width NTK, 3 x [Linear(512, w_std=1.4, b_std=0.1), ReLU] + Linear(1), "
+           "x: 4000 x 784 float32, k(x, x)"),
+           [("neural-tangents", "nt", "fc", "fc_relu_L3_N4000_d784_ntk")]),
+    "cnn": (("infinite-width NTK, 2 x [Conv2d(64, 3, padding='same', w_std=1.4, b_std=0.1), "
+            "ReLU] + GlobalAvgPool + Linear(1), x: 64 images 3 x 16 x 16 float32, k(x, x)"),
+            [("neural-tangents", "nt", "cnn", "cnn_gap_2conv_N64_16x16x3_ntk")]),
+    "myrtle": (("infinite-width NTK of Myrtle-5 (2 x [Conv2d 3x3 same, ReLU], AvgPool2d(2), "
                "[Conv2d, ReLU], AvgPool2d(2), [Conv2d, ReLU], 3 x AvgPool2d(2), Flatten, "
                "Linear; w_std=sqrt(2), b_std=0), CIFAR-shaped 3 x 32 x 32 float32, "
-               "k(x1, x2) with 8 x 8 images; time per kernel entry", None, None),
+               "k(x1, x2) with 8 x 8 images; time per kernel entry"), []),
+    "entk": (("empirical NTK, full 10 x 10 per pair, MLP 100 -> 512 -> 512 -> 10 ReLU "
+             "(nn.Sequential), x: 128 x 100 float32, method='auto'"),
+             [("neural-tangents Jacobian contraction", "nt", "entk",
+               "entk_mlp512x2_out10_N128_full_JACOBIAN_CONTRACTION"),
+              ("neural-tangents NTK-vector products", "nt", "entk",
+               "entk_mlp512x2_out10_N128_full_NTK_VECTOR_PRODUCTS"),
+              ("torch.func Jacobian contraction", "torchfunc", "entk",
+               "entk_torchfunc_jacobian_contraction"),
+              ("torch.func NTK-vector products", "torchfunc", "entk",
+               "entk_torchfunc_ntk_vector_products")]),
+    "entk_cnn": (("empirical NTK traced over the 10 outputs, 3 x [Conv2d(32, 3, padding=1), "
+                 "ReLU] + AdaptiveAvgPool2d(1) + Flatten + Linear(10), x: 64 images "
+                 "3 x 16 x 16 float32, method='auto'"),
+                 [("neural-tangents Jacobian contraction", "nt", "entk_cnn",
+                   "entk_cnn3x32_gap_out10_N64_16x16x3_trace_JACOBIAN_CONTRACTION"),
+                  ("neural-tangents NTK-vector products", "nt", "entk_cnn",
+                   "entk_cnn3x32_gap_out10_N64_16x16x3_trace_NTK_VECTOR_PRODUCTS"),
+                  ("torch.func Jacobian contraction", "torchfunc", "entk_cnn",
+                   "entk_cnn_torchfunc_jacobian_contraction"),
+                  ("torch.func NTK-vector products", "torchfunc", "entk_cnn",
+                   "entk_cnn_torchfunc_ntk_vector_products")]),
+    "entk_1024": (("empirical NTK, full 10 x 10 per pair, the entk MLP on 1024 inputs "
+                  "(the result alone is 419 MB); target: peak memory within 4 GB"), []),
 }
 
 
-def myrtle5() -> "object":
+def entk_models(case: str):
+    """The model and inputs of the empirical-NTK workloads, as torchfunc_bench.py makes them."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    if case in ("entk", "entk_1024"):
+        model = nn.Sequential(nn.Linear(100, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                              nn.Linear(512, 10))
+        return model, torch.randn(128 if case == "entk" else 1024, 100, generator=gen), "full"
+    conv = lambda i: nn.Conv2d(i, 32, 3, padding=1)
+    model = nn.Sequential(conv(3), nn.ReLU(), conv(32), nn.ReLU(), conv(32), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    return model, torch.randn(64, 3, 16, 16, generator=gen), "trace"
+
+
+def myrtle5() -> object:
     """Myrtle-5 (Shankar et al. 2020) as in neural-tangents' example."""
     import math
 
@@ -67,23 +110,27 @@ def _ntkit_case(case: str, reps: int) -> dict:
             nk.Repeat(nk.Sequential(nk.Linear(512, w_std=1.4, b_std=0.1), nk.ReLU()), 3),
             nk.Linear(1),
         )
-        run = lambda: net.kernel(x)  # noqa: E731
+        run = lambda: net.kernel(x)
         entries = x.shape[0] ** 2
     elif case == "cnn":
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(64, 3, 16, 16, generator=gen)
-        conv = lambda: nk.Conv2d(64, 3, padding="same", w_std=1.4, b_std=0.1)  # noqa: E731
+        conv = lambda: nk.Conv2d(64, 3, padding="same", w_std=1.4, b_std=0.1)
         net = nk.Sequential(conv(), nk.ReLU(), conv(), nk.ReLU(), nk.GlobalAvgPool(),
                             nk.Linear(1))
-        run = lambda: net.kernel(x)  # noqa: E731
+        run = lambda: net.kernel(x)
         entries = x.shape[0] ** 2
     elif case == "myrtle":
         gen = torch.Generator().manual_seed(0)
         x1 = torch.randn(8, 3, 32, 32, generator=gen)
         x2 = torch.randn(8, 3, 32, 32, generator=gen)
         net = myrtle5()
-        run = lambda: net.kernel(x1, x2)  # noqa: E731
+        run = lambda: net.kernel(x1, x2)
         entries = x1.shape[0] * x2.shape[0]
+    elif case.startswith("entk"):
+        model, x, output = entk_models(case)
+        run = lambda: nk.empirical_ntk(model, x, output=output)
+        entries = x.shape[0] ** 2
     else:
         raise KeyError(case)
     run()
@@ -115,34 +162,36 @@ def _nt_python(arg: str | None) -> Path | None:
     return None
 
 
-def _nt_bench_script() -> Path | None:
+def _peer_script(name: str) -> Path | None:
     for d in PEERS:
-        if (d / "nt_bench.py").exists():
-            return d / "nt_bench.py"
+        if (d / name).exists():
+            return d / name
     return None
 
 
-def _run_peer(py: Path, script: Path, case: str, reps: int) -> dict | None:
-    """Runs nt_bench.py for one case under a wrapper that reports its peak RSS."""
+def _run_peer(py: Path, script: Path, case: str, reps: int, *, nt: bool) -> dict | None:
+    """Runs a peer script for one case under a wrapper that reports its peak RSS;
+    returns {JSON case key: seconds or error text, "peak_mb": ..., "baseline_mb": ...}."""
+    imports = "import jax, neural_tangents\n" if nt else "import torch\n"
+    argv = [str(script), case] + (["--reps", str(reps)] if nt else [])
     wrapper = (
-        "import runpy, sys, resource, json\n"
-        "import jax, neural_tangents\n"
+        "import runpy, sys, resource, json\n" + imports +
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024\n"
-        f"sys.argv = [{str(script)!r}, {case!r}, '--reps', '{reps}']\n"
+        f"sys.argv = {argv!r}\n"
         f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
         "print(json.dumps({'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024,"
         " 'baseline_mb': base}))\n"
     )
-    proc = subprocess.run([str(py), "-c", wrapper], capture_output=True, text=True)
+    proc = subprocess.run([str(py), "-c", wrapper], check=False, capture_output=True, text=True)
     if proc.returncode != 0:
-        print(f"neural-tangents failed on {case}:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        print(f"{script.name} failed on {case}:\n{proc.stderr[-2000:]}", file=sys.stderr)
         return None
     result: dict = {}
     for line in proc.stdout.splitlines():
         if line.startswith("{"):
             item = json.loads(line)
             if "case" in item:
-                result[item["case"]] = item["seconds"]
+                result[item["case"]] = item.get("seconds", item.get("error", "failed"))
             else:
                 result.update(item)
     return result
@@ -162,33 +211,51 @@ def main() -> None:
         _child(args.child, args.reps)
         return
 
-    py = None if args.no_peer else _nt_python(args.nt_python)
-    script = _nt_bench_script()
+    runners = {}
+    if not args.no_peer:
+        nt_py, nt_script = _nt_python(args.nt_python), _peer_script("nt_bench.py")
+        if nt_py and nt_script:
+            runners["nt"] = (nt_py, nt_script)
+        tf_script = _peer_script("torchfunc_bench.py")
+        if tf_script:
+            runners["torchfunc"] = (Path(sys.executable), tf_script)
     rows = []
     for case in args.cases:
-        desc, nt_case, nt_key = CASES[case]
+        desc, peers = CASES[case]
         proc = subprocess.run([sys.executable, __file__, "--child", case, "--reps", str(args.reps)],
                               capture_output=True, text=True, check=True)
         ours = json.loads(proc.stdout.strip().splitlines()[-1])
-        peer = _run_peer(py, script, nt_case, args.reps) if py and script and nt_case else None
         row = {"case": case, "workload": desc, "ntkit_s": ours["seconds"],
                "ms_per_entry": 1e3 * ours["seconds"] / ours["entries"],
                "ntkit_peak_mb": ours["peak_mb"],
-               "ntkit_work_mb": ours["peak_mb"] - ours["baseline_mb"]}
-        if peer and nt_key in peer:
-            row.update(nt_s=peer[nt_key], nt_peak_mb=peer["peak_mb"],
-                       nt_work_mb=peer["peak_mb"] - peer["baseline_mb"],
-                       ratio=ours["seconds"] / peer[nt_key])
+               "ntkit_work_mb": ours["peak_mb"] - ours["baseline_mb"], "peers": {}}
+        runs: dict = {}
+        for label, runner, peer_case, key in peers:
+            if runner not in runners:
+                continue
+            if (runner, peer_case) not in runs:
+                runs[runner, peer_case] = _run_peer(*runners[runner], peer_case, args.reps,
+                                                    nt=runner == "nt")
+            got = runs[runner, peer_case]
+            if got and key in got:
+                row["peers"][label] = {"seconds": got[key], "peak_mb": got["peak_mb"],
+                                       "work_mb": got["peak_mb"] - got["baseline_mb"]}
+        timed = {k: v for k, v in row["peers"].items() if isinstance(v["seconds"], float)}
+        if timed:
+            best = min(timed, key=lambda k: timed[k]["seconds"])
+            row.update(best_peer=best, best_s=timed[best]["seconds"],
+                       ratio=ours["seconds"] / timed[best]["seconds"])
         rows.append(row)
 
-    print("| case | ntkit s | neural-tangents s | time ratio | ntkit peak MB (work) "
-          "| neural-tangents peak MB (work) |")
+    print("| case | ntkit s | best peer s | time ratio | ntkit peak MB (work) "
+          "| best peer peak MB (work) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         mine = f"{r['ntkit_peak_mb']:.0f} ({r['ntkit_work_mb']:.0f})"
-        if "nt_s" in r:
-            print(f"| {r['case']} | {r['ntkit_s']:.3f} | {r['nt_s']:.3f} | {r['ratio']:.3f}x "
-                  f"| {mine} | {r['nt_peak_mb']:.0f} ({r['nt_work_mb']:.0f}) |")
+        if "best_s" in r:
+            p = r["peers"][r["best_peer"]]
+            print(f"| {r['case']} | {r['ntkit_s']:.3f} | {r['best_s']:.3f} ({r['best_peer']}) "
+                  f"| {r['ratio']:.3f}x | {mine} | {p['peak_mb']:.0f} ({p['work_mb']:.0f}) |")
         else:
             peer = "not installed" if CASES[r["case"]][1] else "no such workload"
             print(f"| {r['case']} | {r['ntkit_s']:.3f} | {peer} | - | {mine} | - |")
@@ -196,6 +263,11 @@ def main() -> None:
           "resident set after importing the library, before the data is made.")
     for r in rows:
         print(f"- {r['case']}: {r['workload']} ({r['ms_per_entry']:.3g} ms per kernel entry)")
+        for label, p in r["peers"].items():
+            t = p["seconds"]
+            shown = f"{t:.3f} s, ntkit at {r['ntkit_s'] / t:.4f}x" if isinstance(t, float) \
+                else f"failed: {t}"
+            print(f"  - {label}: {shown}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

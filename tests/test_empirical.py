@@ -300,3 +300,25 @@ def test_structured_full_kernel_of_wide_layers_never_forms_their_jacobians():
     got = nk.empirical_ntk(model, x, output="full")
     ref = nk.empirical_ntk(model, x, output="full", method="jacobian")
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("parameterization", ["ntk", "standard"])
+def test_structured_covers_ntkit_built_networks(parameterization):
+    """Networks from Layer.build (NTKLinear and NTKConv, which scale their weights in the
+    forward pass) go the structured way and equal the explicit product (float64)."""
+    from ntkit import empirical
+
+    p = {"parameterization": parameterization}
+    net = nk.Sequential(nk.Conv2d(3, 3, padding="same", w_std=1.3, b_std=0.2, **p), nk.ReLU(),
+                        nk.Conv2d(4, 2, padding="circular", w_std=1.1, b_std=None, **p),
+                        nk.Erf(), nk.AvgPool2d(2), nk.Flatten(),
+                        nk.Linear(3, w_std=0.9, b_std=0.3, **p))
+    model = net.build((2, 5, 5), generator=torch.Generator().manual_seed(0), dtype=F64)
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(3, 2, 5, 5, generator=g, dtype=F64), torch.randn(2, 2, 5, 5,
+                                                                          generator=g, dtype=F64)
+    prob = empirical._Problem.make(model, x1, x2, None, "full", None)
+    assert len(empirical._structured_sites(prob)) == 3
+    full, _ = _explicit(model, x1, x2)
+    got = nk.empirical_ntk(model, x1, x2, output="full", method="structured")
+    assert (got - full).abs().max() <= 1e-10 * full.abs().max()

@@ -40,6 +40,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from .compute import parse_memory, progress_bar
+from .layers.conv import NTKConv
+from .layers.linear import NTKLinear
 
 __all__ = ["empirical_nngp", "empirical_ntk"]
 
@@ -47,7 +49,10 @@ Output = Literal["trace", "full", "diagonal"]
 Method = Literal["auto", "jacobian", "vector_products", "structured"]
 _OUTPUTS = ("trace", "full", "diagonal")
 _METHODS = ("auto", "jacobian", "vector_products", "structured")
-_STRUCTURED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Layers whose weight Jacobian is an outer product of output cotangent and input
+#: (ntkit's own finite twins, built by ``Layer.build``, included).
+_LINEAR_TYPES = (nn.Linear, NTKLinear)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, NTKConv)
 
 
 def empirical_ntk(
@@ -352,6 +357,12 @@ class _Site:
     gram: bool = False                  # contract by Gram matrices (else Jacobians)
 
     @property
+    def scales(self) -> tuple[float, float]:
+        """Factors the layer's forward applies to its weight and bias (NTK parameterization)."""
+        m = self.module
+        return float(getattr(m, "w_scale", 1.0)), float(getattr(m, "b_scale", 1.0))
+
+    @property
     def params(self) -> list[str]:
         return [n for n in (self.weight, self.bias) if n is not None]
 
@@ -361,7 +372,7 @@ class _Site:
         along the positions P."""
         us, gs = [], []
         for u, g in zip(inputs, cot):
-            if isinstance(self.module, nn.Linear):
+            if isinstance(self.module, _LINEAR_TYPES):
                 us.append(u.reshape(u.shape[0], 1, -1, u.shape[-1]))
                 gs.append(g.reshape(g.shape[0], g.shape[1], 1, -1, g.shape[-1]))
             else:
@@ -373,39 +384,46 @@ class _Site:
     def jacobians(self, u: Tensor, g: Tensor) -> dict[str, Tensor]:
         """Per example and output: ``{weight: (n, O, G*C*K), bias: (n, O, G*C)}``."""
         n, o, groups, p, c = g.shape
+        w_scale, b_scale = self.scales
         out = {}
         if self.weight is not None:
             # (n, G, O*C, P) @ (n, G, P, K) -> (n, G, O, C, K)
             gt = g.permute(0, 2, 1, 4, 3).reshape(n, groups, o * c, p)
             w = torch.matmul(gt, u).reshape(n, groups, o, c, -1)
-            out[self.weight] = w.transpose(1, 2).reshape(n, o, -1)
+            w = w.transpose(1, 2).reshape(n, o, -1)
+            out[self.weight] = w if w_scale == 1.0 else w * w_scale
         if self.bias is not None:
-            out[self.bias] = g.sum(3).reshape(n, o, -1)
+            b = g.sum(3).reshape(n, o, -1)
+            out[self.bias] = b if b_scale == 1.0 else b * b_scale
         return out
+
+
+def _conv_geometry(m: nn.Module):
+    """Kernel size, stride, dilation, F.pad widths, padding mode and groups."""
+    if isinstance(m, NTKConv):
+        return (tuple(m.weight.shape[2:]), m.stride, m.dilation, list(m.pads), m.mode, 1)
+    return (m.kernel_size, m.stride, m.dilation, list(m._reversed_padding_repeated_twice),
+            m.padding_mode, m.groups)
 
 
 def _conv_arrays(m: nn.Module, u: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """Patches ``(n, G, P, K)`` and cotangents ``(n, O, G, P, C)`` of a convolution."""
-    nd = len(m.kernel_size)
+    kernel, stride, dilation, pad, mode, groups = _conv_geometry(m)
+    nd = len(kernel)
     n, o = g.shape[:2]
     if u.ndim == nd + 2:                     # an unbatched call: (C, *S) per example
         u, g = u.unsqueeze(1), g.unsqueeze(2)
     u = u.reshape(-1, *u.shape[2:])          # (n * B, Cin, *S)
-    pad = list(m._reversed_padding_repeated_twice)
     if any(pad):
-        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-        u = F.pad(u, pad, mode=mode)
+        u = F.pad(u, pad, mode="constant" if mode == "zeros" else mode)
     for d in range(nd):
-        span = m.dilation[d] * (m.kernel_size[d] - 1) + 1
-        u = u.unfold(2 + d, span, m.stride[d])
-    u = u[(Ellipsis,) + tuple(slice(None, None, dl) for dl in m.dilation)]
-    groups = m.groups
+        u = u.unfold(2 + d, dilation[d] * (kernel[d] - 1) + 1, stride[d])
+    u = u[(Ellipsis,) + tuple(slice(None, None, dl) for dl in dilation)]
     cin = u.shape[1]
-    out_sizes = u.shape[2:2 + nd]
-    npos = math.prod(out_sizes)
-    u = u.reshape(n, -1, groups, cin // groups, npos, math.prod(m.kernel_size))
-    u = u.permute(0, 2, 1, 4, 3, 5).reshape(n, groups, -1, (cin // groups) * math.prod(
-        m.kernel_size))
+    npos = math.prod(u.shape[2:2 + nd])
+    taps = math.prod(kernel)
+    u = u.reshape(n, -1, groups, cin // groups, npos, taps)
+    u = u.permute(0, 2, 1, 4, 3, 5).reshape(n, groups, -1, (cin // groups) * taps)
     cout = g.shape[3]
     g = g.reshape(n, o, -1, groups, cout // groups, npos)
     g = g.permute(0, 1, 3, 2, 5, 4).reshape(n, o, groups, -1, cout // groups)
@@ -472,7 +490,7 @@ def _structured_sites(problem: _Problem) -> list[_Site]:
     checked against autograd on one example."""
     by_module = {}
     for name, m in problem.model.named_modules():
-        if not isinstance(m, _STRUCTURED_TYPES) or _is_parametrized(m):
+        if not isinstance(m, _LINEAR_TYPES + _CONV_TYPES) or _is_parametrized(m):
             continue
         w, b = f"{name}.weight" if name else "weight", f"{name}.bias" if name else "bias"
         w = w if w in problem.params and problem.params[w] is not None else None
@@ -625,9 +643,10 @@ class _Jacobians:
         for s in self.sites:
             u, g = s.arrays(inputs[s.name], j_probes[s.name])
             if s.gram:
-                feats[s.weight] = ("gram", u, g)
+                w_scale, b_scale = s.scales
+                feats[s.weight] = ("gram", u if w_scale == 1.0 else u * w_scale, g)
                 if s.bias is not None:
-                    feats[s.bias] = ("jac", g.sum(3).reshape(n, g.shape[1], -1))
+                    feats[s.bias] = ("jac", g.sum(3).reshape(n, g.shape[1], -1) * b_scale)
             else:
                 for pname, j in s.jacobians(u, g).items():
                     feats[pname] = ("jac", j)
