@@ -206,6 +206,20 @@ class _UnbatchedConv(nn.Module):
         return self.seq(h.transpose(1, 2)).flatten(1)                  # (N, L * 2)
 
 
+class _FoldedConv(nn.Module):
+    """A conv over each of an example's frames: the conv's batch holds N x T frames."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3, stride=2, groups=2)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):                                   # (N, T, C, L)
+        n, t = x.shape[:2]
+        h = torch.tanh(self.conv(x.flatten(0, 1)))          # (N * T, 4, L')
+        return self.out(h.reshape(n, t, 4, -1).mean(-1)).flatten(1)
+
+
 def _conv_cases():
     g = torch.Generator().manual_seed(7)
 
@@ -234,6 +248,7 @@ def _conv_cases():
         ("tied-embedding", _Tied, torch.randint(0, 7, (3, 4), generator=g),
          torch.randint(0, 7, (2, 4), generator=g)),
         ("unbatched-conv-sequence-linear", _UnbatchedConv, r(3, 2, 6), r(2, 2, 6)),
+        ("conv-over-folded-frames", _FoldedConv, r(3, 3, 2, 7), r(2, 3, 2, 7)),
     ]
 
 
@@ -322,3 +337,14 @@ def test_structured_covers_ntkit_built_networks(parameterization):
     full, _ = _explicit(model, x1, x2)
     got = nk.empirical_ntk(model, x1, x2, output="full", method="structured")
     assert (got - full).abs().max() <= 1e-10 * full.abs().max()
+
+
+def test_symmetric_products_by_blocks_equal_the_plain_product():
+    """The half-work product used for Theta(x, x) equals u @ u.T (rows not divisible by 4)."""
+    from ntkit.empirical import _outer
+
+    u = torch.randn(603, 37, dtype=F64)
+    assert torch.equal(_outer(u, u), _outer(u, u).T)
+    assert (_outer(u, u) - u @ u.T).abs().max() <= 1e-12
+    v = torch.randn(5, 37, dtype=F64)
+    assert (_outer(u, v) - u @ v.T).abs().max() <= 1e-12
