@@ -5,7 +5,7 @@ The public surface is re-exported here; everything else is private.
 
 from .compute import parse_memory
 from .convert import ConversionError, from_torch
-from .empirical import empirical_ntk
+from .empirical import empirical_nngp, empirical_ntk
 from .kernel import Kernel
 from .layers import (
     AvgPool1d, AvgPool2d, AvgPool3d, Conv1d, Conv2d, Conv3d, GlobalAvgPool, GlobalSumPool,
@@ -24,7 +24,7 @@ __all__ = [
     "Sign", "Erf", "GELU", "Sin", "Cos", "Rbf", "Gaussian", "Exp", "Monomial",
     "RectifiedMonomial", "Elementwise", "LayerNorm", "Dropout", "Sequential", "Parallel",
     "FanOut", "FanInSum", "FanInConcat", "FanInProd", "Repeat", "Identity", "from_torch",
-    "ConversionError", "empirical_ntk",
+    "ConversionError", "empirical_ntk", "empirical_nngp",
     "monte_carlo_kernel", "empirical_kernels", "parse_memory",
     "Conv1d", "Conv2d", "Conv3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "SumPool1d",
     "SumPool2d", "SumPool3d", "GlobalAvgPool", "GlobalSumPool",
