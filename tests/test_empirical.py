@@ -402,3 +402,26 @@ def test_empirical_nngp_of_a_wide_built_network_approaches_the_analytic_nngp(con
     err = (got - want).norm() / want.norm()
     assert err < 0.08, err
     assert (got - 1.21 * want).norm() / (1.21 * want).norm() > 0.1
+
+
+@pytest.mark.parametrize("method", ["structured", "jacobian"])
+@pytest.mark.parametrize("output", ["full", "trace", "diagonal"])
+def test_chunks_over_outputs_and_examples_give_the_same_kernel(output, method):
+    """A budget too small for one example's outputs splits outputs as well as examples
+    (7 examples, 5 outputs: no divisibility); symmetric and two-sided kernels equal one
+    chunk's, per parameter too."""
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 5)).to(F64)
+    x1, x2 = torch.randn(7, 4, dtype=F64), torch.randn(3, 4, dtype=F64)
+    from ntkit import empirical
+
+    p = empirical._Problem.make(model, x1, None, None, output, 700)
+    eng = empirical._Jacobians(p, [] if method == "jacobian" else empirical._structured_sites(p))
+    rows, outs = eng.plan()
+    assert outs < 5 and rows < 7
+    for a, b in [(x1, None), (x1, x2)]:
+        whole = nk.empirical_ntk(model, a, b, output=output, method=method, by_layer=True)
+        small = nk.empirical_ntk(model, a, b, output=output, method=method, by_layer=True,
+                                 memory_budget=700)
+        for name in whole:
+            assert torch.allclose(whole[name], small[name], rtol=1e-12, atol=1e-14), name

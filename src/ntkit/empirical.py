@@ -112,7 +112,7 @@ def empirical_ntk(
     else:
         sites = [] if method == "jacobian" else _structured_sites(problem)
         engine = _Jacobians(problem, sites)
-        if method == "auto" and engine.bytes_per_example() > problem.budget:
+        if method == "auto" and engine.bytes_per_example(1) > problem.budget:
             engine = _VectorProducts(problem)
     return _tiled(problem, engine, group, by_layer is not False, progress)
 
@@ -263,9 +263,10 @@ class _Problem:
                 f"'diagonal', or fewer inputs at a time."
             )
 
-    def f(self, p: dict[str, Tensor], x: Tensor) -> Tensor:
-        """The flattened outputs of one example (no batch axis)."""
-        return functional_call(self.model, (p, self.buffers), (x.unsqueeze(0),)).reshape(-1)
+    def f(self, p: dict[str, Tensor], x: Tensor, a0: int = 0, a1: int | None = None) -> Tensor:
+        """The flattened outputs ``a0:a1`` of one example (no batch axis)."""
+        out = functional_call(self.model, (p, self.buffers), (x.unsqueeze(0),)).reshape(-1)
+        return out if a0 == 0 and a1 in (None, out.shape[0]) else out[a0:a1]
 
 
 def _memory_size(device: torch.device) -> int | None:
@@ -288,16 +289,23 @@ def _group(by_layer) -> str | None:
 
 
 def _tiled(problem: _Problem, engine, group: str | None, split: bool, progress):
-    """Runs ``engine`` over chunks of examples and assembles the kernel."""
-    n1, n2 = problem.x1.shape[0], problem.xs2.shape[0]
-    rows = engine.rows()
+    """Runs ``engine`` over chunks of examples and of outputs, and assembles the kernel.
+
+    A tile is (chunk of x1, chunk of outputs a) against (chunk of x2, chunk of outputs
+    b), with b = a unless the output is "full". For Theta(x, x) only tiles on or above
+    the diagonal of example chunks are computed; the others are their mirror images.
+    """
+    n1, n2, n_out = problem.x1.shape[0], problem.xs2.shape[0], problem.n_out
+    rows, outs = engine.plan()
     chunks1 = [(i, min(i + rows, n1)) for i in range(0, n1, rows)]
     chunks2 = [(j, min(j + rows, n2)) for j in range(0, n2, rows)]
+    ochunks = [(a, min(a + outs, n_out)) for a in range(0, n_out, outs)]
+    output = problem.output
     symmetric = problem.x2 is None
-    tiles = [(a, b) for ia, a in enumerate(chunks1) for ib, b in enumerate(chunks2)
-             if not symmetric or ib >= ia]
-    out_tail = {"trace": (), "diagonal": (problem.n_out,),
-                "full": (problem.n_out, problem.n_out)}[problem.output]
+    tiles = [(i, a, j, b) for ii, i in enumerate(chunks1) for a in ochunks
+             for jj, j in enumerate(chunks2) if not symmetric or jj >= ii
+             for b in (ochunks if output == "full" else [a])]
+    out_tail = {"trace": (), "diagonal": (n_out,), "full": (n_out, n_out)}[output]
     result: dict[str, Tensor] = {}
     p0 = next(iter(problem.params.values()))
 
@@ -308,28 +316,32 @@ def _tiled(problem: _Problem, engine, group: str | None, split: bool, progress):
         return result[key]
 
     bar = progress_bar(tiles, desc="empirical NTK", unit="tile", progress=progress, min_items=4)
-    cached: tuple[int, object] | None = None
-    for (i0, i1), (j0, j1) in bar:
-        if cached is None or cached[0] != i0:
-            cached = (i0, engine.features(problem.x1[i0:i1]))
+    cached: tuple | None = None
+    for (i0, i1), (a0, a1), (j0, j1), (b0, b1) in bar:
+        if cached is None or cached[0] != (i0, a0):
+            cached = ((i0, a0), engine.features(problem.x1[i0:i1], a0, a1))
         fa = cached[1]
-        same = symmetric and (i0, i1) == (j0, j1)
-        fb = fa if same else engine.features(problem.xs2[j0:j1])
+        same = symmetric and (i0, a0) == (j0, b0)
+        fb = fa if same else engine.features(problem.xs2[j0:j1], b0, b1)
+        mirror = symmetric and i0 != j0
         for name, value in engine.contract(fa, fb):
             t = target(name)
-            t[i0:i1, j0:j1] += value
-            if symmetric and not same:
-                t[j0:j1, i0:i1] += _swap(value, problem.output)
+            if output == "full":
+                t[i0:i1, j0:j1, a0:a1, b0:b1] += value
+                if mirror:
+                    t[j0:j1, i0:i1, b0:b1, a0:a1] += value.transpose(0, 1).transpose(2, 3)
+            elif output == "diagonal":
+                t[i0:i1, j0:j1, a0:a1] += value
+                if mirror:
+                    t[j0:j1, i0:i1, a0:a1] += value.transpose(0, 1)
+            else:
+                t[i0:i1, j0:j1] += value
+                if mirror:
+                    t[j0:j1, i0:i1] += value.transpose(0, 1)
     bar.close()
     if not result:  # every structured part was empty (cannot happen with parameters)
         target("")
     return result if split else result[""]
-
-
-def _swap(value: Tensor, output: str) -> Tensor:
-    """Theta(x2, x1) from Theta(x1, x2)."""
-    value = value.transpose(0, 1)
-    return value.transpose(2, 3) if output == "full" else value
 
 
 def _outer(u: Tensor, v: Tensor) -> Tensor:
@@ -629,8 +641,9 @@ class _Jacobians:
         fits = n1 * n2 * q * groups * p * p * self.problem.entry <= self.problem.budget // 4
         return s.weight is not None and gram < jac and fits
 
-    def bytes_per_example(self) -> int:
-        o, e = self.problem.n_out, self.problem.entry
+    def bytes_per_example(self, o: int | None = None) -> int:
+        """Working memory per example for ``o`` outputs at a time (default all)."""
+        o, e = o or self.problem.n_out, self.problem.entry
         n = o * sum(v.numel() for v in self.rest.values())
         for s in self.sites:
             groups, p, k, c = self._sizes[s.name]
@@ -639,21 +652,27 @@ class _Jacobians:
                 n += o * groups * c * k
         return max(1, n * e)
 
-    def rows(self) -> int:
-        rows = max(1, self.problem.budget // (2 * self.bytes_per_example()))
-        q = self.problem.out_pairs
+    def plan(self) -> tuple[int, int]:
+        """Examples and outputs per chunk: all outputs if one example fits half the
+        budget, else as many as fit (at least one)."""
+        half = self.problem.budget // 2
+        outs = self.problem.n_out
+        while outs > 1 and self.bytes_per_example(outs) > half:
+            outs = max(1, outs // 2)
+        rows = max(1, half // self.bytes_per_example(outs))
+        q = {"full": outs * outs, "diagonal": outs, "trace": 1}[self.problem.output]
         for s in self.sites:
             if s.gram:
                 groups, p, _, _ = self._sizes[s.name]
                 per_pair = q * groups * p * p * self.problem.entry
                 rows = min(rows, max(1, math.isqrt(self.problem.budget // (4 * per_pair))))
-        return rows
+        return rows, outs
 
-    def features(self, x: Tensor) -> dict[str, tuple]:
+    def features(self, x: Tensor, a0: int, a1: int) -> dict[str, tuple]:
         problem, hooks = self.problem, self.hooks
 
         def f(rest, probes, xi):
-            return hooks.run(lambda: problem.f({**self.fixed, **rest}, xi), probes)
+            return hooks.run(lambda: problem.f({**self.fixed, **rest}, xi, a0, a1), probes)
 
         jac = vmap(jacrev(f, argnums=(0, 1), has_aux=True), in_dims=(None, None, 0))
         with hooks:
@@ -693,7 +712,7 @@ class _Jacobians:
 def _gram_contract(ua: Tensor, ga: Tensor, ub: Tensor, gb: Tensor, output: str) -> Tensor:
     """``sum_{g,p,q} <ga_iagp, gb_jbgq> <ua_igp, ub_jgq>`` in the output layout."""
     n, o, groups, p, c = ga.shape
-    m = gb.shape[0]
+    m, ob = gb.shape[:2]
     if groups == 1 and p == 1:
         uu = ua.reshape(n, -1) @ ub.reshape(m, -1).T                    # (n, m)
         if output == "trace":
@@ -702,7 +721,7 @@ def _gram_contract(ua: Tensor, ga: Tensor, ub: Tensor, gb: Tensor, output: str) 
             return torch.einsum("iac,jac->ija", ga.reshape(n, o, c), gb.reshape(m, o, c)) \
                 * uu[..., None]
         flat = ga.reshape(n * o, c)
-        gg = _outer(flat, flat if gb is ga else gb.reshape(m * o, c)).reshape(n, o, m, o)
+        gg = _outer(flat, flat if gb is ga else gb.reshape(m * ob, c)).reshape(n, o, m, ob)
         gg.mul_(uu[:, None, :, None])
         return gg.permute(0, 2, 1, 3)
     uu = torch.einsum("igpk,jgqk->ijgpq", ua, ub)
@@ -722,11 +741,11 @@ class _VectorProducts:
     def __init__(self, problem: _Problem):
         self.problem = problem
 
-    def rows(self) -> int:
+    def plan(self) -> tuple[int, int]:
         per = self.problem.n_out * sum(p.numel() for p in self.problem.params.values())
-        return max(1, self.problem.budget // (4 * per * self.problem.entry))
+        return max(1, self.problem.budget // (4 * per * self.problem.entry)), self.problem.n_out
 
-    def features(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor, a0: int, a1: int) -> Tensor:
         return x
 
     def contract(self, a: Tensor, b: Tensor):
