@@ -425,3 +425,43 @@ def test_chunks_over_outputs_and_examples_give_the_same_kernel(output, method):
                                  memory_budget=700)
         for name in whole:
             assert torch.allclose(whole[name], small[name], rtol=1e-12, atol=1e-14), name
+
+
+class _Loss(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 1)
+
+    def forward(self, x):
+        return self.lin(x).pow(2).mean()
+
+
+class _Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.lin(x), x
+
+
+def test_refusals_for_outputs_and_dtypes():
+    """Integer inputs to a model that needs floats, outputs without a batch axis or not a
+    tensor, a full kernel larger than memory, integer parameters, unknown params names."""
+    x = torch.randn(3, 5)
+    with pytest.raises(ValueError, match=r"dtype torch.int64.*x.float\(\)"):
+        nk.empirical_ntk(_mlp(), torch.ones(3, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"keep the batch axis first"):
+        nk.empirical_ntk(_Loss(), x)
+    with pytest.raises(TypeError, match=r"one floating-point tensor.*got tuple"):
+        nk.empirical_ntk(_Pair(), x)
+    wide = nn.Linear(5, 200_000)
+    with pytest.raises(MemoryError, match=r"output='full'.*use output='trace' or 'diagonal'"):
+        nk.empirical_ntk(wide, x, output="full")
+    with pytest.raises(TypeError, match=r"parameter '0.weight' has dtype torch.int64"):
+        nk.empirical_ntk(_mlp(), x, params={"0.weight": torch.ones(16, 5, dtype=torch.long)})
+    with pytest.raises(ValueError, match=r"\['nope'\] are not parameters"):
+        nk.empirical_ntk(_mlp(), x, params={"nope": torch.ones(1)})
+    with pytest.raises(ValueError, match=r"by_layer must be"):
+        nk.empirical_ntk(_mlp(), x, by_layer="yes")
+
