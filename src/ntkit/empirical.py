@@ -451,15 +451,23 @@ def _conv_arrays(m: nn.Module, u: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     u = u.reshape(-1, *u.shape[2:])          # (n * B, Cin, *S)
     if any(pad):
         u = F.pad(u, pad, mode="constant" if mode == "zeros" else mode)
-    for d in range(nd):
-        u = u.unfold(2 + d, dilation[d] * (kernel[d] - 1) + 1, stride[d])
-    u = u[(Ellipsis,) + tuple(slice(None, None, dl) for dl in dilation)]
-    # (n*B, Cin, *S_out, *k) -> (n, G, B*P, Cin/G * taps) in one copy
-    cin, out_sizes = u.shape[1], u.shape[2:2 + nd]
-    npos = batch * math.prod(out_sizes)
-    u = u.reshape(n, batch, groups, cin // groups, *u.shape[2:])
-    s_dims, k_dims = list(range(4, 4 + nd)), list(range(4 + nd, 4 + 2 * nd))
-    u = u.permute(0, 2, 1, *s_dims, 3, *k_dims).reshape(n, groups, npos, -1)
+    cin = u.shape[1]
+    if nd <= 2 and batch == 1:
+        # torch's im2col: (n, Cin * taps, P), viewed as (n, G, P, K) without a copy
+        as2d = (lambda t: t) if nd == 2 else (lambda t: (1,) + tuple(t))
+        u = F.unfold(u if nd == 2 else u.unsqueeze(2), as2d(kernel), dilation=as2d(dilation),
+                     stride=as2d(stride))
+        npos = u.shape[-1]
+        u = u.reshape(n, groups, -1, npos).transpose(-1, -2)
+    else:
+        for d in range(nd):
+            u = u.unfold(2 + d, dilation[d] * (kernel[d] - 1) + 1, stride[d])
+        u = u[(Ellipsis,) + tuple(slice(None, None, dl) for dl in dilation)]
+        # (n*B, Cin, *S_out, *k) -> (n, G, B*P, Cin/G * taps) in one copy
+        npos = batch * math.prod(u.shape[2:2 + nd])
+        u = u.reshape(n, batch, groups, cin // groups, *u.shape[2:])
+        s_dims, k_dims = list(range(4, 4 + nd)), list(range(4 + nd, 4 + 2 * nd))
+        u = u.permute(0, 2, 1, *s_dims, 3, *k_dims).reshape(n, groups, npos, -1)
     # cotangents (n, O, B, Cout, *S_out): a view (n, O, G, P, C) of (n, O, G, C, P) when B = 1
     cout = g.shape[3]
     g = g.reshape(n, o, batch, groups, cout // groups, -1)
@@ -690,10 +698,10 @@ class _Jacobians:
         for s in self.sites:
             u, g = s.arrays(inputs[s.name], j_probes[s.name])
             if s.gram:
+                # the bias's part comes from the same cotangent products as the weight's
                 w_scale, b_scale = s.scales
-                feats[s.weight] = ("gram", u if w_scale == 1.0 else u * w_scale, g)
-                if s.bias is not None:
-                    feats[s.bias] = ("jac", g.sum(3).reshape(n, g.shape[1], -1) * b_scale)
+                feats[s.weight] = ("gram", u if w_scale == 1.0 else u * w_scale, g, s.bias,
+                                   None if s.bias is None else b_scale)
             else:
                 for pname, j in s.jacobians(u, g).items():
                     feats[pname] = ("jac", j)
@@ -705,34 +713,47 @@ class _Jacobians:
             b = fb[name]
             if a[0] == "jac":
                 yield name, _contract(a[1], b[1], output)
-            else:
-                yield name, _gram_contract(a[1], a[2], b[1], b[2], output)
+            elif a[0] == "gram":
+                bias, bias_scale = a[3], a[4]
+                weight, part = _gram_contract(a[1], a[2], b[1], b[2], output, bias_scale)
+                yield name, weight
+                if bias is not None:
+                    yield bias, part
 
 
-def _gram_contract(ua: Tensor, ga: Tensor, ub: Tensor, gb: Tensor, output: str) -> Tensor:
-    """``sum_{g,p,q} <ga_iagp, gb_jbgq> <ua_igp, ub_jgq>`` in the output layout."""
+def _gram_contract(ua: Tensor, ga: Tensor, ub: Tensor, gb: Tensor, output: str,
+                   bias_scale: float | None = None) -> tuple[Tensor, Tensor | None]:
+    """The weight's part ``sum_{g,p,q} <ga_iagp, gb_jbgq> <ua_igp, ub_jgq>`` and, when
+    ``bias_scale`` is given, the bias's part ``bias_scale^2 sum_{g,p,q} <ga_iagp, gb_jbgq>``
+    from the same cotangent products, in the output layout."""
     n, o, groups, p, c = ga.shape
     m, ob = gb.shape[:2]
+    b2 = None if bias_scale is None else bias_scale ** 2
     if groups == 1 and p == 1:
         uu = ua.reshape(n, -1) @ ub.reshape(m, -1).T                    # (n, m)
-        if output == "trace":
-            return torch.einsum("iac,jac->ij", ga.reshape(n, o, c), gb.reshape(m, o, c)) * uu
-        if output == "diagonal":
-            return torch.einsum("iac,jac->ija", ga.reshape(n, o, c), gb.reshape(m, o, c)) \
-                * uu[..., None]
-        flat = ga.reshape(n * o, c)
-        gg = _outer(flat, flat if gb is ga else gb.reshape(m * ob, c)).reshape(n, o, m, ob)
-        gg.mul_(uu[:, None, :, None])
-        return gg.permute(0, 2, 1, 3)
+        ga, gb = ga.reshape(n, o, c), gb.reshape(m, ob, c)
+        if output == "full":
+            flat = ga.reshape(n * o, c)
+            gg = _outer(flat, flat if gb is ga else gb.reshape(m * ob, c))
+            gg = gg.reshape(n, o, m, ob).permute(0, 2, 1, 3)
+            uu = uu[:, :, None, None]
+        else:
+            gg = torch.einsum("iac,jac->ij" if output == "trace" else "iac,jac->ija", ga, gb)
+            uu = uu if output == "trace" else uu[..., None]
+        bias = None if b2 is None else gg * b2
+        return gg.mul_(uu), bias
     uu = torch.einsum("igpk,jgqk->ijgpq", ua, ub)
     if output == "trace":
         gg = torch.einsum("iagpc,jagqc->ijgpq", ga, gb)
-        return (gg * uu).sum((2, 3, 4))
-    if output == "diagonal":
+    elif output == "diagonal":
         gg = torch.einsum("iagpc,jagqc->ijagpq", ga, gb)
-        return (gg * uu[:, :, None]).sum((3, 4, 5))
-    gg = torch.einsum("iagpc,jbgqc->ijabgpq", ga, gb)
-    return (gg * uu[:, :, None, None]).sum((4, 5, 6))
+        uu = uu[:, :, None]
+    else:
+        gg = torch.einsum("iagpc,jbgqc->ijabgpq", ga, gb)
+        uu = uu[:, :, None, None]
+    axes = tuple(range(gg.ndim - 3, gg.ndim))
+    bias = None if b2 is None else gg.sum(axes) * b2
+    return (gg * uu).sum(axes), bias
 
 
 class _VectorProducts:
