@@ -642,11 +642,18 @@ class _Jacobians:
         return sizes
 
     def _gram_is_cheaper(self, s: _Site, n1: int, n2: int) -> bool:
+        """Operation counts of the two contractions of a weight's part.
+
+        Jacobians: forming them, ``N O G P C K``, then ``N1 N2 O' G C K`` with ``O'`` the
+        output pairs contracted (``O^2`` for "full", ``O`` otherwise). Gram matrices:
+        ``N1 N2 G P^2 (K + O' C + q)`` with ``q`` the output entries per pair."""
         groups, p, k, c = self._sizes[s.name]
         o, q = self.problem.n_out, self.problem.out_pairs
-        jac = (n1 + n2) * o * groups * p * c * k + n1 * n2 * q * groups * c * k
-        gram = n1 * n2 * groups * p * p * (k + q * c + q)
-        fits = n1 * n2 * q * groups * p * p * self.problem.entry <= self.problem.budget // 4
+        o2 = o * o if self.problem.output == "full" else o
+        formed = (n1 if self.problem.x2 is None else n1 + n2) * o * groups * p * c * k
+        jac = formed + n1 * n2 * o2 * groups * c * k
+        gram = n1 * n2 * groups * p * p * (k + o2 * c + q)
+        fits = q * groups * p * p * self.problem.entry <= self.problem.budget // 4
         return s.weight is not None and gram < jac and fits
 
     def bytes_per_example(self, o: int | None = None) -> int:
