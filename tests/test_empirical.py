@@ -249,6 +249,10 @@ def _conv_cases():
          torch.randint(0, 7, (2, 4), generator=g)),
         ("unbatched-conv-sequence-linear", _UnbatchedConv, r(3, 2, 6), r(2, 2, 6)),
         ("conv-over-folded-frames", _FoldedConv, r(3, 3, 2, 7), r(2, 3, 2, 7)),
+        ("global-pool-readout-separable", lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6)),
+         r(3, 2, 5, 5), r(2, 2, 5, 5)),
     ]
 
 
@@ -465,3 +469,27 @@ def test_refusals_for_outputs_and_dtypes():
     with pytest.raises(ValueError, match=r"by_layer must be"):
         nk.empirical_ntk(_mlp(), x, by_layer="yes")
 
+
+
+def test_separable_cotangents_are_certified_before_use():
+    """The factored route for a layer before global pooling is taken only when every
+    example's cotangents factor per channel: exact factors reproduce the Jacobians; one
+    example that does not factor, or a perturbation of 1e-6, sends it back (None)."""
+    from ntkit.empirical import _separable, _Site
+
+    g = torch.Generator().manual_seed(14)
+    n, o, p, c, k = 3, 5, 7, 4, 6
+    scale = torch.randn(n, o, 1, c, generator=g, dtype=F64)
+    h = torch.randn(n, 1, p, c, generator=g, dtype=F64)
+    cot = scale.unsqueeze(3) * h.unsqueeze(1)                          # (n, O, G, P, C)
+    u = torch.randn(n, 1, p, k, generator=g, dtype=F64)
+    got = _separable(u, cot)
+    assert got is not None
+    site = _Site("x", nn.Linear(k, c), "w", None)
+    want = site.jacobians(u, cot)["w"]                                # (n, O, C * K)
+    formed = (got[0].unsqueeze(-1) * got[1].unsqueeze(1)).flatten(2)
+    assert (formed - want).abs().max() <= 1e-12 * want.abs().max()
+    mixed = cot.clone()
+    mixed[1] = torch.randn(o, 1, p, c, generator=g, dtype=F64)
+    assert _separable(u, mixed) is None
+    assert _separable(u, cot + 1e-6 * torch.randn(cot.shape, generator=g, dtype=F64)) is None

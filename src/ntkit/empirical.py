@@ -415,12 +415,12 @@ class _Site:
                 gs.append(g)
         return (torch.cat(us, 2), torch.cat(gs, 3)) if len(us) > 1 else (us[0], gs[0])
 
-    def jacobians(self, u: Tensor, g: Tensor) -> dict[str, Tensor]:
+    def jacobians(self, u: Tensor, g: Tensor, weight: bool = True) -> dict[str, Tensor]:
         """Per example and output: ``{weight: (n, O, G*C*K), bias: (n, O, G*C)}``."""
         n, o, groups, p, c = g.shape
         w_scale, b_scale = self.scales
         out = {}
-        if self.weight is not None:
+        if weight and self.weight is not None:
             # (n, G, O*C, P) @ (n, G, P, K) -> (n, G, O, C, K)
             gt = g.permute(0, 2, 1, 4, 3).reshape(n, groups, o * c, p)
             w = torch.matmul(gt, u).reshape(n, groups, o, c, -1)
@@ -710,22 +710,79 @@ class _Jacobians:
                 feats[s.weight] = ("gram", u if w_scale == 1.0 else u * w_scale, g, s.bias,
                                    None if s.bias is None else b_scale)
             else:
-                for pname, j in s.jacobians(u, g).items():
-                    feats[pname] = ("jac", j)
+                sep = _separable(u, g) if s.weight is not None else None
+                if sep is not None:
+                    w_scale = s.scales[0]
+                    feats[s.weight] = ("sep", sep[0], sep[1] if w_scale == 1.0
+                                       else sep[1] * w_scale)
+                    if s.bias is not None:
+                        feats[s.bias] = ("jac", s.jacobians(u, g, weight=False)[s.bias])
+                else:
+                    for pname, j in s.jacobians(u, g).items():
+                        feats[pname] = ("jac", j)
         return feats
 
     def contract(self, fa: dict, fb: dict):
         output = self.problem.output
         for name, a in fa.items():
             b = fb[name]
-            if a[0] == "jac":
-                yield name, _contract(a[1], b[1], output)
+            if a[0] == "sep" and b[0] == "sep":
+                yield name, _separable_contract(a[1], a[2], b[1], b[2], output)
+            elif a[0] in ("jac", "sep"):
+                yield name, _contract(_unfactor(a), _unfactor(b), output)
             elif a[0] == "gram":
                 bias, bias_scale = a[3], a[4]
                 weight, part = _gram_contract(a[1], a[2], b[1], b[2], output, bias_scale)
                 yield name, weight
                 if bias is not None:
                     yield bias, part
+
+
+def _separable(u: Tensor, g: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(s, B)`` with ``J[i, a, (g, c), k] = s[i, a, (g, c)] B[i, (g, c), k]`` when every
+    example's cotangents factor per channel as ``g[i, a, g, p, c] = s[i, a, g, c] h[i, g, p, c]``
+    (to rounding), else None.
+
+    That is the case for a layer whose output reaches the model's outputs through
+    per-channel elementwise maps, a pooling over all positions and a dense readout
+    (the last convolution of a CNN with global pooling): ``B = h^T u`` is then one
+    product per example instead of one per output.
+    """
+    n, o, groups, p, c = g.shape
+    if o < 4 or p < 2 or (n > 1 and _separable(u[:1], g[:1]) is None):
+        return None     # (the first example alone rejects most layers quickly)
+    # in the cotangents' own layout (n, O, G, C, P): h, each channel's positions for the
+    # output with the largest cotangent; scale, the least-squares factor of every output
+    gt = g.transpose(-1, -2)
+    norms = torch.linalg.vector_norm(gt, dim=-1)                         # (n, O, G, C)
+    top = norms.argmax(1, keepdim=True)
+    h = torch.gather(gt, 1, top.unsqueeze(-1).expand(n, 1, groups, c, p))  # (n, 1, G, C, P)
+    hh = norms.gather(1, top).square().clamp_min(torch.finfo(g.dtype).tiny)
+    scale = (gt * h).sum(-1) / hh
+    err = torch.linalg.vector_norm(torch.addcmul(gt, scale.unsqueeze(-1), h, value=-1))
+    if not bool(err <= 64 * torch.finfo(g.dtype).eps * torch.linalg.vector_norm(norms)):
+        return None
+    h = h.squeeze(1).transpose(-1, -2)                                   # (n, G, P, C)
+    b = torch.matmul(h.transpose(-1, -2), u)                             # (n, G, C, K)
+    return scale.reshape(n, o, groups * c), b.reshape(n, groups * c, -1)
+
+
+def _unfactor(feature: tuple) -> Tensor:
+    """A "jac" feature's Jacobians, or a "sep" feature's formed from its factors."""
+    if feature[0] == "jac":
+        return feature[1]
+    s, b = feature[1], feature[2]
+    return (s.unsqueeze(-1) * b.unsqueeze(1)).flatten(2)
+
+
+def _separable_contract(sa: Tensor, ba: Tensor, sb: Tensor, bb: Tensor, output: str) -> Tensor:
+    """``sum_{c,k} s_a[i,a,c] B_a[i,c,k] s_b[j,b,c] B_b[j,c,k]`` in the output layout."""
+    prod = torch.bmm(ba.transpose(0, 1), bb.permute(1, 2, 0)).permute(1, 2, 0)  # (n, m, C)
+    if output == "trace":
+        return (torch.einsum("iac,jac->ijc", sa, sb) * prod).sum(-1)
+    if output == "diagonal":
+        return torch.einsum("iac,jac,ijc->ija", sa, sb, prod)
+    return torch.einsum("ijac,jbc->ijab", sa.unsqueeze(1) * prod.unsqueeze(2), sb)
 
 
 def _gram_contract(ua: Tensor, ga: Tensor, ub: Tensor, gb: Tensor, output: str,
