@@ -108,12 +108,12 @@ def empirical_ntk(
     group = _group(by_layer)
     problem.check_result_fits()
     if method == "vector_products":
-        engine = _VectorProducts(problem)
+        engine = _VectorProducts(problem, group is not None)
     else:
         sites = [] if method == "jacobian" else _structured_sites(problem)
         engine = _Jacobians(problem, sites)
         if method == "auto" and engine.bytes_per_example(1) > problem.budget:
-            engine = _VectorProducts(problem)
+            engine = _VectorProducts(problem, group is not None)
     return _tiled(problem, engine, group, by_layer is not False, progress)
 
 
@@ -821,10 +821,14 @@ def _gram_contract(ua: Tensor, ga: Tensor, ub: Tensor, gb: Tensor, output: str,
 
 
 class _VectorProducts:
-    """``J(x1) (J(x2)^T e)`` for every output basis vector ``e``: no Jacobian held."""
+    """``J(x1) (J(x2)^T e)`` for every output basis vector ``e``: no Jacobian held.
 
-    def __init__(self, problem: _Problem):
+    One forward-mode pass carries every parameter's tangent at once; with
+    ``split`` (contributions per parameter) there is one pass per parameter."""
+
+    def __init__(self, problem: _Problem, split: bool):
         self.problem = problem
+        self.split = split
 
     def plan(self) -> tuple[int, int]:
         per = self.problem.n_out * sum(p.numel() for p in self.problem.params.values())
@@ -844,22 +848,23 @@ class _VectorProducts:
         basis = torch.eye(problem.n_out, dtype=p0.dtype, device=p0.device)
         # (N2, O, *param): J2^T e for every example of b and output e
         cot = vmap(vmap(pullback, in_dims=(None, 0)), in_dims=(0, None))(b, basis)
+        groups = [[name] for name in params] if self.split else [list(params)]
         try:
-            for name in params:
-                def push(x: Tensor, t: Tensor, name=name) -> Tensor:
-                    tangent = {k: (t if k == name else torch.zeros_like(v))
+            for names in groups:
+                def push(x: Tensor, t: dict[str, Tensor], names=names) -> Tensor:
+                    tangent = {k: t[k] if k in names else torch.zeros_like(v)
                                for k, v in params.items()}
                     return jvp(lambda p: f(p, x), (params,), (tangent,))[1]
 
-                # (N1, N2, O_b, O_a): J1_k J2_k^T for this parameter alone
+                # (N1, N2, O_b, O_a): J1 J2^T restricted to these parameters
                 pushed = vmap(vmap(vmap(push, in_dims=(None, 0)), in_dims=(None, 0)),
-                              in_dims=(0, None))(a, cot[name])
+                              in_dims=(0, None))(a, {k: cot[k] for k in names})
                 full = pushed.transpose(-1, -2)  # (N1, N2, O_a, O_b)
                 if problem.output == "full":
-                    yield name, full
+                    yield names[0], full
                 else:
                     d = torch.diagonal(full, 0, -2, -1)
-                    yield name, d.sum(-1) if problem.output == "trace" else d
+                    yield names[0], d.sum(-1) if problem.output == "trace" else d
         except NotImplementedError as e:
             raise NotImplementedError(
                 f"method='vector_products' needs forward-mode AD through every operation of "
