@@ -15,6 +15,7 @@ from .layers import (
     Monomial, Parallel, Rbf, RectifiedMonomial, ReLU, Repeat, Sequential, Sign, Sin,
 )
 from .layers import SelfAttention
+from .linearize import TaylorModel, linearize, taylor
 from .monte_carlo import empirical_kernels, monte_carlo_kernel
 
 __version__ = "0.1.0"
@@ -29,4 +30,5 @@ __all__ = [
     "Conv1d", "Conv2d", "Conv3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "SumPool1d",
     "SumPool2d", "SumPool3d", "GlobalAvgPool", "GlobalSumPool",
     "SelfAttention",
+    "linearize", "taylor", "TaylorModel",
 ]
