@@ -106,15 +106,31 @@ def test_methods_match_explicit_jacobian_product(name, make, x1, x2, method):
         assert (layers[n] - part).abs().max() <= 1e-10 * scale, n
 
 
-def test_float32_matches_float64():
-    """float32 agrees with float64 to 1e-5 relative (witness: the float64 kernel)."""
+@pytest.mark.parametrize("method", ["structured", "jacobian", "vector_products"])
+@pytest.mark.parametrize("make, shape", [(_mlp, (5,)), (_cnn, (2, 6, 6))], ids=["mlp", "cnn"])
+def test_float32_matches_float64(make, shape, method):
+    """float32 agrees with float64 to 1e-5 relative for every method (witness: the
+    float64 kernel of the same model)."""
     torch.manual_seed(2)
-    model = _mlp()
-    x = torch.randn(5, 5)
-    k32 = nk.empirical_ntk(model, x)
-    k64 = nk.empirical_ntk(model.to(F64), x.to(F64))
+    model = make()
+    x = torch.randn(5, *shape)
+    k32 = nk.empirical_ntk(model, x, output="full", method=method)
+    k64 = nk.empirical_ntk(model.to(F64), x.to(F64), output="full", method=method)
     assert k32.dtype == torch.float32
     assert (k32.double() - k64).abs().max() <= 1e-5 * k64.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["structured", "jacobian"])
+def test_cuda_matches_cpu(method):
+    """On a GPU the kernel stays on the device and equals the CPU one (float64)."""
+    torch.manual_seed(15)
+    model = _cnn().to(F64)
+    x = torch.randn(4, 2, 6, 6, dtype=F64)
+    cpu = nk.empirical_ntk(model, x, output="full", method=method)
+    gpu = nk.empirical_ntk(model.cuda(), x.cuda(), output="full", method=method)
+    assert gpu.device.type == "cuda"
+    assert (gpu.cpu() - cpu).abs().max() <= 1e-10 * cpu.abs().max()
 
 
 def test_chunks_under_a_small_budget_give_the_same_kernel():
