@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ResidualLayerNorm
 from torch import nn
 from torch.func import functional_call
 
@@ -44,15 +45,8 @@ def _cnn():
                          nn.Flatten(), nn.Linear(4, 3))
 
 
-class _Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
-        self.norm = nn.LayerNorm(6)
-        self.out = nn.Linear(6, 2)
-
-    def forward(self, x):
-        return self.out(self.norm(x + self.b(torch.relu(self.a(x)))))
+def _Residual():
+    return ResidualLayerNorm(torch.relu)
 
 
 class _Tokens(nn.Module):

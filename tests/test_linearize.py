@@ -18,7 +18,7 @@ import math
 
 import pytest
 import torch
-from conftest import one_thread
+from conftest import ResidualLayerNorm, one_thread
 from torch import nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
@@ -50,15 +50,8 @@ def _cnn():
                          nn.Flatten(), nn.Linear(4, 2))
 
 
-class _Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
-        self.norm = nn.LayerNorm(6)
-        self.out = nn.Linear(6, 2)
-
-    def forward(self, x):
-        return self.out(self.norm(x + self.b(nn.functional.gelu(self.a(x)))))
+def _Residual():
+    return ResidualLayerNorm(nn.functional.gelu)
 
 
 class _Tied(nn.Module):
