@@ -1,0 +1,453 @@
+"""Training dynamics and Bayesian inference of infinitely wide networks, in closed form.
+
+A network trained by gradient flow on the mean squared error evolves, in the
+infinite-width limit, as ``df/dt = -lr * Theta (f - y) / |y|`` with ``Theta``
+the NTK on the training set. Everything here follows from that linear ODE.
+
+Conventions (neural-tangents', so that numbers agree):
+
+- Loss: ``0.5 / |y| * ||f(x_train) - y_train||^2`` with ``|y|`` the number of
+  entries of ``y_train`` (examples x outputs), so on the training set
+  ``f_t = y + exp(-lr * t * K / |y|) (f_0 - y)``.
+- ``diag_reg`` is relative: ``diag_reg * trace(K) / N`` is added to the
+  diagonal of the train-train kernel (``diag_reg_absolute_scale=True`` adds
+  ``diag_reg`` itself).
+- Kernels are per output: ``(N, N)`` shared by the outputs (columns of ``y``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EnsemblePrediction", "gp_inference", "gradient_descent_mse",
+    "gradient_descent_mse_ensemble", "max_learning_rate",
+]
+
+Get = Literal["nngp", "ntk"]
+
+
+# ------------------------------------------------------------------ factorisation
+class _Factor:
+    """One train-train kernel, regularised, factorised once on demand: its
+    eigendecomposition for finite times, its Cholesky factor for ``t = inf``."""
+
+    def __init__(self, k: Tensor, diag_reg: float, absolute: bool, name: str):
+        k = _square(k, name)
+        if not (math.isfinite(diag_reg) and diag_reg >= 0):
+            raise ValueError(f"diag_reg must be a finite number >= 0, got {diag_reg!r}.")
+        n = k.shape[0]
+        scale = 1.0 if absolute else float(torch.diagonal(k).sum()) / n
+        self.k = k + (diag_reg * scale) * torch.eye(n, dtype=k.dtype, device=k.device)
+        self.name = name
+        self._eig: tuple[Tensor, Tensor] | None = None
+        self._chol: Tensor | None = None
+        self.factorisations = 0
+
+    @property
+    def eig(self) -> tuple[Tensor, Tensor]:
+        """Eigenvalues (negative rounding clamped to 0) and eigenvectors."""
+        if self._eig is None:
+            self.factorisations += 1
+            evals, evecs = torch.linalg.eigh(self.k)
+            top = float(evals.abs().max()) if evals.numel() else 0.0
+            low = float(evals.min()) if evals.numel() else 0.0
+            if low < -1e3 * torch.finfo(self.k.dtype).eps * max(top, 1e-300) * self.k.shape[0]:
+                warnings.warn(
+                    f"{self.name} has a negative eigenvalue {low:.3g} (largest {top:.3g}); it is "
+                    f"not a valid kernel matrix beyond rounding. Negative eigenvalues are "
+                    f"clamped to 0; check the kernel, or add diag_reg.",
+                    RuntimeWarning, stacklevel=4)
+            self._eig = (evals.clamp_min(0.0), evecs)
+        return self._eig
+
+    def solve(self, b: Tensor) -> Tensor:
+        """``K^-1 b`` by Cholesky, with a clear error when K is not positive definite."""
+        if self._chol is None:
+            self.factorisations += 1
+            chol, info = torch.linalg.cholesky_ex(self.k)
+            if int(info) != 0:
+                raise ValueError(
+                    f"{self.name} ({self.k.shape[0]} x {self.k.shape[0]}, {self.k.dtype}) is "
+                    f"not positive definite to working precision, so the t = inf solution "
+                    f"does not exist; add diag_reg (e.g. diag_reg=1e-4, relative to the mean "
+                    f"diagonal) or use float64 inputs."
+                )
+            self._chol = chol
+        out = torch.cholesky_solve(b.reshape(b.shape[0], -1), self._chol).reshape(b.shape)
+        _finite(out, self.name)
+        return out
+
+    def spectral(self, fn, b: Tensor) -> Tensor:
+        """``V diag(fn(lambda)) V^T b`` for ``b`` of shape ``(N, ...)`` or with a
+        leading time axis of ``fn``'s values ``(T, N)``."""
+        evals, evecs = self.eig
+        coef = fn(evals)                                        # (N,) or (T, N)
+        proj = evecs.T @ b.reshape(b.shape[0], -1)              # (N, M)
+        out = evecs @ (coef.unsqueeze(-1) * proj)               # (N, M) or (T, N, M)
+        return out.reshape(coef.shape[:-1] + b.shape)
+
+
+def _square(k: Tensor, name: str) -> Tensor:
+    if not isinstance(k, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(k).__name__}.")
+    if k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape[0] == 0:
+        raise ValueError(f"{name} must be a square (N, N) matrix, got shape {tuple(k.shape)}.")
+    if not k.is_floating_point():
+        raise TypeError(f"{name} must be floating-point, got {k.dtype}.")
+    if not bool(torch.isfinite(k).all()):
+        raise ValueError(f"{name} has NaN or infinite entries.")
+    return k
+
+
+def _finite(x: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise FloatingPointError(
+            f"the prediction from {what} is not finite: the kernel is too ill-conditioned in "
+            f"{x.dtype}; add diag_reg or use float64."
+        )
+
+
+def _targets(y: Tensor, n: int, like: Tensor) -> Tensor:
+    if not isinstance(y, Tensor):
+        raise TypeError(f"y_train must be a torch.Tensor, got {type(y).__name__}.")
+    if y.ndim == 1:
+        y = y[:, None]
+    if y.ndim != 2 or y.shape[0] != n:
+        raise ValueError(f"y_train must have shape (N, outputs) with N = {n} training points "
+                         f"(the kernel's size), got {tuple(y.shape)}.")
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError("y_train has NaN or infinite entries.")
+    return y.to(dtype=like.dtype, device=like.device)
+
+
+def _times(t, like: Tensor) -> tuple[Tensor, bool]:
+    """Times as a 1-D tensor, and whether a scalar was given."""
+    scalar = t is None or (not isinstance(t, Tensor) and not hasattr(t, "__len__")) or (
+        isinstance(t, Tensor) and t.ndim == 0)
+    t = torch.as_tensor(math.inf if t is None else t, dtype=like.dtype, device=like.device)
+    t = t.reshape(-1)
+    if bool(torch.isnan(t).any()) or bool((t < 0).any()):
+        raise ValueError(f"times must be >= 0 (inf allowed), got {t.tolist()}.")
+    return t, scalar
+
+
+def _decay(rate: float, times: Tensor, squared: bool = False):
+    """``lambda -> exp(-c lambda t)`` for each time (``c = rate``, doubled if squared)."""
+    c = rate * (2.0 if squared else 1.0)
+    return lambda lam: torch.exp(-c * times[:, None] * lam[None, :])
+
+
+def _grown(rate: float, times: Tensor, squared: bool = False):
+    """``lambda -> (1 - exp(-c lambda t)) / lambda``, ``c t`` at ``lambda = 0``."""
+    c = rate * (2.0 if squared else 1.0)
+
+    def fn(lam: Tensor) -> Tensor:
+        ct = c * times[:, None]
+        lam = lam[None, :]
+        safe = torch.where(lam > 0, lam, torch.ones_like(lam))
+        return torch.where(lam > 0, -torch.expm1(-ct * safe) / safe, ct.expand(-1, lam.shape[1]))
+    return fn
+
+
+# ------------------------------------------------------------------ gradient descent, MSE
+class MSEPredictor:
+    """Outputs of gradient flow on MSE at any times; see `gradient_descent_mse`."""
+
+    def __init__(self, factor: _Factor, y: Tensor, learning_rate: float):
+        self._factor = factor
+        self.y_train = y
+        self.learning_rate = learning_rate
+        self._rate = learning_rate / y.numel()
+
+    @property
+    def factorisations(self) -> int:
+        """How many times the kernel was factorised (at most one per kind)."""
+        return self._factor.factorisations
+
+    def __call__(self, t=None, fx_train_0: Tensor | float = 0.0, fx_test_0: Tensor | float
+                 | None = None, k_test_train: Tensor | None = None):
+        """Train (and test) outputs at time(s) ``t``.
+
+        Args:
+            t: a time, a sequence or 1-D tensor of times, or ``None``/``inf`` for the
+                converged solution. With several times the outputs get a leading
+                time axis.
+            fx_train_0: outputs on the training set at ``t = 0``, ``(N, O)`` or a scalar.
+            fx_test_0: outputs on the test set at ``t = 0`` (default zeros).
+            k_test_train: the test-train kernel ``(N_test, N)``; without it only the
+                training outputs are returned.
+
+        Returns:
+            ``fx_train_t``, or ``(fx_train_t, fx_test_t)`` when ``k_test_train`` is given.
+        """
+        f = self._factor
+        y = self.y_train
+        times, scalar = _times(t, f.k)
+        f0 = torch.as_tensor(fx_train_0, dtype=y.dtype, device=y.device).expand_as(y)
+        resid = y - f0
+        finite = torch.isfinite(times)
+        train = y.expand((times.shape[0],) + y.shape).clone()
+        if bool(finite.any()):
+            tf = times[finite]
+            train[finite] = y - f.spectral(_decay(self._rate, tf), resid)
+        test = None
+        if k_test_train is not None:
+            kt = k_test_train.to(dtype=y.dtype, device=y.device)
+            if kt.ndim != 2 or kt.shape[1] != y.shape[0]:
+                raise ValueError(f"k_test_train must be (N_test, {y.shape[0]}), got "
+                                 f"{tuple(kt.shape)}.")
+            t0 = torch.zeros(kt.shape[0], y.shape[1], dtype=y.dtype, device=y.device) \
+                if fx_test_0 is None else torch.as_tensor(fx_test_0, dtype=y.dtype,
+                                                          device=y.device).expand(
+                    kt.shape[0], y.shape[1])
+            test = t0.expand((times.shape[0],) + t0.shape).clone()
+            if bool(finite.any()):
+                grown = f.spectral(_grown(self._rate, times[finite]), resid)  # (T, N, O)
+                test[finite] = t0 + kt @ grown
+            if bool((~finite).any()):
+                test[~finite] = t0 + kt @ f.solve(resid)
+        for out in (train, test):
+            if out is not None:
+                _finite(out, "gradient_descent_mse")
+        if scalar:
+            train = train[0]
+            test = None if test is None else test[0]
+        return train if test is None else (train, test)
+
+
+def gradient_descent_mse(k_train_train: Tensor, y_train: Tensor, *, learning_rate: float = 1.0,
+                         diag_reg: float = 0.0, diag_reg_absolute_scale: bool = False
+                         ) -> MSEPredictor:
+    """Gradient flow on the mean squared error with a fixed kernel, in closed form.
+
+    With ``K = k_train_train + diag_reg * trace(K)/N * I`` (relative
+    ``diag_reg``, neural-tangents' convention) and ``|y|`` the number of entries
+    of ``y_train``:
+
+        f_train(t) = y + exp(-lr t K / |y|) (f_train(0) - y)
+        f_test(t)  = f_test(0) + k_test_train K^-1 (I - exp(-lr t K / |y|)) (y - f_train(0))
+
+    The kernel is factorised once (eigendecomposition for finite times, Cholesky
+    for ``t = inf``) and the predictor evaluates any number of times from it.
+
+    Args:
+        k_train_train: ``(N, N)``, e.g. ``net.kernel(x_train).ntk``.
+        y_train: ``(N, outputs)`` or ``(N,)``.
+        learning_rate: the gradient-flow rate ``lr``.
+        diag_reg: diagonal regularisation, relative to the mean diagonal unless
+            ``diag_reg_absolute_scale``.
+
+    Returns:
+        An `MSEPredictor`: ``predictor(t, fx_train_0, fx_test_0, k_test_train)``.
+    """
+    factor = _Factor(k_train_train, diag_reg, diag_reg_absolute_scale, "k_train_train")
+    _positive(learning_rate, "learning_rate")
+    return MSEPredictor(factor, _targets(y_train, factor.k.shape[0], factor.k), learning_rate)
+
+
+def _positive(x: float, name: str) -> None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not (x > 0 and math.isfinite(x)):
+        raise ValueError(f"{name} must be a positive finite number, got {x!r}.")
+
+
+def max_learning_rate(k_train_train: Tensor, *, y_size: int | None = None,
+                      momentum: float = 0.0) -> float:
+    """The largest stable step of discrete gradient descent on MSE with this kernel.
+
+    Steps of ``f <- f - lr * K (f - y) / |y|`` converge iff ``lr < 2 |y| / lambda_max``
+    (with heavy-ball momentum ``m``: ``lr < 2 (1 + m) |y| / lambda_max``).
+
+    Args:
+        k_train_train: ``(N, N)``.
+        y_size: ``|y|``, the number of entries of ``y_train`` (default ``N``: one output).
+        momentum: heavy-ball momentum in ``[0, 1)``.
+    """
+    k = _square(k_train_train, "k_train_train")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
+    top = float(torch.linalg.eigvalsh(k).max())
+    if top <= 0:
+        raise ValueError("k_train_train has no positive eigenvalue; any step is stable.")
+    return 2.0 * (1.0 + momentum) * (y_size or k.shape[0]) / top
+
+
+# ------------------------------------------------------------------ infinite ensembles
+@dataclass(frozen=True)
+class EnsemblePrediction:
+    """Mean ``(..., N_test, O)`` and covariance ``(..., N_test, N_test)`` (shared by the
+    outputs) of the infinite ensemble's test outputs; ``cov`` is None unless asked for."""
+
+    mean: Tensor
+    cov: Tensor | None
+
+
+class EnsemblePredictor:
+    """Predictions of the infinite ensemble; see `gradient_descent_mse_ensemble`."""
+
+    def __init__(self, kernel_fn, x_train: Tensor, y_train: Tensor, learning_rate: float,
+                 diag_reg: float, absolute: bool, memory_budget):
+        self._kernel_fn = kernel_fn
+        self.x_train = x_train
+        self._budget = memory_budget
+        k = kernel_fn(x_train, None)
+        self._k_dd = {"nngp": k.nngp, "ntk": k.ntk}
+        self._factors = {g: _Factor(self._k_dd[g], diag_reg, absolute, f"the train-train {g}")
+                         for g in ("nngp", "ntk")}
+        self.y_train = _targets(y_train, k.nngp.shape[0], k.nngp)
+        _positive(learning_rate, "learning_rate")
+        self._rate = learning_rate / self.y_train.numel()
+
+    def __call__(self, x_test: Tensor, t=None, *, get: Get | tuple[Get, ...] = ("nngp", "ntk"),
+                 compute_cov: bool = False):
+        """Mean (and covariance) on ``x_test`` at time(s) ``t`` (``None``/``inf``: converged).
+
+        Returns:
+            An `EnsemblePrediction` for one ``get``, or ``{get: EnsemblePrediction}``
+            for a tuple. With several times, results get a leading time axis.
+        """
+        gets = (get,) if isinstance(get, str) else tuple(get)
+        for g in gets:
+            if g not in ("nngp", "ntk"):
+                raise ValueError(f"get must be 'nngp', 'ntk' or a tuple of them, got {g!r}.")
+        k_td = self._kernel_fn(x_test, self.x_train)
+        k_tt = self._kernel_fn(x_test, None) if compute_cov else None
+        y = self.y_train
+        times, scalar = _times(t, y)
+        out = {}
+        for g in gets:
+            mean, cov = self._predict(g, times, k_td, k_tt, compute_cov)
+            if scalar:
+                mean, cov = mean[0], None if cov is None else cov[0]
+            out[g] = EnsemblePrediction(mean, cov)
+        return out[gets[0]] if isinstance(get, str) else out
+
+    def _operator(self, g: str, times: Tensor, b: Tensor, squared: bool = False) -> Tensor:
+        """``A(t) b`` with ``A(t) = K^-1 (I - exp(-c K t))`` for kernel ``g`` (``K^-1`` at
+        ``t = inf``); ``(T, N, ...)``."""
+        f = self._factors[g]
+        finite = torch.isfinite(times)
+        out = b.new_empty((times.shape[0],) + b.shape)
+        if bool(finite.any()):
+            out[finite] = f.spectral(_grown(self._rate, times[finite], squared), b)
+        if bool((~finite).any()):
+            out[~finite] = f.solve(b)
+        return out
+
+    def _predict(self, g: str, times: Tensor, k_td, k_tt, compute_cov: bool):
+        y = self.y_train
+        theta_td = getattr(k_td, g)                                   # (Nt, N)
+        mean = theta_td @ self._operator(g, times, y)                 # (T, Nt, O)
+        _finite(mean, f"the {g} ensemble")
+        if not compute_cov:
+            return mean, None
+        nngp_td, nngp_tt = k_td.nngp, k_tt.nngp
+        if g == "nngp":
+            # readout-only training: f_t = f_0 + K_td A (y - f_0(train)), f_0 ~ GP(0, K)
+            cov = nngp_tt - nngp_td @ self._operator("nngp", times, nngp_td.T, squared=True)
+        else:
+            # all layers trained: the NTK moves the mean, the NNGP is the prior of f_0
+            a_dt = self._operator("ntk", times, theta_td.T)           # (T, N, Nt)
+            k_dd = self._k_dd["nngp"]
+            cross = nngp_td @ a_dt                                    # (T, Nt, Nt)
+            cov = nngp_tt + a_dt.transpose(-1, -2) @ k_dd @ a_dt - cross - cross.transpose(-1, -2)
+        cov = 0.5 * (cov + cov.transpose(-1, -2))
+        _finite(cov, f"the {g} ensemble")
+        return mean, cov
+
+
+def gradient_descent_mse_ensemble(net, x_train: Tensor, y_train: Tensor, *,
+                                  learning_rate: float = 1.0, diag_reg: float = 0.0,
+                                  diag_reg_absolute_scale: bool = False,
+                                  memory_budget: int | str | None = None) -> EnsemblePredictor:
+    """The infinite ensemble of infinitely wide networks trained by gradient flow on MSE.
+
+    Networks at initialisation are a Gaussian process with the NNGP kernel ``K``.
+    Trained with all layers (``get="ntk"``), each evolves linearly with the NTK
+    ``Theta``; trained in the readout only (``get="nngp"``), with ``K``. With
+    ``A(t) = Theta^-1 (I - exp(-lr t Theta / |y|))`` (``Theta^-1`` at ``t = inf``):
+
+        mean(t) = Theta_td A(t) y
+        cov(t)  = K_tt + Theta_td A K_dd A Theta_dt - Theta_td A K_dt - K_td A Theta_dt   (NTK)
+        cov(t)  = K_tt - K_td K^-1 (I - exp(-2 lr t K / |y|)) K_dt                       (NNGP)
+
+    (Lee et al. 2019; neural-tangents' conventions: loss ``0.5/|y| ||f - y||^2``,
+    relative ``diag_reg`` on the train-train kernels).
+
+    Args:
+        net: an ntkit network (anything with ``.kernel(x1, x2)`` returning a `Kernel`
+            with ``nngp`` and ``ntk``), or a function ``(x1, x2) -> Kernel``.
+        x_train, y_train: ``(N, ...)`` and ``(N, outputs)``.
+        learning_rate, diag_reg, diag_reg_absolute_scale: as in `gradient_descent_mse`.
+        memory_budget: passed to ``net.kernel`` for the kernel tiles.
+
+    Returns:
+        An `EnsemblePredictor`: ``predictor(x_test, t, get=..., compute_cov=...)``.
+        The train-train kernels are computed and factorised once.
+    """
+    if hasattr(net, "kernel"):
+        def kernel_fn(a, b):
+            return net.kernel(a, b, memory_budget=memory_budget)
+    elif callable(net):
+        kernel_fn = net
+    else:
+        raise TypeError(f"net must be an ntkit network or a function (x1, x2) -> Kernel, got "
+                        f"{type(net).__name__}.")
+    return EnsemblePredictor(kernel_fn, x_train, y_train, learning_rate, diag_reg,
+                             diag_reg_absolute_scale, memory_budget)
+
+
+# ------------------------------------------------------------------ exact inference
+@dataclass(frozen=True)
+class GPPosterior:
+    """Posterior mean ``(N_test, O)``, covariance ``(N_test, N_test)`` and the log
+    marginal likelihood of the training targets (summed over outputs)."""
+
+    mean: Tensor
+    cov: Tensor | None
+    log_marginal_likelihood: Tensor
+
+
+def gp_inference(k_train_train: Tensor, y_train: Tensor, k_test_train: Tensor,
+                 k_test_test: Tensor | None = None, *, diag_reg: float = 0.0,
+                 diag_reg_absolute_scale: bool = False) -> GPPosterior:
+    """Exact Gaussian-process posterior with kernel ``k`` and noise ``diag_reg``.
+
+    ``mean = k_td (K + s I)^-1 y`` and ``cov = k_tt - k_td (K + s I)^-1 k_dt``, with
+    ``s = diag_reg * trace(K)/N`` (or ``diag_reg``). With the NNGP this is the
+    posterior of an infinitely wide Bayesian network; with the NTK it is the
+    NTK-GP of He et al. (2020). (The converged ensemble of trained networks, the
+    other "NTK" posterior, is ``gradient_descent_mse_ensemble(...)(x, t=None)``.)
+
+    The log marginal likelihood ``sum_outputs log N(y | 0, K + s I)`` is
+    differentiable with autograd in the kernels and ``diag_reg`` when they are
+    tensors that require grad.
+    """
+    k = _square(k_train_train, "k_train_train")
+    y = _targets(y_train, k.shape[0], k)
+    n = k.shape[0]
+    scale = 1.0 if diag_reg_absolute_scale else torch.diagonal(k).sum() / n
+    reg = k + diag_reg * scale * torch.eye(n, dtype=k.dtype, device=k.device)
+    chol, info = torch.linalg.cholesky_ex(reg)
+    if int(info) != 0:
+        raise ValueError(
+            f"k_train_train + noise is not positive definite in {k.dtype}; add diag_reg "
+            f"(the noise variance, relative to the mean diagonal) or use float64."
+        )
+    alpha = torch.cholesky_solve(y, chol)
+    kt = k_test_train.to(dtype=k.dtype)
+    mean = kt @ alpha
+    cov = None
+    if k_test_test is not None:
+        v = torch.linalg.solve_triangular(chol, kt.T, upper=False)
+        cov = k_test_test.to(dtype=k.dtype) - v.T @ v
+    lml = (-0.5 * (y * alpha).sum() - y.shape[1] * torch.log(torch.diagonal(chol)).sum()
+           - 0.5 * y.numel() * math.log(2 * math.pi))
+    _finite(mean, "gp_inference")
+    return GPPosterior(mean, cov, lml)
