@@ -42,3 +42,143 @@ def test_ensemble_matches_neural_tangents(get):
         assert (out.cov[i] - cov).abs().max() <= 1e-6 * cov.abs().max(), t
     single = pred(a["x_test"], 5.0, get=get)
     assert torch.allclose(single.mean, out.mean[1], rtol=1e-12, atol=0)
+
+
+def _problem(n=12, o=2, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    net = nk.Sequential(nk.Linear(64, w_std=1.5, b_std=0.1), nk.ReLU(),
+                        nk.Linear(1, w_std=1.5, b_std=0.1))
+    x = torch.randn(n, d, generator=g, dtype=F64)
+    xt = torch.randn(5, d, generator=g, dtype=F64)
+    y = torch.randn(n, o, generator=g, dtype=F64)
+    return net, x, xt, y
+
+
+def test_gradient_descent_mse_equals_matrix_exponential_and_solve():
+    """Train and test outputs at several times (one eigendecomposition) equal the
+    explicit matrix exponential, and t = inf the explicit solve (float64, 1e-10)."""
+    net, x, xt, y = _problem()
+    k = net.kernel(x).ntk
+    ktd = net.kernel(xt, x).ntk
+    f0 = torch.randn_like(y) * 0.1
+    g0 = torch.randn(5, 2, dtype=F64) * 0.1
+    lr, reg = 0.7, 1e-3
+    p = predict.gradient_descent_mse(k, y, learning_rate=lr, diag_reg=reg)
+    times = torch.linspace(0, 40, 50, dtype=F64)
+    train, test = p(times, f0, g0, ktd)
+    assert train.shape == (50, 12, 2) and test.shape == (50, 5, 2)
+    assert p.factorisations == 1
+    kr = k + reg * torch.diagonal(k).mean() * torch.eye(12, dtype=F64)
+    for i in (0, 7, 49):
+        e = torch.linalg.matrix_exp(-lr * times[i] * kr / y.numel())
+        want = y + e @ (f0 - y)
+        assert (train[i] - want).abs().max() <= 1e-10 * y.abs().max()
+        want_t = g0 + ktd @ torch.linalg.solve(kr, (torch.eye(12, dtype=F64) - e) @ (y - f0))
+        assert (test[i] - want_t).abs().max() <= 1e-10 * y.abs().max()
+    assert torch.allclose(train[0], f0, atol=1e-12) and torch.allclose(test[0], g0, atol=1e-15)
+    tr, te = p(math.inf, f0, g0, ktd)
+    assert torch.allclose(tr, y)
+    assert (te - (g0 + ktd @ torch.linalg.solve(kr, y - f0))).abs().max() <= 1e-10
+    assert (te - p(1e9, f0, g0, ktd)[1]).abs().max() <= 1e-8
+
+
+def test_discrete_gradient_descent_with_small_steps_tracks_the_flow():
+    """Steps f <- f - lr K (f - y) / |y| with a small lr, n of them, match the flow
+    at t = n * lr (witness: the iteration itself)."""
+    net, x, _, y = _problem()
+    k = net.kernel(x).ntk
+    p = predict.gradient_descent_mse(k, y, learning_rate=1.0)
+    lr = 0.01 * predict.max_learning_rate(k, y_size=y.numel())
+    f = torch.zeros_like(y)
+    for _ in range(2000):
+        f = f - lr * k @ (f - y) / y.numel()
+    want = p(2000 * lr)
+    assert (f - want).norm() <= 0.01 * want.norm()
+
+
+def test_max_learning_rate_separates_convergence_from_divergence():
+    """Discrete steps just below the bound converge, just above diverge."""
+    net, x, _, y = _problem()
+    k = net.kernel(x).ntk
+    bound = predict.max_learning_rate(k, y_size=y.numel())
+
+    def run(lr):
+        f = torch.zeros_like(y)
+        for _ in range(3000):
+            f = f - lr * k @ (f - y) / y.numel()
+        return (f - y).norm()
+
+    assert run(0.95 * bound) < 1e-3 * y.norm()
+    assert run(1.05 * bound) > 1e3 * y.norm()
+
+
+def test_ensemble_limits():
+    """t = 0: the prior (zero mean, NNGP covariance); t = inf without diag_reg: the mean
+    interpolates the training targets and the variance there vanishes; covariances
+    are symmetric positive semi-definite at every time."""
+    net, x, xt, y = _problem(n=8)
+    pred = predict.gradient_descent_mse_ensemble(net, x, y)
+    prior = net.kernel(xt).nngp
+    for g in ("nngp", "ntk"):
+        at0 = pred(xt, 0.0, get=g, compute_cov=True)
+        assert at0.mean.abs().max() == 0
+        assert torch.allclose(at0.cov, prior, rtol=1e-12, atol=1e-12)
+        done = pred(x, math.inf, get=g, compute_cov=True)
+        assert (done.mean - y).abs().max() <= 1e-8 * y.abs().max()
+        assert torch.diagonal(done.cov).abs().max() <= 1e-8 * torch.diagonal(prior).max()
+        for t in (0.3, 3.0, 30.0, math.inf):
+            c = pred(xt, t, get=g, compute_cov=True).cov
+            assert torch.equal(c, c.T)
+            assert torch.linalg.eigvalsh(c).min() >= -1e-10 * torch.diagonal(c).max()
+
+
+def test_gp_inference_equals_explicit_posterior_and_likelihood():
+    """Posterior mean and covariance by explicit inverses; the log marginal likelihood
+    by torch.distributions, and its gradient in the noise by a finite difference."""
+    net, x, xt, y = _problem()
+    k = net.kernel(x).nngp
+    ktd, ktt = net.kernel(xt, x).nngp, net.kernel(xt).nngp
+    noise = 0.05
+    post = predict.gp_inference(k, y, ktd, ktt, diag_reg=noise, diag_reg_absolute_scale=True)
+    kr = k + noise * torch.eye(12, dtype=F64)
+    assert torch.allclose(post.mean, ktd @ torch.linalg.solve(kr, y), rtol=1e-10)
+    assert torch.allclose(post.cov, ktt - ktd @ torch.linalg.solve(kr, ktd.T), rtol=1e-9,
+                          atol=1e-12)
+    mvn = torch.distributions.MultivariateNormal(torch.zeros(12, dtype=F64), kr)
+    assert torch.allclose(post.log_marginal_likelihood, mvn.log_prob(y.T).sum(), rtol=1e-10)
+    s = torch.tensor(noise, dtype=F64, requires_grad=True)
+    lml = predict.gp_inference(k, y, ktd, diag_reg=s, diag_reg_absolute_scale=True)
+    (grad,) = torch.autograd.grad(lml.log_marginal_likelihood, s)
+    h = 1e-6
+
+    def at(v):
+        return predict.gp_inference(k, y, ktd, diag_reg=v,
+                                    diag_reg_absolute_scale=True).log_marginal_likelihood
+
+    assert torch.allclose(grad, (at(noise + h) - at(noise - h)) / (2 * h), rtol=1e-5)
+
+
+def test_ill_conditioned_and_bad_inputs_say_what_to_do():
+    """A singular kernel at t = inf names diag_reg and float64; shapes, NaN, negative
+    times and bad rates are refused; finite times still work on a singular kernel."""
+    x = torch.randn(6, 3, dtype=F64)
+    x = torch.cat([x, x[:2]])                          # repeated points: singular kernel
+    net = nk.Sequential(nk.Linear(1))
+    k = net.kernel(x).nngp
+    y = torch.randn(8, 1, dtype=F64)
+    p = predict.gradient_descent_mse(k, y)
+    with pytest.raises(ValueError, match=r"diag_reg.*float64"):
+        p(math.inf, k_test_train=k)
+    assert torch.isfinite(p(10.0)).all()
+    with pytest.raises(ValueError, match=r"square"):
+        predict.gradient_descent_mse(k[:, :3], y)
+    with pytest.raises(ValueError, match=r"y_train must have shape"):
+        predict.gradient_descent_mse(k, y[:3])
+    with pytest.raises(ValueError, match=r"NaN"):
+        predict.gradient_descent_mse(k, y * float("nan"))
+    with pytest.raises(ValueError, match=r"times must be >= 0"):
+        p(-1.0)
+    with pytest.raises(ValueError, match=r"learning_rate"):
+        predict.gradient_descent_mse(k, y, learning_rate=0.0)
+    with pytest.raises(ValueError, match=r"diag_reg"):
+        predict.gradient_descent_mse(k, y, diag_reg=-1.0)
