@@ -60,6 +60,13 @@ CASES = {
                    "entk_cnn_torchfunc_jacobian_contraction"),
                   ("torch.func NTK-vector products", "torchfunc", "entk_cnn",
                    "entk_cnn_torchfunc_ntk_vector_products")]),
+    "predict": (("infinite NTK ensemble at t = inf, mean and covariance, MLP 2 x [Linear(512), "
+                "ReLU] + Linear(1), 2000 train, 1000 test, 50 features, diag_reg 1e-4 "
+                "(kernels included)"),
+                [("neural-tangents", "nt", "predict", "ensemble_predict_ntk_cov_Ntr2000_Nte1000")]),
+    "predict_20k": (("gradient_descent_mse on a precomputed 20000 x 20000 NTK (fc MLP, 20 "
+                    "features), 10 outputs, train outputs at 50 times in one call (one "
+                    "eigendecomposition); the kernel's own time is not included"), []),
     "entk_1024": (("empirical NTK, full 10 x 10 per pair, the entk MLP on 1024 inputs "
                   "(the result alone is 419 MB); target: peak memory within 4 GB"), []),
 }
@@ -127,6 +134,33 @@ def _ntkit_case(case: str, reps: int) -> dict:
         net = myrtle5()
         run = lambda: net.kernel(x1, x2)
         entries = x1.shape[0] * x2.shape[0]
+    elif case == "predict":
+        from ntkit import predict
+
+        gen = torch.Generator().manual_seed(0)
+        xtr, ytr = torch.randn(2000, 50, generator=gen), torch.randn(2000, 1, generator=gen)
+        xte = torch.randn(1000, 50, generator=gen)
+        net = nk.Sequential(nk.Linear(512), nk.ReLU(), nk.Linear(512), nk.ReLU(), nk.Linear(1))
+
+        def run():
+            pred = predict.gradient_descent_mse_ensemble(net, xtr, ytr, diag_reg=1e-4)
+            return pred(xte, None, get="ntk", compute_cov=True)
+        entries = 2000 * 1000
+    elif case == "predict_20k":
+        from ntkit import predict
+
+        gen = torch.Generator().manual_seed(0)
+        xtr, ytr = torch.randn(20000, 20, generator=gen), torch.randn(20000, 10, generator=gen)
+        net = nk.Sequential(nk.Linear(512), nk.ReLU(), nk.Linear(512), nk.ReLU(), nk.Linear(1))
+        k = net.kernel(xtr).ntk
+        times = torch.logspace(-1, 4, 50)
+
+        def run():
+            p = predict.gradient_descent_mse(k, ytr, diag_reg=1e-4)
+            out = p(times)
+            assert p.factorisations == 1 and out.shape == (50, 20000, 10)
+            return out
+        entries = 50 * 20000 * 10
     elif case.startswith("entk"):
         model, x, output = entk_models(case)
         run = lambda: nk.empirical_ntk(model, x, output=output)
