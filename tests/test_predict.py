@@ -259,3 +259,66 @@ def test_an_ensemble_of_trained_networks_matches_the_predicted_mean_and_covarian
     assert ((cov - pred.cov).abs() <= 4 * math.sqrt(2 / (m - 1)) * scale).all()
     # a prior that ignored training would be caught: the predicted mean moved by more
     assert ((pred.mean[:, 0]).abs() > 4 * sd / math.sqrt(m)).any()
+
+
+# ------------------------------------------------------------------ any loss
+def test_gradient_descent_on_mse_equals_the_closed_form():
+    """The ODE route with loss 0.5 * mean((f - y)^2) equals gradient_descent_mse at
+    unsorted times, train and test (1e-7)."""
+    net, x, xt, y = _problem()
+    k, ktd = net.kernel(x).ntk, net.kernel(xt, x).ntk
+    f0 = 0.1 * torch.randn(12, 2, dtype=F64)
+    ode = predict.gradient_descent(lambda f, t: 0.5 * ((f - t) ** 2).mean(), k, y,
+                                   learning_rate=0.5)
+    closed = predict.gradient_descent_mse(k, y, learning_rate=0.5)
+    times = [4.0, 0.5, 20.0]
+    a, b = ode(times, f0, None, ktd), closed(torch.tensor(times, dtype=F64), f0, None, ktd)
+    assert (a[0] - b[0]).abs().max() <= 1e-7 * y.abs().max()
+    assert (a[1] - b[1]).abs().max() <= 1e-7 * y.abs().max()
+
+
+def _steps(k, f0, grad, lr, n, momentum=0.0):
+    f, prev = f0.clone(), f0.clone()
+    for _ in range(n):
+        f, prev = f + momentum * (f - prev) - lr * k @ grad(f), f
+    return f
+
+
+def test_gradient_descent_on_cross_entropy_tracks_discrete_steps():
+    """Cross-entropy on class indices: the ODE's outputs at t = 10 equal 1000 discrete
+    function-space steps of 0.01 (witness: the iteration), within 0.5%."""
+    net, x, _, _ = _problem()
+    k = net.kernel(x).ntk
+    labels = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(4))
+    ce = torch.nn.functional.cross_entropy
+    p = predict.gradient_descent(ce, k, labels)
+    f0 = torch.zeros(12, 3, dtype=F64)
+
+    def grad(f):
+        f = f.clone().requires_grad_(True)
+        return torch.autograd.grad(ce(f, labels), f)[0]
+
+    want = _steps(k, f0, grad, 0.01, 1000)
+    got = p(10.0, f0)
+    assert (got - want).norm() <= 5e-3 * want.norm()
+    assert (got.argmax(1) == labels).float().mean() > 0.5          # it learned something
+
+
+@pytest.mark.parametrize("momentum", [0.5, 0.9])
+def test_momentum_tracks_heavy_ball_steps(momentum):
+    """With momentum m, the ODE at t = steps * sqrt(lr) equals discrete heavy-ball steps
+    in function space (lr = 1e-3) within 0.5% of the distance travelled."""
+    net, x, _, y = _problem()
+    k = net.kernel(x).ntk
+    lr = 1e-3
+    p = predict.gradient_descent(lambda f, t: 0.5 * ((f - t) ** 2).mean(), k, y,
+                                 learning_rate=lr, momentum=momentum)
+    f0 = torch.zeros_like(y)
+    n = int(20 / math.sqrt(lr))
+    want = _steps(k, f0, lambda f: (f - y) / y.numel(), lr, n, momentum)
+    got = p(n * math.sqrt(lr), f0)
+    assert (got - want).norm() <= 5e-3 * (want - f0).norm()
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
+        predict.gradient_descent(lambda f, t: f.sum(), k, y, momentum=1.0)
+    with pytest.raises(ValueError, match=r"finite times"):
+        p(math.inf, f0)
