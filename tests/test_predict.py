@@ -322,3 +322,20 @@ def test_momentum_tracks_heavy_ball_steps(momentum):
         predict.gradient_descent(lambda f, t: f.sum(), k, y, momentum=1.0)
     with pytest.raises(ValueError, match=r"finite times"):
         p(math.inf, f0)
+
+
+def test_gradient_descent_mse_with_momentum():
+    """momentum= on the MSE predictor: finite times equal the momentum ODE, t = inf the
+    momentum-free fixed point, in one call."""
+    net, x, xt, y = _problem()
+    k, ktd = net.kernel(x).ntk, net.kernel(xt, x).ntk
+    f0 = torch.zeros_like(y)
+    p = predict.gradient_descent_mse(k, y, learning_rate=0.01, momentum=0.8)
+    ode = predict.gradient_descent(lambda f, t: 0.5 * ((f - t) ** 2).mean(), k, y,
+                                   learning_rate=0.01, momentum=0.8)
+    train, test = p([3.0, math.inf], 0.0, None, ktd)
+    want_train, want_test = ode(3.0, f0, None, ktd)
+    assert torch.allclose(train[0], want_train, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(test[0], want_test, rtol=1e-10, atol=1e-12)
+    plain = predict.gradient_descent_mse(k, y)(math.inf, 0.0, None, ktd)
+    assert torch.allclose(train[1], plain[0]) and torch.allclose(test[1], plain[1])

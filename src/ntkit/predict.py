@@ -223,8 +223,8 @@ class MSEPredictor:
 
 
 def gradient_descent_mse(k_train_train: Tensor, y_train: Tensor, *, learning_rate: float = 1.0,
-                         diag_reg: float = 0.0, diag_reg_absolute_scale: bool = False
-                         ) -> MSEPredictor:
+                         diag_reg: float = 0.0, diag_reg_absolute_scale: bool = False,
+                         momentum: float | None = None) -> MSEPredictor:
     """Gradient flow on the mean squared error with a fixed kernel, in closed form.
 
     With ``K = k_train_train + diag_reg * trace(K)/N * I`` (relative
@@ -243,13 +243,52 @@ def gradient_descent_mse(k_train_train: Tensor, y_train: Tensor, *, learning_rat
         learning_rate: the gradient-flow rate ``lr``.
         diag_reg: diagonal regularisation, relative to the mean diagonal unless
             ``diag_reg_absolute_scale``.
+        momentum: heavy-ball momentum ``m`` in ``[0, 1)``: finite times then follow
+            the ODE of `gradient_descent` (time = steps x ``sqrt(lr)``); ``t = inf`` is
+            the same fixed point as without momentum.
 
     Returns:
         An `MSEPredictor`: ``predictor(t, fx_train_0, fx_test_0, k_test_train)``.
     """
     factor = _Factor(k_train_train, diag_reg, diag_reg_absolute_scale, "k_train_train")
     _positive(learning_rate, "learning_rate")
-    return MSEPredictor(factor, _targets(y_train, factor.k.shape[0], factor.k), learning_rate)
+    y = _targets(y_train, factor.k.shape[0], factor.k)
+    if momentum is None:
+        return MSEPredictor(factor, y, learning_rate)
+    ode = gradient_descent(lambda f, t: 0.5 * ((f - t) ** 2).mean(), factor.k, y,
+                           learning_rate=learning_rate, momentum=momentum)
+    return _MomentumMSEPredictor(factor, y, learning_rate, ode)
+
+
+class _MomentumMSEPredictor(MSEPredictor):
+    """`MSEPredictor` with heavy-ball momentum: finite times by the ODE, ``inf`` closed."""
+
+    def __init__(self, factor: _Factor, y: Tensor, learning_rate: float, ode):
+        super().__init__(factor, y, learning_rate)
+        self._ode = ode
+
+    def __call__(self, t=None, fx_train_0=0.0, fx_test_0=None, k_test_train=None):
+        y = self.y_train
+        times, scalar = _times(t, y)
+        if not bool(torch.isfinite(times).any()):
+            return super().__call__(t, fx_train_0, fx_test_0, k_test_train)
+        f0 = torch.as_tensor(fx_train_0, dtype=y.dtype, device=y.device).expand_as(y)
+        finite = torch.isfinite(times)
+        got = self._ode(times[finite], f0.clone(), fx_test_0, k_test_train)
+        train, test = (got, None) if k_test_train is None else got
+        if not bool(finite.all()):
+            done = super().__call__(math.inf, fx_train_0, fx_test_0, k_test_train)
+            d_train, d_test = (done, None) if k_test_train is None else done
+            full = train.new_empty((times.shape[0],) + train.shape[1:])
+            full[finite], full[~finite] = train, d_train
+            train = full
+            if test is not None:
+                full = test.new_empty((times.shape[0],) + test.shape[1:])
+                full[finite], full[~finite] = test, d_test
+                test = full
+        if scalar:
+            train, test = train[0], None if test is None else test[0]
+        return train if test is None else (train, test)
 
 
 def _positive(x: float, name: str) -> None:
