@@ -339,3 +339,19 @@ def test_gradient_descent_mse_with_momentum():
     assert torch.allclose(test[0], want_test, rtol=1e-10, atol=1e-12)
     plain = predict.gradient_descent_mse(k, y)(math.inf, 0.0, None, ktd)
     assert torch.allclose(train[1], plain[0]) and torch.allclose(test[1], plain[1])
+
+
+def test_ensemble_means_in_test_chunks_and_float64_on_request():
+    """A budget that splits 200 test inputs into chunks gives the same means; dtype=float64
+    computes a float32 network's predictions in float64."""
+    net, x, _, y = _problem(n=10)
+    xt = torch.randn(200, 4, dtype=F64)
+    whole = predict.gradient_descent_mse_ensemble(net, x, y)(xt, [1.0, math.inf], get="ntk")
+    small = predict.gradient_descent_mse_ensemble(net, x, y, memory_budget=4000)(
+        xt, [1.0, math.inf], get="ntk")
+    assert torch.allclose(whole.mean, small.mean, rtol=1e-12, atol=1e-14)
+    p64 = predict.gradient_descent_mse_ensemble(net, x.float(), y.float(), dtype=F64)
+    out = p64(xt.float(), 2.0, get="nngp")
+    assert out.mean.dtype == F64
+    assert (out.mean - predict.gradient_descent_mse_ensemble(net, x, y)(
+        xt, 2.0, get="nngp").mean).abs().max() <= 1e-4

@@ -25,6 +25,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .compute import parse_memory
+
 __all__ = [
     "EnsemblePrediction", "GPPosterior", "gp_inference", "gradient_descent",
     "gradient_descent_mse", "gradient_descent_mse_ensemble", "max_learning_rate",
@@ -460,11 +462,12 @@ class EnsemblePredictor:
     """Predictions of the infinite ensemble; see `gradient_descent_mse_ensemble`."""
 
     def __init__(self, kernel_fn, x_train: Tensor, y_train: Tensor, learning_rate: float,
-                 diag_reg: float, absolute: bool, memory_budget):
+                 diag_reg: float, absolute: bool, memory_budget, dtype: torch.dtype | None):
+        self._dtype = dtype
         self._kernel_fn = kernel_fn
         self.x_train = x_train
-        self._budget = memory_budget
-        k = kernel_fn(x_train, None)
+        self._budget = parse_memory(memory_budget)
+        k = self._kernels(x_train, None)
         self._k_dd = {"nngp": k.nngp, "ntk": k.ntk}
         self._factors = {g: _Factor(self._k_dd[g], diag_reg, absolute, f"the train-train {g}")
                          for g in ("nngp", "ntk")}
@@ -484,17 +487,35 @@ class EnsemblePredictor:
         for g in gets:
             if g not in ("nngp", "ntk"):
                 raise ValueError(f"get must be 'nngp', 'ntk' or a tuple of them, got {g!r}.")
-        k_td = self._kernel_fn(x_test, self.x_train)
-        k_tt = self._kernel_fn(x_test, None) if compute_cov else None
         y = self.y_train
         times, scalar = _times(t, y)
+        n_test = x_test.shape[0]
+        if compute_cov:        # the covariance needs every test pair: one block
+            chunks = [(0, n_test)]
+        else:                  # means only: test inputs in chunks of rows
+            per_row = 8 * self.x_train.shape[0] * y.element_size() * max(1, times.shape[0])
+            rows = max(1, self._budget // per_row)
+            chunks = [(i, min(i + rows, n_test)) for i in range(0, n_test, rows)]
+        parts: dict[str, list] = {g: [] for g in gets}
+        for i0, i1 in chunks:
+            k_td = self._kernels(x_test[i0:i1], self.x_train)
+            k_tt = self._kernels(x_test, None) if compute_cov else None
+            for g in gets:
+                parts[g].append(self._predict(g, times, k_td, k_tt, compute_cov))
         out = {}
         for g in gets:
-            mean, cov = self._predict(g, times, k_td, k_tt, compute_cov)
+            mean = torch.cat([m for m, _ in parts[g]], dim=1)
+            cov = parts[g][0][1]
             if scalar:
                 mean, cov = mean[0], None if cov is None else cov[0]
             out[g] = EnsemblePrediction(mean, cov)
         return out[gets[0]] if isinstance(get, str) else out
+
+    def _kernels(self, a: Tensor, b: Tensor | None):
+        k = self._kernel_fn(a, b)
+        if self._dtype is not None:
+            k = k.to(self._dtype)
+        return k
 
     def _operator(self, g: str, times: Tensor, b: Tensor, squared: bool = False) -> Tensor:
         """``A(t) b`` with ``A(t) = K^-1 (I - exp(-c K t))`` for kernel ``g`` (``K^-1`` at
@@ -533,7 +554,8 @@ class EnsemblePredictor:
 def gradient_descent_mse_ensemble(net, x_train: Tensor, y_train: Tensor, *,
                                   learning_rate: float = 1.0, diag_reg: float = 0.0,
                                   diag_reg_absolute_scale: bool = False,
-                                  memory_budget: int | str | None = None) -> EnsemblePredictor:
+                                  memory_budget: int | str | None = None,
+                                  dtype: torch.dtype | None = None) -> EnsemblePredictor:
     """The infinite ensemble of infinitely wide networks trained by gradient flow on MSE.
 
     Networks at initialisation are a Gaussian process with the NNGP kernel ``K``.
@@ -553,7 +575,10 @@ def gradient_descent_mse_ensemble(net, x_train: Tensor, y_train: Tensor, *,
             with ``nngp`` and ``ntk``), or a function ``(x1, x2) -> Kernel``.
         x_train, y_train: ``(N, ...)`` and ``(N, outputs)``.
         learning_rate, diag_reg, diag_reg_absolute_scale: as in `gradient_descent_mse`.
-        memory_budget: passed to ``net.kernel`` for the kernel tiles.
+        memory_budget: passed to ``net.kernel`` for the kernel tiles; means on large
+            test sets are computed in chunks of test inputs of about this size.
+        dtype: compute the linear algebra in this dtype (e.g. ``torch.float64`` for
+            ill-conditioned float32 kernels); default the kernels' dtype.
 
     Returns:
         An `EnsemblePredictor`: ``predictor(x_test, t, get=..., compute_cov=...)``.
@@ -568,7 +593,7 @@ def gradient_descent_mse_ensemble(net, x_train: Tensor, y_train: Tensor, *,
         raise TypeError(f"net must be an ntkit network or a function (x1, x2) -> Kernel, got "
                         f"{type(net).__name__}.")
     return EnsemblePredictor(kernel_fn, x_train, y_train, learning_rate, diag_reg,
-                             diag_reg_absolute_scale, memory_budget)
+                             diag_reg_absolute_scale, memory_budget, dtype)
 
 
 # ------------------------------------------------------------------ exact inference
