@@ -355,3 +355,23 @@ def test_ensemble_means_in_test_chunks_and_float64_on_request():
     assert out.mean.dtype == F64
     assert (out.mean - predict.gradient_descent_mse_ensemble(net, x, y)(
         xt, 2.0, get="nngp").mean).abs().max() <= 1e-4
+
+
+def test_gp_inference_modes_from_kernels():
+    """With Kernel objects: "nngp" and "ntkgp" are the GP posteriors of the two kernels,
+    "ntk" equals the converged ensemble (gradient_descent_mse_ensemble at t = inf)."""
+    net, x, xt, y = _problem()
+    k_dd, k_td, k_tt = net.kernel(x), net.kernel(xt, x), net.kernel(xt)
+    out = predict.gp_inference(k_dd, y, k_td, k_tt, diag_reg=1e-3)
+    assert set(out) == {"nngp", "ntk", "ntkgp"}
+    plain = predict.gp_inference(k_dd.ntk, y, k_td.ntk, k_tt.ntk, diag_reg=1e-3)
+    assert torch.equal(out["ntkgp"].mean, plain.mean) and torch.equal(out["ntkgp"].cov,
+                                                                      plain.cov)
+    ens = predict.gradient_descent_mse_ensemble(net, x, y, diag_reg=1e-3)(
+        xt, math.inf, get="ntk", compute_cov=True)
+    assert torch.allclose(out["ntk"].mean, ens.mean, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(out["ntk"].cov, ens.cov, rtol=1e-8, atol=1e-10)
+    assert out["ntk"].log_marginal_likelihood is None
+    assert (out["nngp"].mean - out["ntkgp"].mean).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"get must be among"):
+        predict.gp_inference(k_dd, y, k_td, get="gp")

@@ -599,33 +599,62 @@ def gradient_descent_mse_ensemble(net, x_train: Tensor, y_train: Tensor, *,
 # ------------------------------------------------------------------ exact inference
 @dataclass(frozen=True)
 class GPPosterior:
-    """Posterior mean ``(N_test, O)``, covariance ``(N_test, N_test)`` and the log
-    marginal likelihood of the training targets (summed over outputs)."""
+    """Posterior mean ``(N_test, O)``, covariance ``(N_test, N_test)`` (None unless the
+    test-test kernel was given) and the log marginal likelihood of the training
+    targets, summed over outputs (None for the trained-ensemble "ntk" mode, which is
+    not a Bayesian posterior)."""
 
     mean: Tensor
     cov: Tensor | None
-    log_marginal_likelihood: Tensor
+    log_marginal_likelihood: Tensor | None
 
 
-def gp_inference(k_train_train: Tensor, y_train: Tensor, k_test_train: Tensor,
-                 k_test_test: Tensor | None = None, *, diag_reg: float = 0.0,
-                 diag_reg_absolute_scale: bool = False) -> GPPosterior:
-    """Exact Gaussian-process posterior with kernel ``k`` and noise ``diag_reg``.
+def gp_inference(k_train_train, y_train: Tensor, k_test_train, k_test_test=None, *,
+                 get: str | tuple[str, ...] | None = None, diag_reg: float | Tensor = 0.0,
+                 diag_reg_absolute_scale: bool = False):
+    """Exact Gaussian-process posteriors of infinitely wide networks.
 
-    ``mean = k_td (K + s I)^-1 y`` and ``cov = k_tt - k_td (K + s I)^-1 k_dt``, with
-    ``s = diag_reg * trace(K)/N`` (or ``diag_reg``). With the NNGP this is the
-    posterior of an infinitely wide Bayesian network; with the NTK it is the
-    NTK-GP of He et al. (2020). (The converged ensemble of trained networks, the
-    other "NTK" posterior, is ``gradient_descent_mse_ensemble(...)(x, t=None)``.)
+    With kernel matrices (tensors), the posterior of a GP with that kernel and noise
+    variance ``s = diag_reg * trace(K)/N`` (or ``diag_reg`` with
+    ``diag_reg_absolute_scale``): ``mean = k_td (K + s I)^-1 y``,
+    ``cov = k_tt - k_td (K + s I)^-1 k_dt``, and the log marginal likelihood
+    ``sum_outputs log N(y | 0, K + s I)``, differentiable by autograd in the kernels
+    and ``diag_reg`` when they require grad (so hyperparameters can be fitted).
 
-    The log marginal likelihood ``sum_outputs log N(y | 0, K + s I)`` is
-    differentiable with autograd in the kernels and ``diag_reg`` when they are
-    tensors that require grad.
+    With `Kernel` objects (``net.kernel(...)``), ``get`` picks among
+    ``"nngp"`` (the posterior of the infinitely wide Bayesian network), ``"ntkgp"``
+    (the GP with the NTK as covariance, He et al. 2020) and ``"ntk"`` (the infinite
+    ensemble trained to convergence: ``mean = Theta_td Theta^-1 y``,
+    ``cov = K_tt + Theta_td Theta^-1 K_dd Theta^-1 Theta_dt - 2 sym(K_td Theta^-1 Theta_dt)``);
+    the default is all three, returned as a dict.
     """
-    k = _square(k_train_train, "k_train_train")
-    y = _targets(y_train, k.shape[0], k)
+    if hasattr(k_train_train, "nngp") and hasattr(k_train_train, "ntk"):
+        gets = ("nngp", "ntk", "ntkgp") if get is None else (
+            (get,) if isinstance(get, str) else tuple(get))
+        out = {}
+        for g in gets:
+            if g not in ("nngp", "ntk", "ntkgp"):
+                raise ValueError(f"get must be among 'nngp', 'ntk', 'ntkgp', got {g!r}.")
+            if g == "ntk":
+                out[g] = _trained_posterior(k_train_train, y_train, k_test_train, k_test_test,
+                                            diag_reg, diag_reg_absolute_scale)
+            else:
+                field = "nngp" if g == "nngp" else "ntk"
+                out[g] = _gp_posterior(
+                    getattr(k_train_train, field), y_train, getattr(k_test_train, field),
+                    None if k_test_test is None else getattr(k_test_test, field),
+                    diag_reg, diag_reg_absolute_scale)
+        return out[gets[0]] if isinstance(get, str) else out
+    if get is not None:
+        raise ValueError("get= needs Kernel objects (with nngp and ntk); with kernel matrices "
+                         "the posterior is that of the matrix given.")
+    return _gp_posterior(k_train_train, y_train, k_test_train, k_test_test, diag_reg,
+                         diag_reg_absolute_scale)
+
+
+def _regularised_cholesky(k: Tensor, diag_reg, absolute: bool) -> Tensor:
     n = k.shape[0]
-    scale = 1.0 if diag_reg_absolute_scale else torch.diagonal(k).sum() / n
+    scale = 1.0 if absolute else torch.diagonal(k).sum() / n
     reg = k + diag_reg * scale * torch.eye(n, dtype=k.dtype, device=k.device)
     chol, info = torch.linalg.cholesky_ex(reg)
     if int(info) != 0:
@@ -633,6 +662,13 @@ def gp_inference(k_train_train: Tensor, y_train: Tensor, k_test_train: Tensor,
             f"k_train_train + noise is not positive definite in {k.dtype}; add diag_reg "
             f"(the noise variance, relative to the mean diagonal) or use float64."
         )
+    return chol
+
+
+def _gp_posterior(k_train_train, y_train, k_test_train, k_test_test, diag_reg, absolute):
+    k = _square(k_train_train, "k_train_train")
+    y = _targets(y_train, k.shape[0], k)
+    chol = _regularised_cholesky(k, diag_reg, absolute)
     alpha = torch.cholesky_solve(y, chol)
     kt = k_test_train.to(dtype=k.dtype)
     mean = kt @ alpha
@@ -644,3 +680,18 @@ def gp_inference(k_train_train: Tensor, y_train: Tensor, k_test_train: Tensor,
            - 0.5 * y.numel() * math.log(2 * math.pi))
     _finite(mean, "gp_inference")
     return GPPosterior(mean, cov, lml)
+
+
+def _trained_posterior(k_dd, y_train, k_td, k_tt, diag_reg, absolute):
+    theta = _square(k_dd.ntk, "the train-train NTK")
+    y = _targets(y_train, theta.shape[0], theta)
+    chol = _regularised_cholesky(theta, diag_reg, absolute)
+    mean = k_td.ntk @ torch.cholesky_solve(y, chol)
+    cov = None
+    if k_tt is not None:
+        a_dt = torch.cholesky_solve(k_td.ntk.T.contiguous(), chol)          # Theta^-1 Theta_dt
+        cross = k_td.nngp @ a_dt
+        cov = k_tt.nngp + a_dt.T @ k_dd.nngp @ a_dt - cross - cross.T
+        cov = 0.5 * (cov + cov.T)
+    _finite(mean, "gp_inference")
+    return GPPosterior(mean, cov, None)
