@@ -375,3 +375,19 @@ def test_gp_inference_modes_from_kernels():
     assert (out["nngp"].mean - out["ntkgp"].mean).abs().max() > 1e-3
     with pytest.raises(ValueError, match=r"get must be among"):
         predict.gp_inference(k_dd, y, k_td, get="gp")
+
+
+def test_nearly_singular_float32_kernel_warns_and_names_the_remedies():
+    """A float32 kernel that Cholesky still factors but with a condition number near
+    1/eps gets a warning naming diag_reg and float64; diag_reg silences it."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 3, generator=g)
+    x = torch.cat([x, x[:1] + 1e-3])               # two nearly equal points
+    k = nk.Sequential(nk.Linear(64, b_std=0.1), nk.ReLU(), nk.Linear(1)).kernel(x).nngp
+    y = torch.randn(7, 1, generator=g)
+    with pytest.warns(RuntimeWarning, match=r"ill-conditioned.*diag_reg.*float64"):
+        predict.gradient_descent_mse(k, y)(math.inf, k_test_train=k)
+    import warnings as w
+    with w.catch_warnings():
+        w.simplefilter("error")
+        predict.gradient_descent_mse(k, y, diag_reg=1e-2)(math.inf, k_test_train=k)

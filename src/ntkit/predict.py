@@ -82,6 +82,7 @@ class _Factor:
                     f"diagonal) or use float64 inputs."
                 )
             self._chol = chol
+            _warn_if_ill_conditioned(chol, self.name)
         out = torch.cholesky_solve(b.reshape(b.shape[0], -1), self._chol).reshape(b.shape)
         _finite(out, self.name)
         return out
@@ -94,6 +95,19 @@ class _Factor:
         proj = evecs.T @ b.reshape(b.shape[0], -1)              # (N, M)
         out = evecs @ (coef.unsqueeze(-1) * proj)               # (N, M) or (T, N, M)
         return out.reshape(coef.shape[:-1] + b.shape)
+
+
+def _warn_if_ill_conditioned(chol: Tensor, name: str) -> None:
+    """Warns when the Cholesky factor shows a condition number near 1 / eps (its
+    squared diagonal ratio is a lower bound of the condition number)."""
+    d = torch.diagonal(chol).detach().abs()
+    cond = float((d.max() / d.min().clamp_min(torch.finfo(d.dtype).tiny)) ** 2)
+    eps = torch.finfo(chol.dtype).eps
+    if cond * eps > 1e-3:
+        warnings.warn(
+            f"{name} is ill-conditioned (condition number at least {cond:.2g} in "
+            f"{chol.dtype}): solutions may have lost most of their digits; add diag_reg or "
+            f"use float64.", RuntimeWarning, stacklevel=4)
 
 
 def _square(k: Tensor, name: str) -> Tensor:
@@ -662,6 +676,7 @@ def _regularised_cholesky(k: Tensor, diag_reg, absolute: bool) -> Tensor:
             f"k_train_train + noise is not positive definite in {k.dtype}; add diag_reg "
             f"(the noise variance, relative to the mean diagonal) or use float64."
         )
+    _warn_if_ill_conditioned(chol, "k_train_train + noise")
     return chol
 
 
