@@ -93,8 +93,13 @@ class _Factor:
         evals, evecs = self.eig
         coef = fn(evals)                                        # (N,) or (T, N)
         proj = evecs.T @ b.reshape(b.shape[0], -1)              # (N, M)
-        out = evecs @ (coef.unsqueeze(-1) * proj)               # (N, M) or (T, N, M)
-        return out.reshape(coef.shape[:-1] + b.shape)
+        scaled = coef.unsqueeze(-1) * proj                      # (N, M) or (T, N, M)
+        if scaled.ndim == 2:
+            return (evecs @ scaled).reshape(b.shape)
+        # every time in one product: (N, N) @ (N, T * M)
+        t, n, m = scaled.shape
+        out = evecs @ scaled.permute(1, 0, 2).reshape(n, t * m)
+        return out.reshape(n, t, m).permute(1, 0, 2).reshape((t,) + b.shape)
 
 
 def _warn_if_ill_conditioned(chol: Tensor, name: str) -> None:
