@@ -6,13 +6,14 @@ wrong and what to do.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["as_input_tensor", "check_input_pair", "check_finite", "as_input_pair"]
+__all__ = ["as_input_tensor", "check_input_pair", "check_finite", "as_input_pair", "as_std"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -114,3 +115,44 @@ def check_input_pair(x1: Tensor, x2: Tensor | None) -> None:
             f"x1 has per-example shape {tuple(x1.shape[1:])} but x2 has "
             f"{tuple(x2.shape[1:])}; both batches must have the same features."
         )
+
+
+def as_std(value: Any, name: str) -> float | Tensor:
+    """A standard deviation hyperparameter (``w_std``, ``b_std``), checked.
+
+    A Python number is returned as a float. A real 0-dim floating tensor is
+    returned as it is, with its autograd graph, so that kernels computed from it
+    are differentiable in it; its value is checked once, here. Either must be
+    finite and >= 0.
+    """
+    if isinstance(value, Tensor):
+        if value.is_complex():
+            raise TypeError(
+                f"{name} must be a real number, got a complex tensor {value!r}; pass a real "
+                f"0-dim tensor such as torch.tensor(1.5) or a Python number."
+            )
+        if not value.is_floating_point():
+            raise TypeError(
+                f"{name} must be a real number, got a tensor of dtype {value.dtype}; "
+                f"hyperparameter tensors must be floating point, e.g. torch.tensor(1.5)."
+            )
+        if value.ndim != 0:
+            raise ValueError(
+                f"{name} must be one number, got a tensor of shape {tuple(value.shape)}; "
+                f"pass a 0-dim tensor, e.g. {name}=torch.tensor(1.5) or t.reshape(()) "
+                f"for a one-element t."
+            )
+        if value.device.type == "meta":
+            raise ValueError(
+                f"{name} is a tensor on the 'meta' device and holds no value; create it on "
+                f"'cpu' or 'cuda'."
+            )
+        number = float(value.detach())
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number or a 0-dim tensor, got "
+                        f"{type(value).__name__} {value!r}.")
+    else:
+        number = float(value)
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {name}={number}.")
+    return value if isinstance(value, Tensor) else number

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .kernel import Kernel, SelfTrace
@@ -102,6 +103,16 @@ def tiled_kernel(
     For ``x2 is None`` only tiles on or above the diagonal are computed and the
     rest is mirrored. Tiles of any size are allowed: the last row or column of
     tiles is simply smaller.
+
+    Without gradients the tiles are written into preallocated outputs. When a
+    hyperparameter of ``network`` is a tensor that requires grad (and grad mode
+    is on), the result keeps the autograd graph instead: tiles are concatenated,
+    not written in place, and with more than one tile each is recomputed during
+    the backward pass (`torch.utils.checkpoint`), so that the graph holds the
+    tiles' outputs rather than every tile's intermediates (a 2000-point,
+    9-layer MLP kernel in float64: 0.2 GB at peak, forward and backward,
+    instead of 0.9 GB). The kernel is not differentiable in the inputs (they
+    are detached).
     """
     if x1.dtype not in (torch.float32, torch.float64):
         raise TypeError(
@@ -109,6 +120,10 @@ def tiled_kernel(
             f"Convert with x1.float() or x1.double()."
         )
     budget = parse_memory(memory_budget)
+    differentiable = torch.is_grad_enabled() and network is not None and any(
+        t.requires_grad for t in network.hyperparameters())
+    x1 = x1.detach()
+    x2 = None if x2 is None else x2.detach()
     positions = peak_positions(network, tuple(x1.shape[1:]), x1.dtype)
     if position_pairs:
         positions = positions**2
@@ -138,24 +153,44 @@ def tiled_kernel(
     out: dict[str, Tensor] = {}
     facts: Kernel | None = None
     traces = None
+    # With gradients and several tiles, each tile (and each block of the self trace)
+    # is recomputed in the backward pass instead of keeping its intermediates.
+    recompute = differentiable and len(tiles) > 1
+    grad_mode = torch.enable_grad() if differentiable else torch.no_grad()
     if position_pairs and not diagonal:
-        with torch.no_grad():
+        with grad_mode:
             step = tile_sides(n1, 1, entry_bytes, budget, x1.device, positions)[0] ** 2
-            traces = tuple(None if x is None else _self_trace(rule, x, step, budget // 4)
+            traces = tuple(None if x is None else _self_trace(rule, x, step, budget // 4,
+                                                              recompute=recompute)
                            for x in (x1, x2))
             if any(t is False for t in traces):
                 traces = None  # too large to keep: tiles carry the covariances themselves
     bar = progress_bar(tiles, desc="kernel tiles", unit="tile", progress=progress, min_items=4)
-    with torch.no_grad():
+    done: dict[tuple, Kernel] = {}
+    with grad_mode:
         for r, c in bar:
-            k = _tile(rule, x1, x2, r, c, diagonal, position_pairs, traces)
+            k = _run(recompute, _tile, rule, x1, x2, r, c, diagonal, position_pairs, traces)
             if facts is None:
                 facts = k
-                out = _allocate(k, n1, n2, diagonal)
-            _store(out, k, r, c, mirror=x2 is None and not diagonal)
+                if not differentiable:
+                    out = _allocate(k, n1, n2, diagonal)
+            if differentiable:
+                done[r, c] = k.replace(self_trace=None)
+            else:
+                _store(out, k, r, c, mirror=x2 is None and not diagonal)
+        if differentiable:
+            out = _assemble(done, facts, diagonal=diagonal, mirror=x2 is None and not diagonal)
     bar.close()
     assert facts is not None
     return facts.replace(**out, x1_is_x2=x2 is None, diagonal=diagonal)
+
+
+def _run(recompute: bool, fn, *args):
+    """``fn(*args)``; with ``recompute``, under `torch.utils.checkpoint`, which keeps
+    none of its intermediates for the backward pass but recomputes them there."""
+    if not recompute:
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
 
 
 def peak_positions(network, input_shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -185,21 +220,29 @@ def peak_positions(network, input_shape: tuple[int, ...], dtype: torch.dtype) ->
         return positions
 
 
-def _self_trace(rule, x: Tensor, step: int, limit: int) -> SelfTrace | bool:
+def _self_trace(rule, x: Tensor, step: int, limit: int, *, recompute: bool = False
+                ) -> SelfTrace | bool:
     """Runs the network on each example alone (in blocks), recording what the
     layers that mix positions need of its own covariance (see `SelfTrace`);
     False if the recording would take more than ``limit`` bytes (attention over
-    long sequences keeps each example's full position covariance)."""
+    long sequences keeps each example's full position covariance). With
+    ``recompute``, each block is recomputed in the backward pass (see `_run`)."""
     blocks = []
     for i0, i1 in _ranges(x.shape[0], step):
-        trace = SelfTrace()
-        k = input_kernel(x[i0:i1], None, diagonal=True, position_pairs=True)
-        rule(k.replace(self_trace=trace))
-        per_example = sum(v[:1].numel() * v.element_size() for v in trace.values)
+        values = _run(recompute, _trace_values, rule, x[i0:i1])
+        per_example = sum(v[:1].numel() * v.element_size() for v in values)
         if per_example * x.shape[0] > limit:
             return False
-        blocks.append(trace)
+        blocks.append(SelfTrace(list(values)))
     return SelfTrace.joined(blocks)
+
+
+def _trace_values(rule, x: Tensor) -> tuple[Tensor, ...]:
+    """What the layers that mix positions record of the examples ``x`` alone."""
+    trace = SelfTrace()
+    k = input_kernel(x, None, diagonal=True, position_pairs=True)
+    rule(k.replace(self_trace=trace))
+    return tuple(trace.values)
 
 
 def _tile(rule, x1, x2, r, c, diagonal, position_pairs=False, traces=None) -> Kernel:
@@ -254,6 +297,40 @@ def _store(out: dict[str, Tensor], k: Kernel, r, c, *, mirror: bool) -> None:
         out["nngp"][j0:j1, i0:i1] = _swap(k, k.nngp)
         out["ntk"][j0:j1, i0:i1] = _swap(k, k.ntk)
         out["cov1"][j0:j1] = k.cov2
+
+
+def _assemble(done: dict[tuple, Kernel], facts: Kernel, *, diagonal: bool, mirror: bool
+              ) -> dict[str, Tensor]:
+    """The output from all its tiles ``done[rows, cols]`` by concatenation, which
+    autograd follows (where `_store` writes into preallocated tensors). Tiles
+    missing below the diagonal of a symmetric kernel are mirrored from above."""
+    if diagonal:
+        tiles = [done[key] for key in sorted(done)]
+        return {f: torch.cat([getattr(k, f) for k in tiles]) for f in _FIELDS}
+    rows = sorted({r for r, _ in done})
+    cols = sorted({c for _, c in done})
+
+    def block(r, c, field: str) -> Tensor:
+        if (r, c) in done:
+            return getattr(done[r, c], field)
+        return _swap(facts, getattr(done[c, r], field))  # mirrored: k(x_j, x_i)
+
+    out = {f: torch.cat([torch.cat([block(r, c, f) for c in cols], 1) for r in rows])
+           for f in ("nngp", "ntk")}
+    # The variances as `_store` leaves them (the last tile to write wins), so that
+    # both paths give the same bits.
+    cov1: dict[tuple, Tensor] = {}
+    cov2: dict[tuple, Tensor] = {}
+    for (r, c), k in done.items():
+        cov1[r], cov2[c] = k.cov1, k.cov2
+        if mirror and r != c:
+            cov1[c] = k.cov2
+    out["cov1"] = torch.cat([cov1[r] for r in rows])
+    out["cov2"] = torch.cat([cov2[c] for c in cols])
+    return out
+
+
+_FIELDS = ("nngp", "ntk", "cov1", "cov2")
 
 
 def _swap(k: Kernel, t: Tensor) -> Tensor:

@@ -146,6 +146,29 @@ def _cos_and_scale(k: Tensor, v1: Tensor, v2: Tensor, sign: float = 1.0
     return cos.clamp_(-1.0, 1.0), scale
 
 
+def _arccos(c: Tensor) -> Tensor:
+    """``arccos(c)`` whose gradient is 0 where ``|c| = 1`` instead of infinite.
+
+    Correlations sit at 1 exactly for an input paired with itself (whose
+    entries the rules then overwrite) or with a duplicate; they stay 1 for any
+    hyperparameter, so 0 is the right derivative there, and it keeps
+    ``0 * inf = NaN`` out of the gradients of everything else.
+    """
+    return _flat_at_edges(torch.arccos, c)
+
+
+def _arcsin(c: Tensor) -> Tensor:
+    """``arcsin(c)`` with gradient 0 where ``|c| = 1`` (see `_arccos`)."""
+    return _flat_at_edges(torch.arcsin, c)
+
+
+def _flat_at_edges(fn, c: Tensor) -> Tensor:
+    if not c.requires_grad:
+        return fn(c)
+    edge = c.abs() >= 1
+    return torch.where(edge, fn(c.detach()), fn(torch.where(edge, 0.0, c)))
+
+
 # ---------------------------------------------------------------- ReLU family
 class ABReLU(Activation):
     """``f(x) = a x`` for ``x < 0`` and ``b x`` for ``x >= 0``.
@@ -167,10 +190,11 @@ class ABReLU(Activation):
         # pi - theta = arccos(-cos) and sin(pi - theta) = sin(theta), from the
         # negated correlation and scale.
         neg_cos, neg_scale = _cos_and_scale(k, v1, v2, sign=-1.0)
-        phi = torch.arccos(neg_cos)
+        phi = _arccos(neg_cos)
         relu = torch.mul(phi, k).addcmul_(neg_scale, torch.sin(phi), value=-1.0)
         relu.mul_(1 / (2 * _PI))
-        dot = phi.mul_(1 / (2 * _PI))
+        # phi is kept for the backward pass when gradients are tracked.
+        dot = phi * (1 / (2 * _PI)) if phi.requires_grad else phi.mul_(1 / (2 * _PI))
         ab, d2 = self.a * self.b, (self.b - self.a) ** 2
         if ab == 0 and d2 == 1:
             return relu, dot
@@ -243,7 +267,7 @@ class Sign(Activation):
 
     def _nngp(self, k, v1, v2):
         cos, _ = _cos_and_scale(k, v1, v2)
-        return torch.arcsin(cos).mul_(2 / _PI)
+        return _arcsin(cos).mul_(2 / _PI)
 
     def _dot(self, k, v1, v2):
         return torch.zeros_like(k)
@@ -275,7 +299,9 @@ class Erf(Activation):
         kk = k * (2 * b2)
         root = torch.sqrt((prod - kk * kk).clamp_(min=0))
         nngp = torch.atan2(kk, root).mul_(2 * self.a**2 / _PI).add_(self.c**2)
-        dot = root.reciprocal_().mul_(4 * b2 * self.a**2 / _PI)
+        coef = 4 * b2 * self.a**2 / _PI
+        # With gradients tracked, root and its reciprocal are kept for the backward pass.
+        dot = root.reciprocal().mul(coef) if root.requires_grad else root.reciprocal_().mul_(coef)
         return nngp, dot
 
     def __repr__(self) -> str:
@@ -483,7 +509,7 @@ def _arccos_terms(n: int) -> tuple[tuple[float, int, int, int], ...]:
 def _arccos_kernel(n: int, k: Tensor, v1: Tensor, v2: Tensor) -> Tensor:
     """``E[f_n(X) f_n(Y)] = (v1 v2)^(n/2) J_n(theta) / (2 pi)`` for ``f_n = x^n 1{x > 0}``."""
     cos, scale = _cos_and_scale(k, v1, v2)
-    phi = torch.arccos(-cos)  # pi - theta
+    phi = _arccos(-cos)  # pi - theta
     sin = torch.sin(phi)
     j = torch.zeros_like(cos)
     for c, e, p, q in _arccos_terms(n):

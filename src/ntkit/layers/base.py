@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from .._checks import as_input_pair
 from ..kernel import Kernel
 
-__all__ = ["Layer", "BuildContext", "Kernels", "Shapes", "input_kernel"]
+__all__ = ["Layer", "BuildContext", "Kernels", "Shapes", "input_kernel", "scalar", "number",
+           "affine_variances"]
 
 #: What flows between layers: one kernel, or a tuple of them between FanOut and FanIn.
 Kernels = Union[Kernel, tuple[Kernel, ...]]
@@ -94,6 +95,13 @@ class Layer:
             ``(N1,)`` when ``diagonal``) for a network with a dense readout. A
             network that ends with spatial features ``(C, *S)`` gives
             ``(N1, N2, *S)``, the kernel at matching positions.
+
+        Hyperparameters given as tensors that require grad (``w_std`` and
+        ``b_std`` of `Linear` and the convolutions) make the kernel
+        differentiable in them: the result keeps the autograd graph, under any
+        ``memory_budget`` (tiles are then recomputed in the backward pass, see
+        `ntkit.compute.tiled_kernel`). It is never differentiable in ``x1``
+        and ``x2``.
         """
         from ..compute import tiled_kernel
 
@@ -150,8 +158,50 @@ class Layer:
         module, _ = self._build(shape, ctx)
         return module
 
+    def hyperparameters(self) -> list[Tensor]:
+        """The hyperparameters of this layer, and of the layers inside it, that
+        were given as tensors (e.g. ``Linear(512, w_std=torch.tensor(1.5,
+        requires_grad=True))``), each once. Kernels are differentiable in them;
+        `kernel` keeps the autograd graph when one of them requires grad."""
+        found: dict[int, Tensor] = {}
+        for value in vars(self).values():
+            items = value if isinstance(value, (tuple, list)) else (value,)
+            for item in items:
+                if isinstance(item, Tensor):
+                    found.setdefault(id(item), item)
+                elif isinstance(item, Layer):
+                    for t in item.hyperparameters():
+                        found.setdefault(id(t), t)
+        return list(found.values())
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def scalar(value: float | Tensor, like: Tensor) -> Tensor:
+    """A hyperparameter as a 0-dim tensor in the dtype and on the device of
+    ``like``; a tensor keeps its autograd graph (it is cast with ``.to``)."""
+    if isinstance(value, Tensor):
+        return value.to(dtype=like.dtype, device=like.device)
+    return torch.full((), value, dtype=like.dtype, device=like.device)
+
+
+def affine_variances(w_std: float | Tensor, b_std: float | Tensor | None, like: Tensor
+                     ) -> tuple[Tensor, Tensor | None]:
+    """``w_std^2`` and ``b_std^2`` of an affine layer as 0-dim tensors in the dtype and
+    on the device of ``like`` (tensors keep their graph); ``b_std^2`` is None when
+    there is nothing to add (no bias, or the number 0)."""
+    w = scalar(w_std, like)
+    if b_std is None or (not isinstance(b_std, Tensor) and b_std == 0):
+        return w * w, None
+    b = scalar(b_std, like)
+    return w * w, b * b
+
+
+def number(value: float | Tensor | None) -> float | None:
+    """A hyperparameter as a Python float (None stays None), for finite twins
+    and messages; detached, so not differentiable."""
+    return float(value.detach()) if isinstance(value, Tensor) else value
 
 
 def input_kernel(x1: Tensor, x2: Tensor | None, *, diagonal: bool = False,

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..kernel import Kernel, position_diagonal
-from .base import BuildContext, Kernels, Layer, Shapes, single
+from .base import BuildContext, Kernels, Layer, Shapes, affine_variances, number, single
 from .linear import Parameterization
 
 __all__ = [
@@ -214,8 +214,8 @@ class _Conv(_Spatial):
         stride: int | Sequence[int] = 1,
         padding: Padding = 0,
         dilation: int | Sequence[int] = 1,
-        w_std: float = 1.0,
-        b_std: float | None = 0.0,
+        w_std: float | Tensor = 1.0,
+        b_std: float | Tensor | None = 0.0,
         *,
         padding_mode: PaddingMode = "zeros",
         parameterization: Parameterization = "ntk",
@@ -225,8 +225,8 @@ class _Conv(_Spatial):
 
         name = type(self).__name__
         # Linear validates the widths, standard deviations and parameterization.
-        Linear(out_channels, w_std, b_std, parameterization=parameterization,
-               in_features=in_channels)
+        checked = Linear(out_channels, w_std, b_std, parameterization=parameterization,
+                         in_features=in_channels)
         self.out_channels = out_channels
         self.kernel_size = _tuple(kernel_size, self.ndim, "kernel_size", name)
         self.stride = _tuple(stride, self.ndim, "stride", name)
@@ -242,8 +242,7 @@ class _Conv(_Spatial):
         else:
             self.padding = _tuple(padding, self.ndim, "padding", name, minimum=0)
         self.mode = "circular" if padding == "circular" else padding_mode
-        self.w_std = float(w_std)
-        self.b_std = None if b_std is None else float(b_std)
+        self.w_std, self.b_std = checked.w_std, checked.b_std
         self.parameterization = parameterization
         self.in_channels = in_channels
 
@@ -273,13 +272,15 @@ class _Conv(_Spatial):
 
         # Each rule below is one fused pass over the summed tile:
         # nngp = w^2 mean_d(K) + b^2 = b^2 + (w^2 / taps) sum_d(K).
-        w2 = self.w_std**2
-        b2 = 0.0 if self.b_std is None else self.b_std**2
+        # The hyperparameters are 0-dim tensors, so that the kernel is differentiable
+        # in those given as tensors.
+        w2, b2 = affine_variances(self.w_std, self.b_std, k.nngp)
         scale = w2 / taps
-        bias = torch.tensor(b2, dtype=k.nngp.dtype, device=k.nngp.device)
 
         def affine(t: Tensor) -> Tensor:
-            return torch.add(bias, t, alpha=scale) if b2 else t.mul_(scale)
+            if b2 is not None:
+                return torch.addcmul(b2, t, scale)
+            return t * scale if scale.requires_grad else t.mul_(scale)
 
         if k.is_input and k.inputs is not None and not k.diagonal:
             nngp_sum = _input_conv_sum(k, axes)
@@ -292,13 +293,12 @@ class _Conv(_Spatial):
         if self.parameterization == "standard":  # w^2 mean(Theta) + fan_in mean(K) + 1
             ntk = torch.mul(nngp_sum, fan_in / taps)
             if not k.is_input:
-                ntk.add_(conv_sum(k.ntk, b), alpha=scale)
+                ntk.addcmul_(conv_sum(k.ntk, b), scale)
             if bias_grad:
                 ntk.add_(bias_grad)
         nngp = affine(nngp_sum)
         if self.parameterization == "ntk":  # nngp' + w^2 mean(Theta)
-            ntk = nngp.clone() if k.is_input else torch.add(nngp, conv_sum(k.ntk, b),
-                                                             alpha=scale)
+            ntk = nngp.clone() if k.is_input else torch.addcmul(nngp, conv_sum(k.ntk, b), scale)
         if k.diagonal:
             cov1 = cov2 = nngp
         return k.replace(
@@ -313,7 +313,7 @@ class _Conv(_Spatial):
         axes = self._axes(spatial)
         module = NTKConv(shape[0], self.out_channels, self.kernel_size, self.stride,
                          self.dilation, [(ax.before, ax.after) for ax in axes], self.mode,
-                         self.w_std, self.b_std, self.parameterization, ctx)
+                         number(self.w_std), number(self.b_std), self.parameterization, ctx)
         return module, (self.out_channels,) + tuple(ax.m for ax in axes)
 
     def __repr__(self) -> str:
@@ -357,7 +357,9 @@ class Conv2d(_Conv):
             ``total // 2`` before and the rest after, as neural-tangents and
             TensorFlow), ``"circular"`` (``"same"`` with wrap-around), or ints
             (symmetric, per axis).
-        w_std, b_std: as `Linear`; ``b_std=None`` for no bias.
+        w_std, b_std: as `Linear`, numbers or 0-dim tensors (the kernel is then
+            differentiable in them; the finite twin of `build` is not);
+            ``b_std=None`` for no bias.
         padding_mode: ``"zeros"``, ``"circular"``, ``"reflect"`` or
             ``"replicate"`` (`torch.nn.Conv2d`'s), for int or ``"same"`` padding.
         parameterization: ``"ntk"`` or ``"standard"``.

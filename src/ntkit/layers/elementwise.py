@@ -18,6 +18,16 @@ __all__ = ["Elementwise"]
 _POINTS_PER_CHUNK = 1 << 22
 
 
+def _sqrt(t: Tensor) -> Tensor:
+    """``sqrt(t)`` for ``t >= 0`` whose gradient is 0 at 0 instead of infinite: the
+    residual variance is 0 exactly for an input paired with itself or a duplicate,
+    for any hyperparameter, and ``0 * inf`` would put NaN into the gradients."""
+    if not t.requires_grad:
+        return torch.sqrt(t)
+    positive = t > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, t, 1.0)), 0.0)
+
+
 class Elementwise(Activation):
     """Any elementwise torch function, its kernels by 2-D Gauss-Hermite quadrature.
 
@@ -75,9 +85,12 @@ class Elementwise(Activation):
         try:
             return torch.func.jvp(self._fn, (x,), (torch.ones_like(x),))[1]
         except (RuntimeError, NotImplementedError):
+            # When x carries a graph (differentiable hyperparameters), so does fn'(x).
+            tracked = x.requires_grad
             with torch.enable_grad():
-                xg = x.detach().requires_grad_(True)
-                (g,) = torch.autograd.grad(self._fn(xg).sum(), xg, allow_unused=True)
+                xg = x if tracked else x.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(self._fn(xg).sum(), xg, allow_unused=True,
+                                           create_graph=tracked)
             return torch.zeros_like(x) if g is None else g
 
     def _rule(self, k: Tensor, v1: Tensor, v2: Tensor, *, want_dot: bool
@@ -96,7 +109,7 @@ class Elementwise(Activation):
             kc, a, b = k[i:i + step], v1[i:i + step], v2[i:i + step]
             sa = torch.sqrt(a).clamp_min(tiny)
             slope = kc / sa
-            resid = torch.sqrt((b - slope * slope).clamp_min(0))
+            resid = _sqrt((b - slope * slope).clamp_min(0))
             x = sa[:, None] * u                                        # (E, d): X at u_i
             y = (slope[:, None, None] * u[None, :, None]               # (E, d, d): Y at (u_i, u_j)
                  + resid[:, None, None] * u[None, None, :])

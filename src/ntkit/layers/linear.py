@@ -8,8 +8,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .._checks import as_std
 from ..kernel import Kernel
-from .base import BuildContext, Kernels, Layer, Shapes, flat_width, single
+from .base import (
+    BuildContext, Kernels, Layer, Shapes, affine_variances, flat_width, number, single,
+)
 
 __all__ = ["Linear", "Flatten", "NTKLinear"]
 
@@ -33,11 +36,18 @@ class Linear(Layer):
     grows with the widths (the ``1`` is the bias's gradient; ``b_std=None``
     drops the bias). These are neural-tangents' ``stax.Dense`` conventions.
 
+    ``w_std`` and ``b_std`` may be real 0-dim tensors: the kernel is then
+    differentiable in them (autograd), e.g. to fit them by maximising a
+    marginal likelihood. `build` uses their current values as numbers, so the
+    finite twin is not differentiable in them.
+
     Args:
         out_features: the width; used by `build` and by the standard
             parameterization's NTK (the next layer's fan-in).
-        w_std: weight standard deviation (times ``sqrt(fan_in)``).
-        b_std: bias standard deviation; ``None`` for no bias parameter.
+        w_std: weight standard deviation (times ``sqrt(fan_in)``): a number or
+            a 0-dim floating tensor.
+        b_std: bias standard deviation, a number or a 0-dim floating tensor;
+            ``None`` for no bias parameter.
         parameterization: ``"ntk"`` or ``"standard"``.
         in_features: the expected fan-in, checked against the inputs when given;
             like `torch.nn.LazyLinear`, it is otherwise taken from them.
@@ -46,8 +56,8 @@ class Linear(Layer):
     def __init__(
         self,
         out_features: int,
-        w_std: float = 1.0,
-        b_std: float | None = 0.0,
+        w_std: float | Tensor = 1.0,
+        b_std: float | Tensor | None = 0.0,
         *,
         parameterization: Parameterization = "ntk",
         in_features: int | None = None,
@@ -58,14 +68,8 @@ class Linear(Layer):
             raise ValueError(
                 f"parameterization must be 'ntk' or 'standard', got {parameterization!r}."
             )
-        for name, value in (("w_std", w_std), ("b_std", b_std)):
-            if value is None and name == "b_std":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a real number, got {type(value).__name__} "
-                                f"{value!r}.")
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be finite and >= 0, got {name}={value}.")
+        w_std = as_std(w_std, "w_std")
+        b_std = None if b_std is None else as_std(b_std, "b_std")
         if in_features is not None and (
                 not isinstance(in_features, int) or isinstance(in_features, bool)
                 or in_features < 1):
@@ -74,8 +78,8 @@ class Linear(Layer):
                 f"{in_features!r}."
             )
         self.out_features = out_features
-        self.w_std = float(w_std)
-        self.b_std = None if b_std is None else float(b_std)
+        self.w_std = w_std
+        self.b_std = b_std
         self.parameterization = parameterization
         self.in_features = in_features
 
@@ -87,11 +91,10 @@ class Linear(Layer):
                 f"{self!r} expects {self.in_features} input features but receives {fan_in}; "
                 f"pass inputs of shape (N, {self.in_features}) or change in_features."
             )
-        w2 = self.w_std**2
-        b2 = 0.0 if self.b_std is None else self.b_std**2
+        w2, b2 = affine_variances(self.w_std, self.b_std, k.nngp)
         nngp = _affine(k.nngp, w2, b2)
         if self.parameterization == "ntk":
-            ntk = torch.add(nngp, k.ntk, alpha=w2)
+            ntk = torch.addcmul(nngp, k.ntk, w2)
         else:
             bias_grad = 0.0 if self.b_std is None else 1.0
             ntk = torch.add(k.ntk * w2, k.nngp, alpha=fan_in) + bias_grad
@@ -107,7 +110,7 @@ class Linear(Layer):
                 f"{self!r} expects {self.in_features} input features but input_shape gives "
                 f"{fan_in}."
             )
-        module = NTKLinear(fan_in, self.out_features, self.w_std, self.b_std,
+        module = NTKLinear(fan_in, self.out_features, number(self.w_std), number(self.b_std),
                            self.parameterization, ctx)
         return module, (self.out_features,)
 
@@ -116,8 +119,8 @@ class Linear(Layer):
         return f"Linear({self.out_features}, w_std={self.w_std}, b_std={self.b_std}{extra})"
 
 
-def _affine(x: Tensor, w2: float, b2: float) -> Tensor:
-    return x * w2 + b2 if b2 else x * w2
+def _affine(x: Tensor, w2: Tensor, b2: Tensor | None) -> Tensor:
+    return x * w2 if b2 is None else x * w2 + b2
 
 
 class NTKLinear(nn.Module):
