@@ -1,0 +1,540 @@
+"""Architectures as text: a compact spec string, or a JSON/YAML layer list.
+
+The compact form chains layers with ``-``::
+
+    linear(512, w_std=1.5, b_std=0.1)-relu-linear(512, w_std=1.5, b_std=0.1)-relu-linear(10)
+    conv2d(64, 3, padding=same)-relu-avgpool2d(2)-flatten-linear(10)
+    3*(linear(512, w_std=1.5)-relu)-linear(10)         # Repeat(Sequential(...), 3)
+
+Grammar (whitespace is allowed between tokens)::
+
+    spec     := item ("-" item)*
+    item     := INT "*" "(" spec ")"  |  layer
+    layer    := NAME ["(" [arg ("," arg)*] ")"]
+    arg      := [NAME "="] value
+    value    := number | NAME | 'quoted' | "quoted" | "(" values ")" | "[" values "]"
+
+Layer names are case-insensitive and ignore underscores (``LayerNorm``,
+``layer_norm`` and ``layernorm`` are one layer); arguments are those of the
+ntkit constructor of the same name, positional or by keyword. Bare names as
+values are strings (``padding=same``), except ``true``/``false`` and
+``none``/``null``. Numbers with a dot or an exponent are floats, others ints.
+
+The file form (``.json``, ``.yaml``/``.yml``; YAML needs PyYAML) holds a
+list of layers, or ``{"layers": [...]}``. A layer is a compact string
+(``"linear(512, w_std=1.5)"``), ``{"layer": NAME, "args": [...], "kwargs":
+{...}}`` (both optional), or ``{"repeat": N, "layers": [...]}``::
+
+    {"layers": [
+        {"repeat": 2, "layers": [{"layer": "linear", "args": [512],
+                                   "kwargs": {"w_std": 1.5, "b_std": 0.1}}, "relu"]},
+        {"layer": "linear", "args": [10]}
+    ]}
+
+`to_spec` writes the compact form back; ``parse_architecture(to_spec(net))``
+has the same kernel as ``net``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import Tensor
+
+from . import layers as L
+from .layers.base import Layer
+
+__all__ = ["parse_architecture", "to_spec", "LAYERS"]
+
+
+#: Compact-spec name -> constructor. Keys are lowercase without underscores.
+LAYERS: dict[str, Callable[..., Layer]] = {
+    "linear": L.Linear, "dense": L.Linear,
+    "conv1d": L.Conv1d, "conv2d": L.Conv2d, "conv3d": L.Conv3d,
+    "avgpool1d": L.AvgPool1d, "avgpool2d": L.AvgPool2d, "avgpool3d": L.AvgPool3d,
+    "sumpool1d": L.SumPool1d, "sumpool2d": L.SumPool2d, "sumpool3d": L.SumPool3d,
+    "globalavgpool": L.GlobalAvgPool, "globalsumpool": L.GlobalSumPool,
+    "flatten": L.Flatten, "layernorm": L.LayerNorm, "dropout": L.Dropout,
+    "identity": L.Identity,
+    "relu": L.ReLU, "leakyrelu": L.LeakyReLU, "abrelu": L.ABReLU, "abs": L.Abs,
+    "sign": L.Sign, "erf": L.Erf, "gelu": L.GELU, "sin": L.Sin, "cos": L.Cos, "rbf": L.Rbf,
+    "gaussian": L.Gaussian, "exp": L.Exp, "monomial": L.Monomial,
+    "rectifiedmonomial": L.RectifiedMonomial,
+}
+_CONSTANTS = {"true": True, "false": False, "none": None, "null": None}
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)(?![\w])",
+                     re.IGNORECASE)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _known() -> str:
+    return ", ".join(sorted(LAYERS))
+
+
+def _normal(name: str) -> str:
+    return name.lower().replace("_", "")
+
+
+# ------------------------------------------------------------------ parsing
+class _Parser:
+    """Recursive descent over one compact spec string, tracking positions."""
+
+    def __init__(self, text: str, where: str = "") -> None:
+        self.text, self.pos, self.where = text, 0, where
+
+    def error(self, message: str, start: int | None = None, end: int | None = None,
+              *, list_layers: bool = False) -> ValueError:
+        start = self.pos if start is None else start
+        end = max(start + 1, end if end is not None else start + 1)
+        end = min(end, max(len(self.text), start + 1))
+        # Position in characters from 1, and the text with a caret line under it.
+        lines = [f"cannot parse architecture{self.where} at character {start + 1}: {message}",
+                 f"  {self.text}", "  " + " " * start + "^" * (end - start)]
+        if list_layers:
+            lines.append(f"known layers: {_known()}")
+        return ValueError("\n".join(lines))
+
+    def skip(self) -> None:
+        while self.pos < len(self.text) and self.text[self.pos].isspace():
+            self.pos += 1
+
+    def peek(self) -> str:
+        self.skip()
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def expect(self, char: str, context: str) -> None:
+        if self.peek() != char:
+            got = repr(self.text[self.pos]) if self.pos < len(self.text) else "the end"
+            raise self.error(f"expected {char!r} {context}, found {got}")
+        self.pos += 1
+
+    # spec := item ("-" item)*
+    def spec(self, closing: str = "") -> Layer:
+        items = [self.item()]
+        while self.peek() == "-":
+            self.pos += 1
+            items.append(self.item())
+        c = self.peek()
+        if c != closing:
+            if c == "":
+                raise self.error(f"expected {closing!r} to close the group")
+            raise self.error(f"unexpected {c!r}; layers are joined with '-'",
+                             list_layers=False)
+        return items[0] if len(items) == 1 else L.Sequential(*items)
+
+    def item(self) -> Layer:
+        self.skip()
+        start = self.pos
+        m = re.compile(r"\d+").match(self.text, self.pos)
+        if m:
+            self.pos = m.end()
+            self.expect("*", "after a repeat count (write N*(layers) or N*layer)")
+            if self.peek() == "(":
+                self.pos += 1
+                inner = self.spec(closing=")")
+                self.pos += 1
+            else:
+                self.skip()
+                inner = self.layer(self.pos)
+            return L.Repeat(inner, int(m.group()))
+        return self.layer(start)
+
+    def layer(self, start: int) -> Layer:
+        m = _NAME.match(self.text, self.pos)
+        if not m:
+            got = repr(self.text[self.pos]) if self.pos < len(self.text) else "the end"
+            raise self.error(f"expected a layer name, found {got}", list_layers=True)
+        name, self.pos = m.group(), m.end()
+        key = _normal(name)
+        if key not in LAYERS:
+            raise self.error(f"unknown layer {name!r}", start, m.end(), list_layers=True)
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        accepted = _parameters(LAYERS[key])
+        if self.peek() == "(":
+            self.pos += 1
+            if self.peek() != ")":
+                while True:
+                    self.arg(args, kwargs, key, accepted)
+                    if self.peek() == ",":
+                        self.pos += 1
+                        continue
+                    break
+            self.expect(")", f"to close the arguments of {name!r}")
+        return _construct(key, args, kwargs, lambda msg: self.error(msg, start, self.pos))
+
+    def arg(self, args: list, kwargs: dict, layer: str, accepted: list[str]) -> None:
+        self.skip()
+        start = self.pos
+        m = _NAME.match(self.text, self.pos)
+        if m:
+            after = m.end()
+            while after < len(self.text) and self.text[after].isspace():
+                after += 1
+            if after < len(self.text) and self.text[after] == "=":
+                key = m.group()
+                if key not in accepted:
+                    raise self.error(f"{layer} has no argument {key!r}; it takes: "
+                                     f"{', '.join(accepted) or 'no arguments'}", start, m.end())
+                if key in kwargs:
+                    raise self.error(f"keyword {key!r} given twice", start, m.end())
+                self.pos = after + 1
+                kwargs[key] = self.value()
+                return
+        if kwargs:
+            raise self.error("positional argument after a keyword argument", start)
+        args.append(self.value())
+
+    def value(self) -> Any:
+        self.skip()
+        start = self.pos
+        c = self.peek()
+        if c in "([":
+            close = ")" if c == "(" else "]"
+            self.pos += 1
+            items = []
+            if self.peek() != close:
+                while True:
+                    items.append(self.value())
+                    if self.peek() == ",":
+                        self.pos += 1
+                        if self.peek() == close:
+                            break
+                        continue
+                    break
+            self.expect(close, "to close the tuple")
+            return tuple(items)
+        if c in "'\"":
+            end = self.text.find(c, self.pos + 1)
+            if end < 0:
+                raise self.error("unterminated string", start)
+            self.pos = end + 1
+            return self.text[start + 1:end]
+        m = _NUMBER.match(self.text, self.pos)
+        if m:
+            self.pos = m.end()
+            token = m.group()
+            if re.fullmatch(r"[+-]?\d+", token):
+                return int(token)
+            return float(token)
+        m = _NAME.match(self.text, self.pos)
+        if m:
+            self.pos = m.end()
+            word = m.group()
+            return _CONSTANTS.get(word.lower(), word)
+        got = repr(c) if c else "the end"
+        raise self.error(f"expected a value (number, name, string or tuple), found {got}")
+
+
+def _parameters(ctor: Callable) -> list[str]:
+    """The names of a constructor's arguments."""
+    return [p.name for p in inspect.signature(ctor).parameters.values()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _construct(key: str, args: list, kwargs: dict, error: Callable[[str], ValueError]
+               ) -> Layer:
+    """``LAYERS[key](*args, **kwargs)``, with a parse error naming the accepted arguments."""
+    ctor = LAYERS[key]
+    try:
+        sig = inspect.signature(ctor)
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        accepted = ", ".join(_parameters(ctor)) or "no arguments"
+        raise error(f"{key}: {e}; {key} takes: {accepted}") from None
+    try:
+        return ctor(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise error(f"{key}: {e}") from None
+
+
+def _parse_string(text: str, where: str = "") -> Layer:
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"the architecture spec{where} is empty; write layers joined by '-', "
+                         f"e.g. 'linear(512)-relu-linear(10)'. Known layers: {_known()}")
+    p = _Parser(text, where)
+    return p.spec()
+
+
+def _from_items(items: Any, where: str) -> Layer:
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{where}: expected a non-empty list of layers, got {items!r}.")
+    layers = [_from_item(item, f"{where}[{i}]") for i, item in enumerate(items)]
+    return layers[0] if len(layers) == 1 else L.Sequential(*layers)
+
+
+def _from_item(item: Any, where: str) -> Layer:
+    if isinstance(item, str):
+        return _parse_string(item, f" ({where})")
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: a layer is a string such as 'relu', a mapping "
+                         f"{{'layer': NAME, 'args': [...], 'kwargs': {{...}}}} or "
+                         f"{{'repeat': N, 'layers': [...]}}; got {item!r}.")
+    if "repeat" in item:
+        extra = set(item) - {"repeat", "layers"}
+        n = item["repeat"]
+        if extra or not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"{where}: a repeat is {{'repeat': N, 'layers': [...]}} with an "
+                             f"int N >= 0; got {item!r}.")
+        return L.Repeat(_from_items(item.get("layers"), f"{where}.layers"), n)
+    extra = set(item) - {"layer", "args", "kwargs"}
+    if "layer" not in item or extra:
+        raise ValueError(f"{where}: expected the keys 'layer' (and optionally 'args', "
+                         f"'kwargs'), got {sorted(item)}.")
+    name = item["layer"]
+    key = _normal(name) if isinstance(name, str) else None
+    if key not in LAYERS:
+        raise ValueError(f"{where}: unknown layer {name!r}; known layers: {_known()}")
+    args, kwargs = item.get("args", []), item.get("kwargs", {})
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise ValueError(f"{where}: 'args' must be a list and 'kwargs' a mapping, got "
+                         f"{args!r} and {kwargs!r}.")
+
+    def tuples(v):  # JSON has no tuples: lists are kernel sizes, strides, paddings
+        return tuple(tuples(u) for u in v) if isinstance(v, list) else v
+
+    return _construct(key, [tuples(a) for a in args], {k: tuples(v) for k, v in kwargs.items()},
+                      lambda msg: ValueError(f"{where}: {msg}"))
+
+
+def _load_file(path: Path) -> Any:
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise FileNotFoundError(f"architecture file {str(path)!r} does not exist.")
+    text = path.read_text()
+    if suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}).") from None
+    if suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:
+            raise ImportError(f"reading the YAML architecture {path} needs PyYAML: "
+                              f"pip install pyyaml (or write it as JSON).") from e
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e}).") from None
+    raise ValueError(f"architecture file {str(path)!r} must end in .json, .yaml or .yml, "
+                     f"got {suffix or 'no suffix'!r}.")
+
+
+def parse_architecture(spec: str | dict | list | os.PathLike) -> Layer:
+    """An ntkit network from a compact spec string, a layer list, or a JSON/YAML file.
+
+    Args:
+        spec: a compact string such as ``"linear(512)-relu-linear(10)"`` (grammar in
+            this module's docstring); a path (`os.PathLike`, or a string ending in
+            ``.json``/``.yaml``/``.yml``) of a file holding a layer list; or the
+            loaded layer list itself (a list, or a dict with key ``"layers"``).
+
+    Returns:
+        The network: one `Layer`, or a `Sequential` of several.
+
+    Raises:
+        ValueError: the spec does not parse. For strings the message gives the
+            character position, the spec with a caret under the offending token,
+            and the known layer names; for lists, the path of the bad entry
+            (e.g. ``layers[2]``). Constructor errors (a negative width, an
+            unknown keyword) are reported the same way.
+        FileNotFoundError: a file path that does not exist.
+        ImportError: a YAML file without PyYAML installed.
+    """
+    if isinstance(spec, os.PathLike) or (
+            isinstance(spec, str) and spec.strip().lower().endswith((".json", ".yaml", ".yml"))):
+        path = Path(spec).expanduser()
+        spec = _load_file(path)
+        where = f"{path.name}: layers"
+    else:
+        where = "layers"
+    if isinstance(spec, str):
+        return _parse_string(spec)
+    if isinstance(spec, dict):
+        if set(spec) != {"layers"}:
+            raise ValueError(f"an architecture mapping has one key, 'layers' (a list of "
+                             f"layers); got the keys {sorted(spec)}.")
+        spec = spec["layers"]
+    if isinstance(spec, list):
+        return _from_items(spec, where)
+    raise TypeError(f"spec must be a string, a path, a list of layers or "
+                    f"{{'layers': [...]}}, got {type(spec).__name__}.")
+
+
+# ------------------------------------------------------------------ writing
+def _num(v: Any) -> str:
+    """A value in compact-spec syntax; floats as their shortest exact repr."""
+    if isinstance(v, Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"a hyperparameter tensor of shape {tuple(v.shape)} has no spec "
+                             f"form; only scalars do.")
+        v = float(v.detach())
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return v if _NAME.fullmatch(v) and v.lower() not in _CONSTANTS else repr(v)
+    if isinstance(v, (tuple, list)):
+        inner = ",".join(_num(u) for u in v)
+        return f"({inner},)" if len(v) == 1 else f"({inner})"
+    raise ValueError(f"the value {v!r} has no spec form.")
+
+
+def _call(name: str, args: list, kwargs: dict) -> str:
+    parts = [_num(a) for a in args] + [f"{k}={_num(v)}" for k, v in kwargs.items()]
+    return f"{name}({','.join(parts)})" if parts else name
+
+
+def _same(v: tuple) -> Any:
+    """An int for a tuple of equal ints (``(3, 3)`` -> ``3``)."""
+    return v[0] if len(set(v)) == 1 else tuple(v)
+
+
+def _affine(layer, kw: dict) -> None:
+    if isinstance(layer.w_std, Tensor) or layer.w_std != 1.0:
+        kw["w_std"] = layer.w_std
+    if layer.b_std is None or isinstance(layer.b_std, Tensor) or layer.b_std != 0.0:
+        kw["b_std"] = layer.b_std
+    if layer.parameterization != "ntk":
+        kw["parameterization"] = layer.parameterization
+
+
+def _conv_spec(layer, name: str) -> str:
+    kw: dict[str, Any] = {}
+    if any(s != 1 for s in layer.stride):
+        kw["stride"] = _same(layer.stride)
+    pad = layer.padding
+    if isinstance(pad, str):
+        if pad != "valid":
+            kw["padding"] = pad
+    elif any(p != 0 for p in pad):
+        kw["padding"] = _same(pad)
+    if any(d != 1 for d in layer.dilation):
+        kw["dilation"] = _same(layer.dilation)
+    _affine(layer, kw)
+    if layer.mode != "zeros" and pad != "circular":
+        kw["padding_mode"] = layer.mode
+    if layer.in_channels is not None:
+        kw["in_channels"] = layer.in_channels
+    return _call(name, [layer.out_channels, _same(layer.kernel_size)], kw)
+
+
+def _pool_spec(layer, name: str) -> str:
+    kw: dict[str, Any] = {}
+    if tuple(layer.stride) != tuple(layer.kernel_size):
+        kw["stride"] = _same(layer.stride)
+    pad = layer.padding
+    if isinstance(pad, str):
+        if pad != "valid":
+            kw["padding"] = pad
+    elif any(p != 0 for p in pad):
+        kw["padding"] = _same(pad)
+    if not layer.count_include_pad:
+        kw["count_include_pad"] = False
+    return _call(name, [_same(layer.kernel_size)], kw)
+
+
+def _linear_spec(layer) -> str:
+    kw: dict[str, Any] = {}
+    _affine(layer, kw)
+    if layer.in_features is not None:
+        kw["in_features"] = layer.in_features
+    return _call("linear", [layer.out_features], kw)
+
+
+def _keywords(name: str, layer, attrs: dict[str, tuple[str, Any]]) -> str:
+    """``name(k=v, ...)`` for each ``k: (attribute, default)`` that differs from its default."""
+    kw = {}
+    for k, (attr, default) in attrs.items():
+        v = getattr(layer, attr)
+        if v != default:
+            kw[k] = v
+    return _call(name, [], kw)
+
+
+_WRITERS: dict[type, Callable[[Any], str]] = {
+    L.Linear: _linear_spec,
+    L.Flatten: lambda m: "flatten",
+    L.Identity: lambda m: "identity",
+    L.GlobalAvgPool: lambda m: "globalavgpool",
+    L.GlobalSumPool: lambda m: "globalsumpool",
+    L.ReLU: lambda m: "relu",
+    L.Abs: lambda m: "abs",
+    L.Sign: lambda m: "sign",
+    L.GELU: lambda m: "gelu",
+    L.LeakyReLU: lambda m: _keywords("leakyrelu", m, {"negative_slope": ("negative_slope",
+                                                                          0.01)}),
+    L.ABReLU: lambda m: _call("abrelu", [m.a, m.b], {}),
+    L.Erf: lambda m: _keywords("erf", m, {"a": ("a", 1.0), "b": ("b", 1.0), "c": ("c", 0.0)}),
+    L.Sin: lambda m: _keywords("sin", m, {"a": ("a", 1.0), "b": ("b", 1.0), "c": ("c", 0.0)}),
+    L.Cos: lambda m: _keywords("cos", m, {"a": ("a", 1.0), "b": ("b", 1.0),
+                                          "c": ("phase", 0.0)}),
+    L.Rbf: lambda m: _keywords("rbf", m, {"gamma": ("gamma", 1.0)}),
+    L.Gaussian: lambda m: _keywords("gaussian", m, {"a": ("a", 1.0), "b": ("b", -1.0)}),
+    L.Exp: lambda m: _keywords("exp", m, {"a": ("a", 1.0), "b": ("b", 1.0)}),
+    L.Monomial: lambda m: _call("monomial", [m.degree], {}),
+    L.RectifiedMonomial: lambda m: _call("rectifiedmonomial", [m.degree], {}),
+    L.LayerNorm: lambda m: _keywords("layernorm", m, {"axis": ("axis", "channels"),
+                                                      "eps": ("eps", 1e-5)}),
+    L.Dropout: lambda m: _keywords("dropout", m, {"p": ("p", 0.5), "mode": ("mode", "train")}),
+}
+for _cls in (L.Conv1d, L.Conv2d, L.Conv3d):
+    _WRITERS[_cls] = (lambda name: lambda m: _conv_spec(m, name))(_cls.__name__.lower())
+for _cls in (L.AvgPool1d, L.AvgPool2d, L.AvgPool3d, L.SumPool1d, L.SumPool2d, L.SumPool3d):
+    _WRITERS[_cls] = (lambda name: lambda m: _pool_spec(m, name))(_cls.__name__.lower())
+
+
+def to_spec(layer: Layer) -> str:
+    """The compact spec string of a network, the inverse of `parse_architecture`.
+
+    ``parse_architecture(to_spec(net))`` computes the same kernel as ``net``
+    (and builds the same finite network). Nested `Sequential` containers are
+    flattened; `Repeat` becomes ``N*(...)``; hyperparameters given as tensors
+    are written as their current values.
+
+    Args:
+        layer: an ntkit network.
+
+    Returns:
+        A string such as ``"linear(512,w_std=1.5)-relu-linear(10)"``.
+
+    Raises:
+        ValueError: the network holds a layer the grammar does not cover
+            (branching containers such as `FanOut`/`Parallel`/`FanIn*`,
+            `SelfAttention`, `Elementwise` with an arbitrary function); the
+            message names it.
+    """
+    if not isinstance(layer, Layer):
+        raise TypeError(f"to_spec takes an ntkit Layer, got {type(layer).__name__}.")
+    return _write(layer)
+
+
+def _write(layer: Layer) -> str:
+    if isinstance(layer, L.Repeat) and type(layer) is L.Repeat:
+        return f"{layer.n}*({_write(layer.layer)})"
+    if type(layer) is L.Sequential:
+        if not layer.layers:
+            return "identity"
+        return "-".join(_write(m) for m in layer.layers)
+    writer = _WRITERS.get(type(layer))
+    if writer is None:
+        raise ValueError(
+            f"{layer!r} has no compact spec form: the grammar covers sequential networks of "
+            f"{', '.join(sorted(LAYERS))} and N*(...) repeats, not branching containers "
+            f"(FanOut, Parallel, FanIn*), attention or custom elementwise functions."
+        )
+    return writer(layer)
