@@ -1,0 +1,16 @@
+"""scikit-learn estimators and kernels built on ntkit's infinite-width kernels.
+
+- `NTKRegressor`, `NNGPRegressor`, `NTKClassifier`: the infinite ensemble of
+  infinitely wide networks trained by gradient flow on MSE, as estimators that work
+  in `Pipeline` and `GridSearchCV`.
+- `NTKKernel`, `NNGPKernel`: `sklearn.gaussian_process.kernels.Kernel`\\ s with
+  ``w_std`` and ``b_std`` as hyperparameters (gradients by autograd), for
+  `GaussianProcessRegressor`, `GaussianProcessClassifier` and `SVC`.
+- `save`, `load`: fitted estimators in one ``.npz`` file, without pickle.
+
+Needs scikit-learn (``pip install 'ntkit[sklearn]'``).
+"""
+
+from ._estimators import NNGPRegressor, NTKClassifier, NTKRegressor
+
+__all__ = ["NTKRegressor", "NNGPRegressor", "NTKClassifier"]
