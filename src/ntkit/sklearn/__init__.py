@@ -14,3 +14,6 @@ Needs scikit-learn (``pip install 'ntkit[sklearn]'``).
 from ._estimators import NNGPRegressor, NTKClassifier, NTKRegressor
 
 __all__ = ["NTKRegressor", "NNGPRegressor", "NTKClassifier"]
+from ._kernels import NNGPKernel, NTKKernel
+
+__all__ += ["NTKKernel", "NNGPKernel"]
