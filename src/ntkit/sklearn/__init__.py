@@ -17,3 +17,6 @@ __all__ = ["NTKRegressor", "NNGPRegressor", "NTKClassifier"]
 from ._kernels import NNGPKernel, NTKKernel
 
 __all__ += ["NTKKernel", "NNGPKernel"]
+from ._io import load, save
+
+__all__ += ["save", "load"]
