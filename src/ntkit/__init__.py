@@ -17,6 +17,7 @@ from .layers import (
 from .layers import SelfAttention
 from .linearize import TaylorModel, linearize, taylor
 from .monte_carlo import empirical_kernels, monte_carlo_kernel
+from .kernel_matrix import TileDone, kernel_matrix, write_kernel_matrix
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,5 @@ __all__ = [
     "SumPool2d", "SumPool3d", "GlobalAvgPool", "GlobalSumPool",
     "SelfAttention",
     "linearize", "taylor", "TaylorModel",
+    "kernel_matrix", "write_kernel_matrix", "TileDone",
 ]

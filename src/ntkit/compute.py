@@ -57,13 +57,15 @@ def parse_memory(budget: int | float | str | None) -> int:
 
 
 def progress_bar(items, *, desc: str, unit: str, progress: bool | None,
-                 min_items: int = 1) -> tqdm:
+                 min_items: int = 1, initial: int = 0) -> tqdm:
     """A tqdm bar: always with ``progress=True``, never with False, and by default
-    only for at least ``min_items`` items that take more than 2 s on a terminal."""
+    only for at least ``min_items`` items that take more than 2 s on a terminal.
+    ``initial`` items are counted as done before ``items`` (a resumed run)."""
+    counts = dict(initial=initial, total=len(items) + initial) if initial else {}
     if progress is None:
         return tqdm(items, desc=desc, unit=unit, delay=2.0,
-                    disable=True if len(items) < min_items else None)
-    return tqdm(items, desc=desc, unit=unit, disable=not progress)
+                    disable=True if len(items) < min_items else None, **counts)
+    return tqdm(items, desc=desc, unit=unit, disable=not progress, **counts)
 
 
 def tile_sides(n1: int, n2: int, entry_bytes: int, budget: int, device: torch.device,
