@@ -37,8 +37,8 @@ def _json_param(name: str, value: Any) -> Any:
             return to_spec(value)
         except ValueError as e:
             raise ValueError(
-                f"cannot save an estimator whose architecture is {value!r}: it has no spec "
-                f"string ({e}). Saved files hold no code, so only architectures that "
+                f"cannot save an estimator whose architecture (a {type(value).__name__}) has "
+                f"no spec string ({e}). Saved files hold no code, so only architectures that "
                 f"ntkit.spec can write are saved; for tanh and other elementwise functions "
                 f"use architecture=None with activation='tanh' (or another name).") from None
     if isinstance(value, torch.dtype):
