@@ -67,6 +67,9 @@ KernelFn = Callable[[Tensor, Tensor], Tensor]
 _MIN_NETWORK_TILE = 16
 #: Where a GPU worker runs its tiles (set in each worker's environment by ``devices=``).
 _DEVICE_ENV = "NTKIT_KERNEL_DEVICE"
+#: The scheduler of a cluster started here: no dashboard, and its HTTP routes on a free
+#: port rather than 8787 (which another cluster may hold).
+_NO_DASHBOARD = {"dashboard": False, "dashboard_address": ":0"}
 _FORMAT = 1
 _DTYPES = (torch.float32, torch.float64)
 
@@ -174,8 +177,8 @@ def kernel_matrix(
         sink: _Sink = _MemorySink(job)
     else:
         sink = _ZarrSink.open(Path(out), job, overwrite=overwrite)
-    _compute(job, sink, client=client, n_workers=n_workers, devices=devices, progress=progress,
-             on_tile=on_tile)
+    _compute(sink.job, sink, client=client, n_workers=n_workers, devices=devices,
+             progress=progress, on_tile=on_tile)
     return sink.load()
 
 
@@ -206,8 +209,8 @@ def write_kernel_matrix(
     job = _Job.make(kernel, x1, x2, get=get, key=key, tile_size=tile_size,
                     memory_budget=memory_budget, dtype=dtype)
     sink = _ZarrSink.open(Path(out), job, overwrite=overwrite)
-    _compute(job, sink, client=client, n_workers=n_workers, devices=devices, progress=progress,
-             on_tile=on_tile)
+    _compute(sink.job, sink, client=client, n_workers=n_workers, devices=devices,
+             progress=progress, on_tile=on_tile)
     return sink.kernel
 
 
@@ -605,8 +608,7 @@ def _cluster(client, n_workers, devices) -> Iterator[distributed.Client | None]:
             for v in visible
         }
         cluster = distributed.SpecCluster(
-            workers=workers, scheduler={"cls": distributed.Scheduler,
-                                        "options": {"dashboard_address": None}},
+            workers=workers, scheduler={"cls": distributed.Scheduler, "options": _NO_DASHBOARD},
             silence_logs=logging.ERROR)
     elif n_workers is not None:
         if not isinstance(n_workers, int) or isinstance(n_workers, bool) or n_workers < 1:
@@ -614,6 +616,7 @@ def _cluster(client, n_workers, devices) -> Iterator[distributed.Client | None]:
         distributed = _import("distributed")
         cluster = distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1,
                                            processes=True, dashboard_address=None,
+                                           scheduler_kwargs=_NO_DASHBOARD,
                                            silence_logs=logging.ERROR)
     else:
         yield None
