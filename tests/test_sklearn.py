@@ -27,8 +27,15 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import ntkit as nk
 from ntkit import predict
-from ntkit.sklearn import (NNGPKernel, NNGPRegressor, NTKClassifier, NTKKernel, NTKRegressor,
-                           load, save)
+from ntkit.sklearn import (
+    NNGPKernel,
+    NNGPRegressor,
+    NTKClassifier,
+    NTKKernel,
+    NTKRegressor,
+    load,
+    save,
+)
 
 D = torch.float64
 #: Relative tolerances (max abs error / max abs value), float64. Solves and

@@ -12,11 +12,8 @@ Needs scikit-learn (``pip install 'ntkit[sklearn]'``).
 """
 
 from ._estimators import NNGPRegressor, NTKClassifier, NTKRegressor
-
-__all__ = ["NTKRegressor", "NNGPRegressor", "NTKClassifier"]
+from ._io import load, save
 from ._kernels import NNGPKernel, NTKKernel
 
-__all__ += ["NTKKernel", "NNGPKernel"]
-from ._io import load, save
-
-__all__ += ["save", "load"]
+__all__ = ["NNGPKernel", "NNGPRegressor", "NTKClassifier", "NTKKernel", "NTKRegressor", "load",
+           "save"]

@@ -4,15 +4,35 @@ string or an ntkit `Layer`, and the checks of the options that choose them."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from ..layers import GELU, Abs, Elementwise, Erf, Identity, Layer, LeakyReLU, Linear, ReLU, \
-    Sequential, Sign
+from ..layers import (
+    GELU,
+    Abs,
+    Elementwise,
+    Erf,
+    Identity,
+    Layer,
+    LeakyReLU,
+    Linear,
+    ReLU,
+    Sequential,
+    Sign,
+)
 
-__all__ = ["ACTIVATIONS", "HIDDEN_WIDTH", "mlp", "resolve_network", "check_std",
-           "check_depth", "torch_dtype", "torch_device"]
+__all__ = [
+    "ACTIVATIONS",
+    "HIDDEN_WIDTH",
+    "check_depth",
+    "check_std",
+    "mlp",
+    "resolve_network",
+    "torch_device",
+    "torch_dtype",
+]
 
 #: Activation names accepted by ``activation=`` -> a constructor of the ntkit layer.
 #: Closed forms where ntkit has one; tanh, softplus and sigmoid by `Elementwise`

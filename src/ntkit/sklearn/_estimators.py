@@ -28,7 +28,7 @@ from ..compute import parse_memory
 from ..layers import Layer
 from ._architecture import resolve_network, torch_device, torch_dtype
 
-__all__ = ["NTKRegressor", "NNGPRegressor", "NTKClassifier", "dual_coefficients"]
+__all__ = ["NNGPRegressor", "NTKClassifier", "NTKRegressor", "dual_coefficients"]
 
 
 # ------------------------------------------------------------------ the math, delegated
@@ -171,7 +171,7 @@ class _KernelModel(BaseEstimator):
 
 
 class _Regressor(RegressorMixin, _KernelModel):
-    def fit(self, X: Any, y: Any) -> "_Regressor":
+    def fit(self, X: Any, y: Any) -> _Regressor:
         """Fits the infinite ensemble to training data.
 
         Args:
@@ -396,7 +396,7 @@ class NTKClassifier(ClassifierMixin, _KernelModel):
         self.device = device
         self.memory_budget = memory_budget
 
-    def fit(self, X: Any, y: Any) -> "NTKClassifier":
+    def fit(self, X: Any, y: Any) -> NTKClassifier:
         """Fits to inputs ``(n_samples, n_features)`` and labels ``(n_samples,)`` (any
         hashable labels: ints, strings). Returns self."""
         X, y = validate_data(self, X, y, dtype=np.float64)

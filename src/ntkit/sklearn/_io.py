@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,13 +19,13 @@ from sklearn.utils.validation import check_is_fitted
 from ..layers import Layer
 from ._estimators import NNGPRegressor, NTKClassifier, NTKRegressor
 
-__all__ = ["save", "load"]
+__all__ = ["load", "save"]
 
 FORMAT = "ntkit.sklearn.v1"
 _CLASSES = {cls.__name__: cls for cls in (NTKRegressor, NNGPRegressor, NTKClassifier)}
 #: Fitted arrays, by attribute name; each estimator has those it computed.
 _ARRAYS = ("X_fit_", "dual_coef_", "cov_coef_", "classes_", "feature_names_in_")
-Estimator = Union[NTKRegressor, NNGPRegressor, NTKClassifier]
+Estimator = NTKRegressor | NNGPRegressor | NTKClassifier
 
 
 def _json_param(name: str, value: Any) -> Any:
