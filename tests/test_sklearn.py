@@ -204,7 +204,7 @@ def test_architecture_forms_agree():
 @pytest.mark.parametrize("kernel_cls, field", [(NTKKernel, "ntk"), (NNGPKernel, "nngp")])
 @pytest.mark.parametrize("act", ["relu", "erf", "tanh"])
 def test_kernel_values_and_log_theta_gradients(kernel_cls, field, act):
-    x = X_TRAIN[:9]
+    x = X_TRAIN[:6]
     kern = kernel_cls(W_STD, B_STD, DEPTH, act)
     value, grad = kern(x, eval_gradient=True)
     net = nk.Sequential(*[lay for _ in range(DEPTH) for lay in (
@@ -215,7 +215,7 @@ def test_kernel_values_and_log_theta_gradients(kernel_cls, field, act):
     assert _rel(kern(x, X_TEST), getattr(net.kernel(torch.tensor(x), torch.tensor(X_TEST)),
                                           field)) < 1e-12
     assert _rel(kern.diag(x), np.diag(value)) < 1e-12
-    assert grad.shape == (9, 9, 2)
+    assert grad.shape == (6, 6, 2)
     for i in range(2):                                  # theta = (log b_std, log w_std)
         up, down = kern.theta.copy(), kern.theta.copy()
         up[i] += FD_STEP
