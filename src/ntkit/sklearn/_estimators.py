@@ -224,7 +224,7 @@ _PARAMS = """
 
 
 def _doc(cls):
-    cls.__doc__ = cls.__doc__.replace("{params}", _PARAMS.strip("\n"))
+    cls.__doc__ = cls.__doc__.replace("{params}", _PARAMS.strip())
     return cls
 
 
@@ -287,7 +287,8 @@ class NNGPRegressor(_Regressor):
 
     and at ``t = inf`` (the default) this is exactly the GP posterior with noise
     variance ``diag_reg * trace(K) / N`` (what `GaussianProcessRegressor` computes with
-    the same kernel and ``alpha``). ``K`` includes ``diag_reg``.
+    the same kernel and ``alpha``). In the formulas the train-train ``K`` (inverted and
+    exponentiated) includes ``diag_reg``; ``K_td`` and ``K_tt`` do not.
 
     {params}
 
