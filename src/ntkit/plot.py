@@ -201,7 +201,7 @@ def kernel_distance_vs_width(widths: Sequence[int] | Any, distances: Any, *,
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("width (hidden units)")
-    ax.set_ylabel("relative Frobenius distance to the infinite-width NTK")
+    ax.set_ylabel("relative distance ‖K_width − K_∞‖_F / ‖K_∞‖_F")
     ax.set_title(title or "finite-width NTK approaches the infinite-width NTK")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
