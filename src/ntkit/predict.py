@@ -481,11 +481,25 @@ class EnsemblePredictor:
     """Predictions of the infinite ensemble; see `gradient_descent_mse_ensemble`."""
 
     def __init__(self, kernel_fn, x_train: Tensor, y_train: Tensor, learning_rate: float,
-                 diag_reg: float, absolute: bool, memory_budget, dtype: torch.dtype | None):
+                 diag_reg: float, absolute: bool, memory_budget, dtype: torch.dtype | None,
+                 solver: str = "exact", solver_options: dict | None = None):
         self._dtype = dtype
         self._kernel_fn = kernel_fn
         self.x_train = x_train
         self._budget = parse_memory(memory_budget)
+        #: how the t = inf means are solved: "exact" (factorisations), "cg" or "nystrom"
+        self.solver = solver
+        if solver != "exact":
+            # no train-train kernel here: the solver computes (or streams) what it needs
+            like = torch.empty(0, dtype=dtype or x_train.dtype, device=x_train.device)
+            self.y_train = _targets(y_train, x_train.shape[0], like)
+            _positive(learning_rate, "learning_rate")
+            self._rate = learning_rate / self.y_train.numel()
+            self._solver_args = dict(solver_options or {}, diag_reg=diag_reg,
+                                     diag_reg_absolute_scale=absolute,
+                                     memory_budget=memory_budget, dtype=dtype)
+            self._solved: dict[str, object] = {}
+            return
         k = self._kernels(x_train, None)
         self._k_dd = {"nngp": k.nngp, "ntk": k.ntk}
         self._factors = {g: _Factor(self._k_dd[g], diag_reg, absolute, f"the train-train {g}")
@@ -508,6 +522,8 @@ class EnsemblePredictor:
                 raise ValueError(f"get must be 'nngp', 'ntk' or a tuple of them, got {g!r}.")
         y = self.y_train
         times, scalar = _times(t, y)
+        if self.solver != "exact":
+            return self._solver_means(x_test, times, scalar, gets, get, compute_cov)
         n_test = x_test.shape[0]
         if compute_cov:        # the covariance needs every test pair: one block
             chunks = [(0, n_test)]
@@ -528,6 +544,33 @@ class EnsemblePredictor:
             if scalar:
                 mean, cov = mean[0], None if cov is None else cov[0]
             out[g] = EnsemblePrediction(mean, cov)
+        return out[gets[0]] if isinstance(get, str) else out
+
+    def _solver_means(self, x_test: Tensor, times: Tensor, scalar: bool, gets, get,
+                      compute_cov: bool):
+        """``t = inf`` means by `ntkit.solvers.solve_krr`, one fit per kernel kind, kept."""
+        from . import solvers
+
+        if compute_cov:
+            raise ValueError(
+                f"compute_cov=True needs the factorised train-train kernels, which "
+                f"solver={self.solver!r} never forms; use solver='exact' for covariances "
+                f"(memory N^2), or compute_cov=False for means.")
+        if bool(torch.isfinite(times).any()):
+            raise ValueError(
+                f"solver={self.solver!r} gives the converged (t = inf) predictor only, got "
+                f"times {times.tolist()}; finite times need the eigendecomposition of "
+                f"solver='exact'.")
+        out = {}
+        for g in gets:
+            if g not in self._solved:
+                kfn = _KindKernel(self._kernel_fn, g, self._dtype)
+                self._solved[g] = solvers.solve_krr(kfn, self.x_train, self.y_train,
+                                                    solver=self.solver, **self._solver_args)
+            mean = self._solved[g].predict(x_test).to(self.y_train)
+            mean = mean.expand((times.shape[0],) + mean.shape).clone()
+            _finite(mean, f"the {g} ensemble")
+            out[g] = EnsemblePrediction(mean[0] if scalar else mean, None)
         return out[gets[0]] if isinstance(get, str) else out
 
     def _kernels(self, a: Tensor, b: Tensor | None):
@@ -570,11 +613,48 @@ class EnsemblePredictor:
         return mean, cov
 
 
+class _KindKernel:
+    """``(a, b) -> kernel_fn(a, b).<get>`` (cast to ``dtype``), with the diagonal from
+    ``kernel_fn.diagonal`` when the ensemble's kernel function has one."""
+
+    def __init__(self, kernel_fn, get: str, dtype: torch.dtype | None):
+        self.kernel_fn, self.get, self.dtype = kernel_fn, get, dtype
+        if hasattr(kernel_fn, "diagonal"):
+            self.diagonal = self._diagonal
+
+    def _cast(self, t: Tensor) -> Tensor:
+        return t if self.dtype is None else t.to(self.dtype)
+
+    def __call__(self, a: Tensor, b: Tensor) -> Tensor:
+        return self._cast(getattr(self.kernel_fn(a, b), self.get))
+
+    def _diagonal(self, a: Tensor) -> Tensor:
+        return self._cast(getattr(self.kernel_fn.diagonal(a), self.get))
+
+
+class _NetKernel:
+    """``(a, b) -> net.kernel(a, b)`` with the budget, and its diagonal."""
+
+    def __init__(self, net, memory_budget):
+        self.net, self.memory_budget = net, memory_budget
+
+    def __call__(self, a: Tensor, b: Tensor | None):
+        return self.net.kernel(a, b, memory_budget=self.memory_budget)
+
+    def diagonal(self, a: Tensor):
+        return self.net.kernel(a, diagonal=True, memory_budget=self.memory_budget,
+                               progress=False)
+
+
 def gradient_descent_mse_ensemble(net, x_train: Tensor, y_train: Tensor, *,
                                   learning_rate: float = 1.0, diag_reg: float = 0.0,
                                   diag_reg_absolute_scale: bool = False,
                                   memory_budget: int | str | None = None,
-                                  dtype: torch.dtype | None = None) -> EnsemblePredictor:
+                                  dtype: torch.dtype | None = None,
+                                  solver: Literal["exact", "auto", "cg", "nystrom"] = "exact",
+                                  n_centers: int | None = None,
+                                  generator: torch.Generator | None = None
+                                  ) -> EnsemblePredictor:
     """The infinite ensemble of infinitely wide networks trained by gradient flow on MSE.
 
     Networks at initialisation are a Gaussian process with the NNGP kernel ``K``.
@@ -598,21 +678,40 @@ def gradient_descent_mse_ensemble(net, x_train: Tensor, y_train: Tensor, *,
             test sets are computed in chunks of test inputs of about this size.
         dtype: compute the linear algebra in this dtype (e.g. ``torch.float64`` for
             ill-conditioned float32 kernels); default the kernels' dtype.
+        solver: how the ``t = inf`` means are solved. ``"exact"`` (default): the
+            train-train kernels are factorised (eigendecomposition / Cholesky; every
+            time, means and covariances). ``"cg"``: the dense kernel, preconditioned
+            CG. ``"nystrom"``: FALKON with ``n_centers`` centres (`ntkit.solvers.
+            nystrom_krr`), never an ``N x N`` matrix; exact at ``n_centers = N``.
+            ``"auto"``: ``"exact"`` when both ``N x N`` kernels fit in
+            ``memory_budget``, else ``"nystrom"``. The non-exact solvers give means
+            at ``t = inf`` only (no covariance, no finite times) and need
+            ``diag_reg > 0`` for ``"nystrom"``.
+        n_centers: Nystrom centres (``"nystrom"``) or preconditioner columns (``"cg"``);
+            default ``min(N, max(500, round(2 sqrt(N))))``.
+        generator: draws the Nystrom centres (required when ``n_centers < N``).
 
     Returns:
         An `EnsemblePredictor`: ``predictor(x_test, t, get=..., compute_cov=...)``.
-        The train-train kernels are computed and factorised once.
+        The train-train kernels are computed and factorised once (with a non-exact
+        solver, each kind's regression is solved once, at its first use).
     """
     if hasattr(net, "kernel"):
-        def kernel_fn(a, b):
-            return net.kernel(a, b, memory_budget=memory_budget)
+        kernel_fn = _NetKernel(net, memory_budget)
     elif callable(net):
         kernel_fn = net
     else:
         raise TypeError(f"net must be an ntkit network or a function (x1, x2) -> Kernel, got "
                         f"{type(net).__name__}.")
+    if solver not in ("exact", "auto", "cg", "nystrom"):
+        raise ValueError(f"solver must be 'exact', 'auto', 'cg' or 'nystrom', got {solver!r}.")
+    if solver == "auto":
+        n = x_train.shape[0]
+        bytes_ = torch.finfo(dtype or x_train.dtype).bits // 8
+        solver = "exact" if 2 * n * n * bytes_ <= parse_memory(memory_budget) else "nystrom"
+    options = {} if solver == "exact" else dict(n_centers=n_centers, generator=generator)
     return EnsemblePredictor(kernel_fn, x_train, y_train, learning_rate, diag_reg,
-                             diag_reg_absolute_scale, memory_budget, dtype)
+                             diag_reg_absolute_scale, memory_budget, dtype, solver, options)
 
 
 # ------------------------------------------------------------------ exact inference
@@ -630,7 +729,8 @@ class GPPosterior:
 
 def gp_inference(k_train_train, y_train: Tensor, k_test_train, k_test_test=None, *,
                  get: str | tuple[str, ...] | None = None, diag_reg: float | Tensor = 0.0,
-                 diag_reg_absolute_scale: bool = False):
+                 diag_reg_absolute_scale: bool = False,
+                 solver: Literal["exact", "cg"] = "exact"):
     """Exact Gaussian-process posteriors of infinitely wide networks.
 
     With kernel matrices (tensors), the posterior of a GP with that kernel and noise
@@ -646,7 +746,19 @@ def gp_inference(k_train_train, y_train: Tensor, k_test_train, k_test_test=None,
     ensemble trained to convergence: ``mean = Theta_td Theta^-1 y``,
     ``cov = K_tt + Theta_td Theta^-1 K_dd Theta^-1 Theta_dt - 2 sym(K_td Theta^-1 Theta_dt)``);
     the default is all three, returned as a dict.
+
+    ``solver="cg"`` computes the means by preconditioned conjugate gradients
+    (`ntkit.solvers.cg_krr`, Nystrom preconditioner) instead of a Cholesky factor:
+    the train-train kernel matrix may then also be an on-disk array read in row
+    blocks (``np.memmap``, ``np.load(path, mmap_mode="r")``, zarr). Covariances and the
+    log marginal likelihood need the factor: with ``"cg"``, ``k_test_test`` is refused
+    and ``log_marginal_likelihood`` is None; ``diag_reg`` must be a number.
     """
+    if solver not in ("exact", "cg"):
+        raise ValueError(f"solver must be 'exact' or 'cg', got {solver!r}.")
+    if solver == "cg":
+        return _cg_posterior(k_train_train, y_train, k_test_train, k_test_test, get,
+                             diag_reg, diag_reg_absolute_scale)
     if hasattr(k_train_train, "nngp") and hasattr(k_train_train, "ntk"):
         gets = ("nngp", "ntk", "ntkgp") if get is None else (
             (get,) if isinstance(get, str) else tuple(get))
@@ -715,3 +827,39 @@ def _trained_posterior(k_dd, y_train, k_td, k_tt, diag_reg, absolute):
         cov = 0.5 * (cov + cov.T)
     _finite(mean, "gp_inference")
     return GPPosterior(mean, cov, None)
+
+
+def _cg_posterior(k_dd, y_train, k_td, k_tt, get, diag_reg, absolute):
+    """Posterior means by `ntkit.solvers.cg_krr`, for ``gp_inference(solver="cg")``."""
+    from .solvers import cg_krr
+
+    if k_tt is not None:
+        raise ValueError("solver='cg' gives posterior means only; covariances need the "
+                         "Cholesky factor: pass k_test_test=None, or use solver='exact'.")
+    if isinstance(diag_reg, Tensor):
+        if diag_reg.requires_grad:
+            raise TypeError("solver='cg' is not differentiable in diag_reg; use "
+                            "solver='exact' to fit hyperparameters.")
+        diag_reg = float(diag_reg)
+
+    def mean(k_train, k_test):
+        alpha, _ = cg_krr(k_train, y_train, diag_reg=diag_reg, diag_reg_absolute_scale=absolute)
+        kt = k_test.to(alpha) if isinstance(k_test, Tensor) else torch.as_tensor(k_test).to(alpha)
+        out = kt @ alpha
+        _finite(out, "gp_inference")
+        return GPPosterior(out, None, None)
+
+    if hasattr(k_dd, "nngp") and hasattr(k_dd, "ntk"):
+        gets = ("nngp", "ntk", "ntkgp") if get is None else (
+            (get,) if isinstance(get, str) else tuple(get))
+        out = {}
+        for g in gets:
+            if g not in ("nngp", "ntk", "ntkgp"):
+                raise ValueError(f"get must be among 'nngp', 'ntk', 'ntkgp', got {g!r}.")
+            field = "nngp" if g == "nngp" else "ntk"     # ntkgp and ntk share the mean
+            out[g] = mean(getattr(k_dd, field), getattr(k_td, field))
+        return out[gets[0]] if isinstance(get, str) else out
+    if get is not None:
+        raise ValueError("get= needs Kernel objects (with nngp and ntk); with kernel matrices "
+                         "the posterior is that of the matrix given.")
+    return mean(k_dd, k_td)

@@ -78,8 +78,9 @@ class CGInfo:
 
     @property
     def residual(self) -> float:
-        """The relative residual reached."""
-        return self.residuals[-1]
+        """The relative residual of the returned iterate: the smallest reached (the last
+        one when converged; a failed solve returns its best iterate)."""
+        return min(self.residuals)
 
 
 def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, *,
@@ -690,7 +691,7 @@ def _dtype_of(k) -> torch.dtype:
 def _as_tensor(b, dtype: torch.dtype, device) -> Tensor:
     if isinstance(b, Tensor):
         return b.to(dtype=dtype, device=device)
-    return torch.as_tensor(np.asarray(b)).to(dtype=dtype, device=device)
+    return torch.from_numpy(np.array(b)).to(dtype=dtype, device=device)  # a copy: memmaps are read-only
 
 
 def _nystrom_preconditioner(y_sketch: Tensor, core: Tensor, s: float):
