@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TOL
 
 import ntkit as nk
-from conftest import TOL
 
 distributed = pytest.importorskip("distributed")
 zarr = pytest.importorskip("zarr")
@@ -177,18 +177,18 @@ def test_resume_computes_only_missing_tiles(tmp_path, capsys):
 def test_resume_against_other_inputs_is_refused(tmp_path, change):
     net, x1, x2 = mlp(), inputs(10), inputs(6, seed=1)
     fn = make_kernel(str(tmp_path / "log"), 0.0)
-    base = dict(kernel=net, x1=x1, x2=x2, tile_size=4)
+    base = {"kernel": net, "x1": x1, "x2": x2, "tile_size": 4}
     if change == "key":
         base.update(kernel=fn, x1=indexed_inputs(10), x2=None, key="model-a")
     out = tmp_path / "k.zarr"
     nk.kernel_matrix(out=out, **base)
     changed = dict(base)
     changed.update({
-        "x1": dict(x1=x1 + 1e-9), "x2": dict(x2=x2[:5]),
-        "network": dict(kernel=nk.Sequential(nk.Linear(64, w_std=1.5, b_std=0.1), nk.ReLU(),
-                                             nk.Linear(1))),
-        "get": dict(get="nngp"), "key": dict(key="model-b"), "tile_size": dict(tile_size=5),
-        "dtype": dict(dtype=torch.float32),
+        "x1": {"x1": x1 + 1e-9}, "x2": {"x2": x2[:5]},
+        "network": {"kernel": nk.Sequential(nk.Linear(64, w_std=1.5, b_std=0.1), nk.ReLU(),
+                                             nk.Linear(1))},
+        "get": {"get": "nngp"}, "key": {"key": "model-b"}, "tile_size": {"tile_size": 5},
+        "dtype": {"dtype": torch.float32},
     }[change])
     name = {"network": "kernel", "tile_size": "tile size"}.get(change, change)
     with pytest.raises(ValueError, match=f"different {name}.*overwrite=True"):
@@ -320,14 +320,14 @@ def test_devices_without_cuda_are_refused(devices):
 
 
 @pytest.mark.parametrize("call, error, match", [
-    (dict(devices=["cpu"]), ValueError, "CUDA devices with an index"),
-    (dict(devices="cuda:0"), TypeError, "a list such as"),
-    (dict(n_workers=2, client=object()), ValueError, "at most one of client="),
-    (dict(n_workers=0), ValueError, "positive int"),
-    (dict(tile_size=(2, 3)), ValueError, "square tiles"),
-    (dict(tile_size=0), ValueError, "positive int"),
-    (dict(get="cov1"), ValueError, "'ntk' or 'nngp'"),
-    (dict(dtype=torch.int64), TypeError, "float32 or torch.float64"),
+    ({"devices": ["cpu"]}, ValueError, "CUDA devices with an index"),
+    ({"devices": "cuda:0"}, TypeError, "a list such as"),
+    ({"n_workers": 2, "client": object()}, ValueError, "at most one of client="),
+    ({"n_workers": 0}, ValueError, "positive int"),
+    ({"tile_size": (2, 3)}, ValueError, "square tiles"),
+    ({"tile_size": 0}, ValueError, "positive int"),
+    ({"get": "cov1"}, ValueError, "'ntk' or 'nngp'"),
+    ({"dtype": torch.int64}, TypeError, "float32 or torch.float64"),
 ], ids=["cpu-device", "device-string", "client-and-workers", "zero-workers", "oblong-tiles",
         "zero-tile", "get", "dtype"])
 def test_bad_arguments(call, error, match):

@@ -39,9 +39,10 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
     import distributed
     import zarr
 
-__all__ = ["kernel_matrix", "write_kernel_matrix", "TileDone"]
+__all__ = ["TileDone", "kernel_matrix", "write_kernel_matrix"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +165,11 @@ def kernel_matrix(
         the zarr array without reading it).
 
     Each Dask worker sets torch's intra-op threads to its own thread count, so
-    that a single-threaded worker process uses one core.
+    that a single-threaded worker process uses one core. Inputs are sent to the
+    workers once (``client.scatter``); there tiles run on the CPU, or on the
+    worker's GPU with ``devices=``. In this process they run where ``x1`` is.
+    A symmetric ``kernel_fn`` is assumed symmetric: tiles below the diagonal are
+    the transposes of those above.
 
     Example:
         >>> net = nk.Sequential(nk.Linear(512), nk.ReLU(), nk.Linear(1))
@@ -231,7 +236,7 @@ class _Job:
     budget: int
 
     @staticmethod
-    def make(kernel, x1, x2, *, get, key, tile_size, memory_budget, dtype) -> "_Job":
+    def make(kernel, x1, x2, *, get, key, tile_size, memory_budget, dtype) -> _Job:
         is_net = isinstance(kernel, Layer)
         if is_net:
             if get not in (None, "nngp", "ntk"):
@@ -285,7 +290,7 @@ class _Job:
     def symmetric(self) -> bool:
         return self.x2 is None
 
-    def with_tile(self, rows: int, cols: int) -> "_Job":
+    def with_tile(self, rows: int, cols: int) -> _Job:
         return _Job(self.kernel, self.x1, self.x2, self.get, self.dtype, rows, cols,
                     self.identity, self.tile_given, self.budget)
 
@@ -448,7 +453,7 @@ class _ZarrSink(_Sink):
         self.mask = group["done"]
 
     @classmethod
-    def open(cls, path: Path, job: _Job, *, overwrite: bool) -> "_ZarrSink":
+    def open(cls, path: Path, job: _Job, *, overwrite: bool) -> _ZarrSink:
         zarr = _import("zarr")
         is_zarr = (path / "zarr.json").is_file()
         if path.exists() and not is_zarr and (path.is_file() or any(path.iterdir())):
