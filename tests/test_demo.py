@@ -1,65 +1,95 @@
-"""The `python -m ntkit` demo and the bundled digits data."""
+"""`ntkit demo` (also `python -m ntkit` without arguments) and the bundled digits data."""
 
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+from ntkit import cli
 from ntkit.datasets import load_digits
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FIGURES = ("training_curves.png", "eigenvalue_spectrum.png", "ntk_distance_vs_width.png")
 
 
 @pytest.fixture(scope="module")
-def demo_output() -> str:
-    """Runs `python -m ntkit` once (about 10 s: a 1797 x 1797 kernel and two solves)."""
-    proc = subprocess.run([sys.executable, "-m", "ntkit"], capture_output=True, text=True,
-                          timeout=300)
+def demo_run(tmp_path_factory):
+    """`python -m ntkit demo` with small settings, in a subprocess (about 10 s)."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path_factory.mktemp("demo") / "figures"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ntkit", "demo", "--quick", "--n-train", "120", "--n-test", "100",
+         "--steps", "60", "--widths", "32,128", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    return proc.stdout, out
 
 
-def test_demo_prints_kernel_summary(demo_output):
-    """The demo describes data, network and both kernels of the full digits set; both
-    kernels' smallest eigenvalue is positive (a kernel matrix of distinct images)."""
-    out = demo_output
-    assert "data: scikit-learn digits, 1797 images of 64 pixels" in out
-    assert re.search(r"network: 3 x \[Linear\(512", out)
-    assert re.search(r"kernel: 1797 x 1797 NNGP and NTK in [0-9.]+ s", out)
-    for name in ("NNGP", "NTK"):
-        m = re.search(rf"{name}: diagonal mean ([0-9.]+), off-diagonal mean ([0-9.-]+), "
-                      rf"eigenvalues \[([-0-9.e+]+), ([-0-9.e+]+)\]", out)
-        assert m, f"no {name} summary in:\n{out}"
-        diag, off, lo, hi = map(float, m.groups())
-        assert diag > off > 0
-        assert 0 < lo < hi
+def test_demo_prints_the_table(demo_run):
+    """One row per model with an accuracy in [0, 1], a positive loss and seconds; the
+    infinite ensembles' rows and the single-network rows (mean ± std)."""
+    out, _ = demo_run
+    assert "120 train / 100 test" in out
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"(infinite (?:NTK|NNGP) ensemble, mean|MLP width \d+)\s+([0-9.]+)\s+"
+                     r"([0-9.]+)\s+([0-9.]+)$", line)
+        if m:
+            rows[m.group(1)] = tuple(float(v) for v in m.groups()[1:])
+    assert set(rows) == {"infinite NTK ensemble, mean", "infinite NNGP ensemble, mean",
+                         "MLP width 32", "MLP width 128"}, out
+    for acc, loss, seconds in rows.values():
+        assert 0 <= acc <= 1 and loss > 0 and seconds >= 0
+    # After 60 steps the ensemble mean is far better than chance (0.1) on ten classes.
+    assert rows["infinite NTK ensemble, mean"][0] > 0.5, out
+    single = re.search(r"infinite NTK: one network\s+([0-9.]+) ± ([0-9.]+)\s+([0-9.]+) ± "
+                       r"([0-9.]+)", out)
+    assert single, out
+    assert float(single.group(2)) > 0                 # a spread across networks
+    assert re.search(r"empirical vs infinite NTK on 50 digits: relative distance", out)
 
 
-def test_demo_prints_accuracies(demo_output):
-    """NNGP and NTK kernel regression on 1000 training digits classify the other 797 well
-    (the demo prints ~0.99; a broken kernel gives ~0.1)."""
-    accs = dict(re.findall(r"(NNGP|NTK) kernel regression \(t = inf\), 1000 train / 797 test: "
-                           r"accuracy ([0-9.]+)", demo_output))
-    assert set(accs) == {"NNGP", "NTK"}, demo_output
-    assert all(0.95 < float(a) <= 1.0 for a in accs.values()), accs
+def test_demo_writes_valid_figures(demo_run):
+    """The three PNGs exist, start with the PNG signature and decode to images."""
+    import matplotlib.image
+
+    _, out = demo_run
+    for name in FIGURES:
+        path = out / name
+        assert path.read_bytes()[:8] == PNG_SIGNATURE, name
+        image = matplotlib.image.imread(path)
+        assert image.ndim == 3 and min(image.shape[:2]) > 200, (name, image.shape)
+        assert image[..., :3].std() > 0.01, name
 
 
-def test_demo_rejects_unknown_command():
-    """An unknown command is an argparse usage error (exit status 2) listing the choices."""
-    proc = subprocess.run([sys.executable, "-m", "ntkit", "train"], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "invalid choice" in proc.stderr and "demo" in proc.stderr
+def test_no_command_runs_the_demo(monkeypatch):
+    """`ntkit` (and so `python -m ntkit`) without a command runs the demo with its
+    defaults; --quick changes them."""
+    seen = []
+    monkeypatch.setattr(cli, "run_demo", lambda s, out: seen.append((s, out)))
+    runner = CliRunner()
+    assert runner.invoke(cli.cli, []).exit_code == 0
+    assert runner.invoke(cli.cli, ["demo", "--quick"]).exit_code == 0
+    (full, out), (quick, _) = seen
+    assert (full.widths, full.n_train, full.n_test, full.steps) == ((64, 256, 1024), 500, 500,
+                                                                    2000)
+    assert full.threads == 1
+    assert out.name == "ntkit-demo"
+    assert quick.steps < full.steps and quick.widths == (64, 256)
 
 
-@pytest.mark.skipif(shutil.which("ntkit") is None, reason="console script not on PATH")
-def test_console_script_help():
-    """The `ntkit` console script is installed and documents --depth."""
-    proc = subprocess.run(["ntkit", "--help"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "--depth" in proc.stdout
+def test_demo_option_errors():
+    runner = CliRunner()
+    r = runner.invoke(cli.cli, ["demo", "--widths", "64,abc"])
+    assert r.exit_code == 2 and "'abc' is not an integer width" in r.output
+    r = runner.invoke(cli.cli, ["demo", "--n-train", "1500", "--n-test", "400"])
+    assert r.exit_code == 2 and "exceeds the 1797 digits" in r.output
 
 
 # -------------------------------------------------------------------- datasets
@@ -84,3 +114,22 @@ def test_load_digits_dtype_and_raw():
     assert float(raw.min()) == 0 and float(raw.max()) == 16
     assert torch.equal(raw, raw.round())
     assert torch.equal(y, load_digits()[1])
+
+
+def test_ensemble_stats_match_sampling():
+    """The demo's exact loss mean and spread of one network drawn from the ensemble agree
+    with Monte Carlo samples of N(mean, cov) (a witness for the Gaussian moments)."""
+    g = torch.Generator().manual_seed(0)
+    t, n, o = 2, 6, 3
+    mean = torch.randn(t, n, o, generator=g, dtype=torch.float64)
+    a = torch.randn(t, n, n, generator=g, dtype=torch.float64)
+    cov = a @ a.transpose(1, 2) / n
+    y = torch.randn(n, o, generator=g, dtype=torch.float64)
+    labels = y.argmax(1)
+    stats = cli._ensemble_stats(mean, cov, y, labels, torch.Generator().manual_seed(1))
+    z = torch.randn(200_000, n, o, generator=g, dtype=torch.float64)
+    for i in range(t):
+        f = mean[i] + torch.linalg.cholesky(cov[i]) @ z
+        loss = 0.5 * ((f - y) ** 2).sum((1, 2)) / y.numel()
+        np.testing.assert_allclose(stats["loss"][i], float(loss.mean()), rtol=1e-2)
+        np.testing.assert_allclose(stats["loss_std"][i], float(loss.std()), rtol=2e-2)

@@ -144,21 +144,23 @@ def _read_csv(path: Path, label_column: str | None) -> tuple[np.ndarray, np.ndar
     import csv
 
     with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+        reader = csv.reader(f)
+        numbered = [(reader.line_num, r) for r in reader if r and any(c.strip() for c in r)]
+    lines = [n for n, _ in numbered]             # file line of each row, for messages
+    rows = [r for _, r in numbered]
     if not rows:
         raise _fail(f"{path.name} is empty.")
     header = None
     try:
         [float(c) for c in rows[0]]
     except ValueError:
-        header, rows = [c.strip() for c in rows[0]], rows[1:]
+        header, rows, lines = [c.strip() for c in rows[0]], rows[1:], lines[1:]
     if not rows:
         raise _fail(f"{path.name} has a header but no data rows.")
     width = len(header or rows[0])
     for i, r in enumerate(rows):
         if len(r) != width:
-            raise _fail(f"{path.name}: row {i + 1 + (header is not None)} has {len(r)} columns, "
-                        f"expected {width}.")
+            raise _fail(f"{path.name}, line {lines[i]}: {len(r)} columns, expected {width}.")
     col = None
     if label_column is not None:
         if header is not None and label_column in header:
@@ -194,9 +196,8 @@ def _read_csv(path: Path, label_column: str | None) -> tuple[np.ndarray, np.ndar
                     if header is not None:
                         names = [h for k, h in enumerate(header) if k != col]
                         name = f" ({names[j]!r})"
-                    raise _fail(f"{path.name}: row {i + 1 + (header is not None)}, column "
-                                f"{j}{name} is not a number: {c!r}; use --label-column for a "
-                                f"label column.") from None
+                    raise _fail(f"{path.name}, line {lines[i]}: column {j}{name} is not a "
+                                f"number: {c!r}; use --label-column for a label column.") from None
         raise
     if x.shape[1] == 0:
         raise _fail(f"{path.name}: no feature columns are left.")
@@ -632,14 +633,18 @@ def _bench_script() -> Path:
 @click.option("--n-test", type=click.IntRange(10, 1500), default=None,
               help="test digits  [default: 500; --quick: 200]")
 @click.option("--steps", type=click.IntRange(1, 10**6), default=None,
-              help="gradient-descent steps (training time t)  [default: 1000; --quick: 300]")
+              help="gradient-descent steps (training time t)  [default: 2000; --quick: 300]")
 @click.option("--depth", type=click.IntRange(1, 10), default=1, show_default=True,
               help="hidden layers of the MLP")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="seed of the split, the finite networks and the ensemble samples")
+@click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="torch CPU threads during the demo; its steps are small, and one thread "
+                   "is fastest on a small or shared machine")
 @click.option("--quick", is_flag=True, help="smaller settings, for a run of a few seconds")
 def demo(out_dir: Path, widths: tuple[int, ...] | None, n_train: int | None,
-         n_test: int | None, steps: int | None, depth: int, seed: int, quick: bool) -> None:
+         n_test: int | None, steps: int | None, depth: int, seed: int, threads: int,
+         quick: bool) -> None:
     """Infinite vs finite width on scikit-learn's digits, with three figures.
 
     Fits the infinite-width NTK and NNGP ensembles of a ReLU MLP (ntkit.predict: the
@@ -652,8 +657,8 @@ def demo(out_dir: Path, widths: tuple[int, ...] | None, n_train: int | None,
         widths=widths or ((64, 256) if quick else (64, 256, 1024)),
         n_train=n_train or (200 if quick else 500),
         n_test=n_test or (200 if quick else 500),
-        steps=steps or (300 if quick else 1000),
-        depth=depth, seed=seed, quick=quick,
+        steps=steps or (300 if quick else 2000),
+        depth=depth, seed=seed, quick=quick, threads=threads,
     )
     if settings.n_train + settings.n_test > 1797:
         raise click.BadParameter(
@@ -663,9 +668,11 @@ def demo(out_dir: Path, widths: tuple[int, ...] | None, n_train: int | None,
 
 
 class _DemoSettings:
-    def __init__(self, *, widths, n_train, n_test, steps, depth, seed, quick) -> None:
+    def __init__(self, *, widths, n_train, n_test, steps, depth, seed, quick, threads=1
+                 ) -> None:
         self.widths, self.n_train, self.n_test = tuple(widths), n_train, n_test
         self.steps, self.depth, self.seed, self.quick = steps, depth, seed, quick
+        self.threads = threads
 
 
 def _architecture(depth: int, width: int) -> str:
@@ -674,7 +681,19 @@ def _architecture(depth: int, width: int) -> str:
 
 
 def run_demo(s: _DemoSettings, out_dir: Path) -> None:
-    """The body of `ntkit demo` (see its help)."""
+    """The body of `ntkit demo` (see its help), with ``s.threads`` torch threads (the
+    previous number is restored afterwards)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(s.threads)
+    try:
+        _run_demo(s, out_dir)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_demo(s: _DemoSettings, out_dir: Path) -> None:
     import torch
     from tqdm import tqdm
 
@@ -725,7 +744,7 @@ def run_demo(s: _DemoSettings, out_dir: Path) -> None:
                                tqdm, desc=f"width {width}")
 
     # ---- empirical NTK at initialisation against the infinite NTK, over widths
-    dist_widths = sorted({2 ** i for i in range(6, 11 if s.quick else 12)} | set(s.widths))
+    dist_widths = sorted({2 ** i for i in range(6, 11 if s.quick else 13)} | set(s.widths))
     n_sub, seeds = (50, 2) if s.quick else (100, 3)
     x_sub = x_tr[:n_sub]
     k_sub = net.kernel(x_sub).ntk
