@@ -10,6 +10,7 @@ computed), the on-disk done-mask at the kill, and a log each kernel call appends
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import signal
@@ -309,6 +310,29 @@ def test_killed_worker_gives_same_matrix_without_recomputing(client, tmp_path):
     assert not done_before & rerun
     want = nk.kernel_matrix(make_kernel(str(tmp_path / "whole.log"), 0.0), x, tile_size=side)
     assert torch.equal(k, want)
+
+
+def test_devices_start_one_pinned_worker_per_gpu(monkeypatch):
+    """The devices= cluster, with torch told it has 3 GPUs (which this process sees as
+    physical 4, 6, 7) and the workers told to compute on the CPU: one worker per requested
+    device, each seeing only its own GPU."""
+    module = importlib.import_module("ntkit.kernel_matrix")  # nk.kernel_matrix is the function
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")
+    monkeypatch.setattr(module, "_GPU_WORKER_DEVICE", "cpu")
+
+    def visible_gpu(a, b):
+        import os
+        import time
+
+        time.sleep(0.05)
+        assert torch.get_num_threads() == 1
+        return torch.full((len(a), len(b)), float(os.environ["CUDA_VISIBLE_DEVICES"]),
+                          dtype=a.dtype, device=a.device)
+
+    k = nk.kernel_matrix(visible_gpu, inputs(6), tile_size=1, devices=["cuda:1", "cuda:2"])
+    assert set(k.unique().tolist()) == {6.0, 7.0}
 
 
 # ----------------------------------------------------------------- errors

@@ -68,6 +68,8 @@ KernelFn = Callable[[Tensor, Tensor], Tensor]
 _MIN_NETWORK_TILE = 16
 #: Where a GPU worker runs its tiles (set in each worker's environment by ``devices=``).
 _DEVICE_ENV = "NTKIT_KERNEL_DEVICE"
+#: ... which is its only visible GPU (``CUDA_VISIBLE_DEVICES`` pins it).
+_GPU_WORKER_DEVICE = "cuda:0"
 #: The scheduler of a cluster started here: no dashboard, and its HTTP routes on a free
 #: port rather than 8787 (which another cluster may hold).
 _NO_DASHBOARD = {"dashboard": False, "dashboard_address": ":0"}
@@ -609,11 +611,13 @@ def _cluster(client, n_workers, devices) -> Iterator[distributed.Client | None]:
         distributed = _import("distributed")
         workers = {
             f"ntkit-gpu-{v}": {"cls": distributed.Nanny, "options": {
-                "nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": v, _DEVICE_ENV: "cuda:0"}}}
+                "nthreads": 1, "host": "127.0.0.1", "silence_logs": logging.ERROR,
+                "env": {"CUDA_VISIBLE_DEVICES": v, _DEVICE_ENV: _GPU_WORKER_DEVICE}}}
             for v in visible
         }
         cluster = distributed.SpecCluster(
-            workers=workers, scheduler={"cls": distributed.Scheduler, "options": _NO_DASHBOARD},
+            workers=workers, scheduler={"cls": distributed.Scheduler, "options": {
+                "host": "127.0.0.1", "port": 0, **_NO_DASHBOARD}},
             silence_logs=logging.ERROR)
     elif n_workers is not None:
         if not isinstance(n_workers, int) or isinstance(n_workers, bool) or n_workers < 1:
