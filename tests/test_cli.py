@@ -27,7 +27,7 @@ COMMANDS = ["demo", "kernel", "fit", "predict", "bench"]
 
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ntkit", *args], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
 
 
 def invoke(*args: str):
@@ -59,8 +59,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
                                            + (xc[:, 0] > 0.4).astype(int)]
     with open(d / "classes.csv", "w") as f:
         f.write("f0,f1,f2,f3,kind\n")
-        for row, lab in zip(xc, yc):
-            f.write(",".join(f"{v:.17g}" for v in row) + f",{lab}\n")
+        f.writelines(",".join(f"{v:.17g}" for v in row) + f",{lab}\n" for row, lab in zip(xc, yc))
     xr = g.standard_normal((120, 3))
     np.savez(d / "reg.npz", x=xr, y=np.sin(xr[:, 0]) + 0.5 * xr[:, 1] ** 2)
     return {"dir": d, "x": x, "labels": labels, **{p.name: p for p in d.iterdir()}}
@@ -87,7 +86,7 @@ def test_console_script_and_module_help():
     assert r.returncode == 0 and "kernel" in r.stdout and "demo" in r.stdout
     if shutil.which("ntkit"):
         p = subprocess.run(["ntkit", "kernel", "--help"], capture_output=True, text=True,
-                           timeout=120)
+                           timeout=120, check=False)
         assert p.returncode == 0 and "--memory-budget" in p.stdout
 
 
@@ -195,15 +194,15 @@ def test_kernel_errors(case, data, tmp_path):
         "csv_ragged": ((ARCH, str(_write(d / "r.csv", "1,2\n3\n")), "-o", out), 1,
                        "r.csv, line 2: 1 columns, expected 2"),
         "csv_unknown_label_column": ((ARCH, str(data["x.csv"]), "--label-column", "target",
-                                      "-o", out), 1, "no label column 'target'; the columns "
-                                                     "are a, b, c, d, e, label"),
+                                      "-o", out), 1, ("no label column 'target'; the columns "
+                                                     "are a, b, c, d, e, label")),
         "nan_input": ((ARCH, str(_write(d / "n.csv", "1,2\nnan,3\n")), "-o", out), 1,
                       "NaN or infinite values (first at row 1, column 0)"),
         "one_d_input": ((ARCH, str(_save(d / "v.npy", np.ones(5))), "-o", out), 1,
                         "shape (N, features)"),
         "shape_mismatch": (("conv2d(4,3)-flatten-linear(1)", x, "-o", out), 1,
-                           "the architecture does not fit the data (x.npy, examples of "
-                           "shape (5,))"),
+                           ("the architecture does not fit the data (x.npy, examples of "
+                           "shape (5,))")),
         "bad_output_suffix": ((ARCH, x, "-o", str(d / "k.txt")), 2, "must end in .npy or .npz"),
         "both_in_npy": ((ARCH, x, "--kind", "both", "-o", out), 2, "holds one kernel"),
         "bad_memory_budget": ((ARCH, x, "--memory-budget", "lots", "-o", out), 2, "lots"),

@@ -26,7 +26,7 @@ def demo_run(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "-m", "ntkit", "demo", "--quick", "--n-train", "120", "--n-test", "100",
          "--steps", "60", "--widths", "32,128", "--out", str(out)],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout, out
 
@@ -82,6 +82,18 @@ def test_no_command_runs_the_demo(monkeypatch):
     assert full.threads == 1
     assert out.name == "ntkit-demo"
     assert quick.steps < full.steps and quick.widths == (64, 256)
+
+
+def test_demo_without_matplotlib(monkeypatch, tmp_path):
+    """Without matplotlib the demo still prints its table and says how to get figures."""
+    monkeypatch.setattr(cli, "_has_matplotlib", lambda: False)
+    r = CliRunner().invoke(cli.cli, ["demo", "--quick", "--n-train", "30", "--n-test", "20",
+                                     "--steps", "5", "--widths", "8", "--out",
+                                     str(tmp_path / "figs")])
+    assert r.exit_code == 0, r.output
+    assert "MLP width 8" in r.output
+    assert "figures: skipped" in r.output and "pip install 'ntkit[plot]'" in r.output
+    assert not (tmp_path / "figs").exists()
 
 
 def test_demo_option_errors():

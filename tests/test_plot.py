@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-matplotlib = pytest.importorskip("matplotlib")
-import matplotlib.image  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+pytest.importorskip("matplotlib")
+import matplotlib.image
+from matplotlib.figure import Figure
 
-from ntkit import plot  # noqa: E402
+from ntkit import plot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -35,19 +35,19 @@ HAND_BUILT = {
     "cnn_flatten": ("conv2d(64,3,padding=same)-relu-avgpool2d(2)-flatten-linear(10)",
                     nk.Sequential(nk.Conv2d(64, 3, padding="same"), nk.ReLU(), nk.AvgPool2d(2),
                                   nk.Flatten(), nk.Linear(10)), X_IMAGE),
-    "cnn_gap": ("conv2d(8, (3, 3), stride=1, padding=1, w_std=1.4, b_std=0.1)-gelu"
-                "-global_avg_pool-linear(3)",
+    "cnn_gap": (("conv2d(8, (3, 3), stride=1, padding=1, w_std=1.4, b_std=0.1)-gelu"
+                "-global_avg_pool-linear(3)"),
                 nk.Sequential(nk.Conv2d(8, 3, padding=1, w_std=1.4, b_std=0.1), nk.GELU(),
                               nk.GlobalAvgPool(), nk.Linear(3)), X_IMAGE),
-    "conv1d_sumpool": ("conv1d(4,3,padding=valid,b_std=none)-erf(a=2,b=0.5)-sumpool1d(2)"
-                       "-globalsumpool-linear(2)",
+    "conv1d_sumpool": (("conv1d(4,3,padding=valid,b_std=none)-erf(a=2,b=0.5)-sumpool1d(2)"
+                       "-globalsumpool-linear(2)"),
                        nk.Sequential(nk.Conv1d(4, 3, b_std=None), nk.Erf(a=2, b=0.5),
                                      nk.SumPool1d(2), nk.GlobalSumPool(), nk.Linear(2)), X_SEQ),
     "repeat": ("3*(linear(32,w_std=1.5,b_std=0.1)-relu)-linear(1)",
                nk.Sequential(nk.Repeat(nk.Sequential(nk.Linear(32, w_std=1.5, b_std=0.1),
                                                      nk.ReLU()), 3), nk.Linear(1)), X_DENSE),
-    "layernorm_standard": ("dense(16,parameterization=standard)-layer_norm-sin(a=1.5,c=0.3)"
-                           "-linear(1)",
+    "layernorm_standard": (("dense(16,parameterization=standard)-layer_norm-sin(a=1.5,c=0.3)"
+                           "-linear(1)"),
                            nk.Sequential(nk.Linear(16, parameterization="standard"),
                                          nk.LayerNorm(), nk.Sin(a=1.5, c=0.3), nk.Linear(1)),
                            X_DENSE),

@@ -7,18 +7,19 @@ Install matplotlib with ``pip install 'ntkit[plot]'``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = ["Curve", "training_curves", "eigenvalue_spectrum", "kernel_distance_vs_width"]
+__all__ = ["Curve", "eigenvalue_spectrum", "kernel_distance_vs_width", "training_curves"]
 
 
-def _figure(**kwargs) -> "Figure":
+def _figure(**kwargs) -> Figure:
     try:
         from matplotlib.figure import Figure
     except ImportError as e:
@@ -60,7 +61,7 @@ class Curve:
 
 
 def training_curves(times: Sequence[float] | Any, curves: Mapping[str, Curve], *,
-                    loss_label: str = "test loss", title: str | None = None) -> "Figure":
+                    loss_label: str = "test loss", title: str | None = None) -> Figure:
     """Test loss (and accuracy) against training time, log time axis.
 
     Args:
@@ -121,7 +122,7 @@ def training_curves(times: Sequence[float] | Any, curves: Mapping[str, Curve], *
 
 
 def eigenvalue_spectrum(kernels: Mapping[str, Any], *, title: str | None = None,
-                        normalize: bool = False) -> "Figure":
+                        normalize: bool = False) -> Figure:
     """Sorted eigenvalues of symmetric kernel matrices against their rank, log-log.
 
     Args:
@@ -161,7 +162,7 @@ def eigenvalue_spectrum(kernels: Mapping[str, Any], *, title: str | None = None,
 
 def kernel_distance_vs_width(widths: Sequence[int] | Any, distances: Any, *,
                              label: str = "empirical NTK at initialisation",
-                             reference: bool = True, title: str | None = None) -> "Figure":
+                             reference: bool = True, title: str | None = None) -> Figure:
     """Relative distance between empirical and infinite-width kernels against width, log-log.
 
     Args:

@@ -42,15 +42,17 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch import Tensor
 
 from . import layers as L
 from .layers.base import Layer
 
-__all__ = ["parse_architecture", "to_spec", "LAYERS"]
+__all__ = ["LAYERS", "parse_architecture", "to_spec"]
 
 
 #: Compact-spec name -> constructor. Keys are lowercase without underscores.
@@ -272,10 +274,11 @@ def _from_items(items: Any, where: str) -> Layer:
 def _from_item(item: Any, where: str) -> Layer:
     if isinstance(item, str):
         return _parse_string(item, f" ({where})")
-    if not isinstance(item, dict):
-        raise ValueError(f"{where}: a layer is a string such as 'relu', a mapping "
-                         f"{{'layer': NAME, 'args': [...], 'kwargs': {{...}}}} or "
-                         f"{{'repeat': N, 'layers': [...]}}; got {item!r}.")
+    if not isinstance(item, dict):  # a malformed spec file is a ValueError, as a bad string
+        raise ValueError(  # noqa: TRY004
+            f"{where}: a layer is a string such as 'relu', a mapping "
+            f"{{'layer': NAME, 'args': [...], 'kwargs': {{...}}}} or "
+            f"{{'repeat': N, 'layers': [...]}}; got {item!r}.")
     if "repeat" in item:
         extra = set(item) - {"repeat", "layers"}
         n = item["repeat"]
@@ -293,8 +296,9 @@ def _from_item(item: Any, where: str) -> Layer:
         raise ValueError(f"{where}: unknown layer {name!r}; known layers: {_known()}")
     args, kwargs = item.get("args", []), item.get("kwargs", {})
     if not isinstance(args, list) or not isinstance(kwargs, dict):
-        raise ValueError(f"{where}: 'args' must be a list and 'kwargs' a mapping, got "
-                         f"{args!r} and {kwargs!r}.")
+        raise ValueError(  # noqa: TRY004  (a malformed spec file)
+            f"{where}: 'args' must be a list and 'kwargs' a mapping, got {args!r} and "
+            f"{kwargs!r}.")
 
     def tuples(v):  # JSON has no tuples: lists are kernel sizes, strides, paddings
         return tuple(tuples(u) for u in v) if isinstance(v, list) else v
@@ -493,9 +497,9 @@ _WRITERS: dict[type, Callable[[Any], str]] = {
     L.Dropout: lambda m: _keywords("dropout", m, {"p": ("p", 0.5), "mode": ("mode", "train")}),
 }
 for _cls in (L.Conv1d, L.Conv2d, L.Conv3d):
-    _WRITERS[_cls] = (lambda name: lambda m: _conv_spec(m, name))(_cls.__name__.lower())
+    _WRITERS[_cls] = partial(_conv_spec, name=_cls.__name__.lower())
 for _cls in (L.AvgPool1d, L.AvgPool2d, L.AvgPool3d, L.SumPool1d, L.SumPool2d, L.SumPool3d):
-    _WRITERS[_cls] = (lambda name: lambda m: _pool_spec(m, name))(_cls.__name__.lower())
+    _WRITERS[_cls] = partial(_pool_spec, name=_cls.__name__.lower())
 
 
 def to_spec(layer: Layer) -> str:
