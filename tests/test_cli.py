@@ -274,9 +274,9 @@ def test_fit_then_predict_regression(data, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "p.npy"), direct, rtol=1e-10)
 
 
-def test_fit_bundled_digits(tmp_path, monkeypatch):
-    """--dataset digits: a classifier above 0.95 held-out accuracy (with 10% of the data as
-    training set, to stay quick)."""
+def test_fit_bundled_digits(tmp_path):
+    """--dataset digits: above 0.9 held-out accuracy with 10% of the data (179 digits) as
+    training set, to stay quick (chance is 0.1)."""
     r = invoke("fit", "--dataset", "digits", "--test-size", "0.9", "-o", str(tmp_path / "d.npz"))
     assert r.exit_code == 0, r.output
     assert _metric(r.output, "accuracy", r"test \(1618 examples\)") > 0.9

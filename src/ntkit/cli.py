@@ -506,8 +506,15 @@ def fit(data: Path | None, dataset: str | None, key, labels_key, label_column, i
     except (ValueError, TypeError, FloatingPointError) as e:
         raise _fail(f"fitting {name} failed: {e}") from None
     elapsed = time.perf_counter() - t0
+    from .spec import to_spec
+
+    try:
+        arch = to_spec(model.network_)
+    except ValueError:
+        arch = repr(model.network_)
     click.echo(f"model: {cls.__name__}(kernel={kernel!r}, t={t:g}, diag_reg={diag_reg:g}) on "
                f"{len(y_tr)} training examples of {name}, {elapsed:.2f} s")
+    click.echo(f"architecture: {arch}")
     click.echo(f"test ({len(y_te)} examples): {_format_metrics(test_m)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     save(model, out)
