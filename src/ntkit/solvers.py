@@ -429,10 +429,11 @@ def nystrom_krr(kernel_fn: KernelFn, x_train: Tensor, y_train: Tensor, *, n_cent
         kernel_diag_fn: ``x -> k(x_i, x_i)``, ``(N,)``.
         tol: relative residual of CG; default 1e-6 (float64), 1e-5 (float32).
         max_iter: CG iterations; default 500.
-        memory_budget: bytes (or ``"2GiB"``) for ``K_nm``: tiles of about an eighth of
-            it, and, with ``cache``, ``K_nm`` itself. Default 1 GiB. The kernel
-            function's own working memory is its own (``kernel_function``'s
-            ``memory_budget``).
+        memory_budget: bytes (or ``"2GiB"``) for ``K_nm``: row tiles of about an eighth
+            of it (in the algebra's dtype) or, with ``cache``, ``K_nm`` itself (``N M``
+            entries in the kernel's dtype) and tiles of about an eighth of what it
+            leaves (at least 1/16 of the budget). Default 1 GiB. The kernel function's
+            own working memory is its own (``kernel_function``'s ``memory_budget``).
         cache: keep ``K_nm`` between iterations (computed once instead of once per
             iteration). None: keep it when ``N M`` entries fit in ``memory_budget``;
             True: keep it regardless; False: never.
@@ -487,8 +488,11 @@ def nystrom_krr(kernel_fn: KernelFn, x_train: Tensor, y_train: Tensor, *, n_cent
     a_up = _cholesky_upper(t_up @ t_up.T / m + lam * eye, "T T^T / M + lam I")
     del kmm
 
-    rows = _tile_rows(m, max(x.element_size(), torch.finfo(wdtype).bits // 8), budget)
-    keep = (n * m * x.element_size() <= budget) if cache is None else bool(cache)
+    knm_bytes = n * m * x.element_size()
+    keep = (knm_bytes <= budget) if cache is None else bool(cache)
+    # tiles share the budget with a kept K_nm: what it leaves, at least a sixteenth
+    tile_budget = max(budget - knm_bytes, budget // 16) if keep else budget
+    rows = _tile_rows(m, max(x.element_size(), torch.finfo(wdtype).bits // 8), tile_budget)
     tiles = _RowTiles(kernel_fn, x, centers, rows, wdtype, keep)
     rhs = _b_t(t_up, a_up, tiles.knm_t(y) / n)                         # B^T K_nm^T y / N
 
