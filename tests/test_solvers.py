@@ -205,7 +205,7 @@ def test_falkon_preconditioner_cuts_iterations(problem):
     h = knm.T @ knm / N + lam * kfn(model.centers, model.centers)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", solvers.ConvergenceWarning)
-        plain, info = solvers.conjugate_gradient(lambda v: h @ v, knm.T @ y / N, tol=1e-8,
+        _, info = solvers.conjugate_gradient(lambda v: h @ v, knm.T @ y / N, tol=1e-8,
                                                  max_iter=3000, on_failure="warn")
     assert model.info.iterations * 10 < info.iterations, (model.info.iterations,
                                                           info.iterations)

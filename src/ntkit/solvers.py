@@ -12,8 +12,10 @@ solvers hold at most ``N x M``, and by default not even that:
   blocks, with a Nystrom or Jacobi preconditioner.
 - `nystrom_krr`: Nystrom kernel ridge regression by FALKON (Rudi, Carratino & Rosasco
   2017): ``M`` centres, kernel blocks recomputed on the fly, never the ``N x N`` matrix.
-- `solve_krr`: one entry point by name (``"exact"``, ``"cg"``, ``"nystrom"``,
-  ``"auto"``) for estimators and `ntkit.predict`; returns a `KernelRidgePredictor`.
+- `solve_krr`: one entry point by name (``"exact"`` = `exact_krr`, ``"cg"``,
+  ``"nystrom"``, ``"auto"``) for estimators and `ntkit.predict`; returns a
+  `KernelRidgePredictor` (factor once, ``.predict(x)`` many times).
+- `kernel_function`: an ntkit network's NTK or NNGP as ``(a, b) -> (Na, Nb)``.
 
 Regularisation follows `ntkit.predict` (neural-tangents'): ``diag_reg`` is relative,
 ``s = diag_reg * trace(K) / N`` is added to the diagonal (``diag_reg`` itself with
@@ -25,8 +27,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -35,9 +38,8 @@ from torch import Tensor
 from .compute import parse_memory, progress_bar
 
 __all__ = [
-    "CGInfo", "ConvergenceError", "ConvergenceWarning", "KernelRidgePredictor", "exact_krr",
-    "NetworkKernel", "cg_krr", "conjugate_gradient", "kernel_function", "nystrom_krr",
-    "solve_krr",
+    "CGInfo", "ConvergenceError", "ConvergenceWarning", "KernelRidgePredictor", "NetworkKernel",
+    "cg_krr", "conjugate_gradient", "exact_krr", "kernel_function", "nystrom_krr", "solve_krr",
 ]
 
 KernelFn = Callable[[Tensor, Tensor], Tensor]
@@ -666,7 +668,9 @@ def cg_krr(k_train_train, y_train: Tensor, *, diag_reg: float,
         if not bool((diag + s > 0).all()):
             raise ValueError("the Jacobi preconditioner needs a positive diagonal of K + s I; "
                              "raise diag_reg or use preconditioner=None.")
-        precond = lambda r: inv[:, None] * r  # noqa: E731
+
+        def precond(r: Tensor) -> Tensor:
+            return inv[:, None] * r
     elif preconditioner == "nystrom":
         m = min(n, 500) if n_centers is None else n_centers
         if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= n:
@@ -783,8 +787,8 @@ def solve_krr(kernel_fn: KernelFn, x_train: Tensor, y_train: Tensor, *,
         x_train, y_train: ``(N, ...)`` and ``(N, O)`` or ``(N,)``.
         n_centers, generator: for ``"nystrom"`` (generator required when
             ``n_centers < N``) and the ``"cg"`` preconditioner.
-        kernel_diag_fn, cache-free streaming, tol, max_iter, on_failure, progress: see
-            `nystrom_krr` and `conjugate_gradient`.
+        kernel_diag_fn, tol, max_iter, on_failure, progress: see `nystrom_krr` and
+            `conjugate_gradient` (``"nystrom"`` keeps ``K_nm`` when it fits the budget).
         memory_budget: bytes for kernel tiles (and the ``"auto"`` choice); default 1 GiB.
         dtype: of the linear algebra; default the inputs'.
 
@@ -818,7 +822,7 @@ def solve_krr(kernel_fn: KernelFn, x_train: Tensor, y_train: Tensor, *,
                              generator=generator, tol=tol, max_iter=max_iter,
                              memory_budget=memory_budget, dtype=dtype or x.dtype,
                              on_failure=on_failure, progress=progress)
-        y2, vector = _targets(y_train, n)
+        _, vector = _targets(y_train, n)
         s = diag_reg if diag_reg_absolute_scale else diag_reg * float(
             torch.diagonal(k).double().mean())
         del k
