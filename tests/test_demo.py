@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ntkit import cli
+from ntkit import cli, demo
 from ntkit.datasets import load_digits
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -86,7 +86,7 @@ def test_no_command_runs_the_demo(monkeypatch):
 
 def test_demo_without_matplotlib(monkeypatch, tmp_path):
     """Without matplotlib the demo still prints its table and says how to get figures."""
-    monkeypatch.setattr(cli, "_has_matplotlib", lambda: False)
+    monkeypatch.setattr(demo, "has_matplotlib", lambda: False)
     r = CliRunner().invoke(cli.cli, ["demo", "--quick", "--n-train", "30", "--n-test", "20",
                                      "--steps", "5", "--widths", "8", "--out",
                                      str(tmp_path / "figs")])
@@ -138,10 +138,10 @@ def test_ensemble_stats_match_sampling():
     cov = a @ a.transpose(1, 2) / n
     y = torch.randn(n, o, generator=g, dtype=torch.float64)
     labels = y.argmax(1)
-    stats = cli._ensemble_stats(mean, cov, y, labels, torch.Generator().manual_seed(1))
+    stats = demo.ensemble_stats(mean, cov, y, labels, torch.Generator().manual_seed(1))
     z = torch.randn(200_000, n, o, generator=g, dtype=torch.float64)
     for i in range(t):
         f = mean[i] + torch.linalg.cholesky(cov[i]) @ z
         loss = 0.5 * ((f - y) ** 2).sum((1, 2)) / y.numel()
-        np.testing.assert_allclose(stats["loss"][i], float(loss.mean()), rtol=1e-2)
-        np.testing.assert_allclose(stats["loss_std"][i], float(loss.std()), rtol=2e-2)
+        np.testing.assert_allclose(stats.loss[i], float(loss.mean()), rtol=1e-2)
+        np.testing.assert_allclose(stats.loss_std[i], float(loss.std()), rtol=2e-2)

@@ -1,33 +1,56 @@
 """The ``ntkit`` command line: demo, kernel, fit, predict, bench.
 
 A thin shell over the public API (`ntkit.spec`, ``net.kernel``,
-`ntkit.predict`, `ntkit.sklearn`, `ntkit.plot`). Errors in what the user
-gave (files, specs, labels) print one ``Error: ...`` line and exit with a
-non-zero status; ``--help`` works on every command.
+`ntkit.kernel_matrix`, `ntkit.predict`, `ntkit.sklearn`) and two helpers of its
+own: `ntkit._data_files` (data files, datasets, labels) and `ntkit.demo` (the
+demo's computation). Errors in what the user gave (files, specs, labels) print
+one ``Error: ...`` line and exit with a non-zero status; ``--help`` works on
+every command.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import click
 import numpy as np
 
+from ._data_files import (
+    DATASETS,
+    DataFileError,
+    bundled_dataset,
+    check_labels,
+    labelled_data,
+    load_data,
+    task_of,
+)
+
 __all__ = ["cli", "main"]
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-DTYPES = {"float32": "float32", "float64": "float64"}
+#: Seconds to wait for a Dask scheduler given with ``ntkit kernel --scheduler``.
+SCHEDULER_TIMEOUT_S = 5
 
 
 def _fail(message: str) -> click.ClickException:
     return click.ClickException(message)
+
+
+class _Commands(click.Group):
+    """A group whose commands print a `DataFileError` as one ``Error:`` line (exit 1)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DataFileError as e:
+            raise click.ClickException(str(e)) from None
 
 
 def _widths(ctx, param, values: Sequence[str]) -> tuple[int, ...] | None:
@@ -50,7 +73,28 @@ def _widths(ctx, param, values: Sequence[str]) -> tuple[int, ...] | None:
     return tuple(sorted(set(out)))
 
 
-@click.group(context_settings=CONTEXT, invoke_without_command=True)
+def _shape(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in value.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a shape; write e.g. 3,16,16.") from None
+    if not shape or any(v < 1 for v in shape):
+        raise click.BadParameter(f"{value!r} is not a shape of positive sizes.")
+    return shape
+
+
+def _architecture_arg(spec: str):
+    from .spec import parse_architecture
+
+    try:
+        return parse_architecture(spec)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        raise _fail(str(e)) from None
+
+
+@click.group(cls=_Commands, context_settings=CONTEXT, invoke_without_command=True)
 @click.version_option(package_name="ntkit", prog_name="ntkit")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
@@ -65,165 +109,6 @@ def cli(ctx: click.Context) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``ntkit`` console script and ``python -m ntkit``."""
     cli.main(args=argv, prog_name="ntkit")
-
-
-# ======================================================================= data files
-def load_data(path: Path | str, *, key: str | None = None, label_column: str | None = None,
-              labels_key: str | None = "y", input_shape: tuple[int, ...] | None = None
-              ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Inputs (and labels, when the file has them) from ``.npy``, ``.npz`` or ``.csv``.
-
-    Args:
-        path: the data file. ``.npy``: one array ``(N, *features)``. ``.npz``: inputs
-            under ``key`` (default ``"x"``), labels under ``labels_key`` if present.
-            ``.csv``: numeric columns, with or without a header row; ``label_column``
-            (a header name or a 0-based index, negative from the end) is split off as
-            the labels.
-        input_shape: reshape each example to this shape (e.g. ``(3, 16, 16)`` for
-            flattened images).
-
-    Returns:
-        ``(x, y)``: ``x`` a float array ``(N, *features)``; ``y`` an ``(N,)`` or
-        ``(N, outputs)`` array or None.
-
-    Raises:
-        click.ClickException: a missing, unreadable or malformed file (the message
-            names the file and what is wrong).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise _fail(f"data file {str(path)!r} does not exist.")
-    suffix = path.suffix.lower()
-    y = None
-    try:
-        if suffix == ".npy":
-            if key is not None:
-                raise _fail(f"--key applies to .npz files; {path.name} is a .npy file.")
-            x = np.load(path, allow_pickle=False)
-        elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as data:
-                name = key or "x"
-                if name not in data.files:
-                    raise _fail(f"{path.name} has no array {name!r}; it holds "
-                                f"{', '.join(data.files) or 'nothing'} (choose one with "
-                                f"--key).")
-                x = data[name]
-                if labels_key and labels_key in data.files and labels_key != name:
-                    y = data[labels_key]
-        elif suffix == ".csv":
-            x, y = _read_csv(path, label_column)
-        else:
-            raise _fail(f"data file {path.name!r} must be .npy, .npz or .csv, got "
-                        f"{suffix or 'no suffix'!r}.")
-    except (ValueError, OSError, EOFError) as e:
-        raise _fail(f"cannot read {path.name}: {e}") from None
-    if label_column is not None and suffix != ".csv":
-        raise _fail("--label-column applies to .csv files; .npz files hold labels under 'y'.")
-    if x.dtype.kind not in "fiub":
-        raise _fail(f"{path.name}: the inputs must be numbers, got dtype {x.dtype}.")
-    if x.ndim < 2 or x.shape[0] == 0:
-        raise _fail(f"{path.name}: the inputs must have shape (N, features) with N >= 1, got "
-                    f"{x.shape}.")
-    x = x.astype(np.float64, copy=False)
-    if not np.isfinite(x).all():
-        bad = np.argwhere(~np.isfinite(x.reshape(x.shape[0], -1)))[0]
-        raise _fail(f"{path.name}: the inputs have NaN or infinite values (first at row "
-                    f"{bad[0]}, column {bad[1]}).")
-    if input_shape is not None:
-        per = int(np.prod(x.shape[1:]))
-        if int(np.prod(input_shape)) != per:
-            raise _fail(f"--input-shape {','.join(map(str, input_shape))} holds "
-                        f"{int(np.prod(input_shape))} values but each example in {path.name} "
-                        f"has {per}.")
-        x = x.reshape((x.shape[0],) + tuple(input_shape))
-    if y is not None and y.shape[0] != x.shape[0]:
-        raise _fail(f"{path.name}: {x.shape[0]} inputs but {y.shape[0]} labels.")
-    return x, y
-
-
-def _read_csv(path: Path, label_column: str | None) -> tuple[np.ndarray, np.ndarray | None]:
-    import csv
-
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        numbered = [(reader.line_num, r) for r in reader if r and any(c.strip() for c in r)]
-    lines = [n for n, _ in numbered]             # file line of each row, for messages
-    rows = [r for _, r in numbered]
-    if not rows:
-        raise _fail(f"{path.name} is empty.")
-    header = None
-    try:
-        [float(c) for c in rows[0]]
-    except ValueError:
-        header, rows, lines = [c.strip() for c in rows[0]], rows[1:], lines[1:]
-    if not rows:
-        raise _fail(f"{path.name} has a header but no data rows.")
-    width = len(header or rows[0])
-    for i, r in enumerate(rows):
-        if len(r) != width:
-            raise _fail(f"{path.name}, line {lines[i]}: {len(r)} columns, expected {width}.")
-    col = None
-    if label_column is not None:
-        if header is not None and label_column in header:
-            col = header.index(label_column)
-        else:
-            try:
-                col = int(label_column)
-            except ValueError:
-                names = f"; the columns are {', '.join(header)}" if header else \
-                    " (the file has no header: give a 0-based index)"
-                raise _fail(f"{path.name}: no label column {label_column!r}{names}.") from None
-            if not -width <= col < width:
-                raise _fail(f"{path.name}: label column {col} is out of range for {width} "
-                            f"columns.")
-            col %= width
-    labels = None
-    if col is not None:
-        labels = [r[col].strip() for r in rows]
-        rows = [r[:col] + r[col + 1:] for r in rows]
-        try:
-            labels = np.array([float(v) for v in labels])
-        except ValueError:
-            labels = np.array(labels)          # class names
-    try:
-        x = np.array([[float(c) for c in r] for r in rows], dtype=np.float64)
-    except ValueError:
-        for i, r in enumerate(rows):
-            for j, c in enumerate(r):
-                try:
-                    float(c)
-                except ValueError:
-                    name = ""
-                    if header is not None:
-                        names = [h for k, h in enumerate(header) if k != col]
-                        name = f" ({names[j]!r})"
-                    raise _fail(f"{path.name}, line {lines[i]}: column {j}{name} is not a "
-                                f"number: {c!r}; use --label-column for a label column.") from None
-        raise
-    if x.shape[1] == 0:
-        raise _fail(f"{path.name}: no feature columns are left.")
-    return x, labels
-
-
-def _architecture_arg(spec: str):
-    from .spec import parse_architecture
-
-    try:
-        return parse_architecture(spec)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
-        raise _fail(str(e)) from None
-
-
-def _shape(ctx, param, value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    try:
-        shape = tuple(int(v) for v in value.replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a shape; write e.g. 3,16,16.") from None
-    if not shape or any(v < 1 for v in shape):
-        raise click.BadParameter(f"{value!r} is not a shape of positive sizes.")
-    return shape
 
 
 # ======================================================================= kernel
@@ -246,11 +131,28 @@ def _shape(ctx, param, value: str | None) -> tuple[int, ...] | None:
               help="a .csv column to drop (labels): header name or 0-based index")
 @click.option("--input-shape", callback=_shape, default=None, metavar="C,H,W",
               help="reshape each example, e.g. 3,16,16 for flattened images")
+@click.option("--store", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="DIR", help="save each finished tile to a zarr store, DIR/ntk and "
+                                  "DIR/nngp, so that a killed run can be resumed")
+@click.option("--resume", is_flag=True,
+              help="continue the --store of an earlier run on the same inputs and options: "
+                   "only tiles not yet saved are computed")
+@click.option("--overwrite", is_flag=True, help="discard what --store holds and start over")
+@click.option("--workers", type=click.IntRange(1, 4096), default=None, metavar="N",
+              help="compute tiles on a local Dask cluster of N single-threaded processes")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="compute tiles on a running Dask cluster, e.g. tcp://host:8786 (its "
+                   "workers need ntkit installed)")
+@click.option("--tile-size", type=click.IntRange(1), default=None, metavar="N",
+              help="rows and columns per tile  [default: from --memory-budget, or the "
+                   "store's when resuming]")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="progress bar over kernel tiles (on stderr)")
 def kernel(architecture: str, data: Path, out: Path, data2: Path | None, kind: str | None,
            dtype: str, memory_budget: str | None, key: str | None, label_column: str | None,
-           input_shape: tuple[int, ...] | None, progress: bool) -> None:
+           input_shape: tuple[int, ...] | None, store: Path | None, resume: bool,
+           overwrite: bool, workers: int | None, scheduler: str | None,
+           tile_size: int | None, progress: bool) -> None:
     """The infinite-width NNGP/NTK of ARCHITECTURE on the inputs in DATA.
 
     ARCHITECTURE is a spec string such as 'linear(512)-relu-linear(1)' or
@@ -258,10 +160,15 @@ def kernel(architecture: str, data: Path, out: Path, data2: Path | None, kind: s
     (see ntkit.spec). DATA is a .npy, .npz (key x) or .csv file of shape
     (N, *features), channels first for images.
 
+    With --store, --workers, --scheduler or --tile-size the matrix is computed tile
+    by tile with ntkit.kernel_matrix (with --kind both, once per kernel): on a Dask
+    cluster, and with --store saved as it goes; the -o file is written at the end.
+
     \b
     Examples:
       ntkit kernel 'linear(512)-relu-linear(1)' x.npy -o k.npy
       ntkit kernel net.yaml x.csv --label-column label --x2 test.csv -o k.npz
+      ntkit kernel net.yaml x.npy -o k.npy --workers 8 --store k-tiles   # then --resume
     """
     import torch
 
@@ -280,6 +187,8 @@ def kernel(architecture: str, data: Path, out: Path, data2: Path | None, kind: s
             parse_memory(memory_budget)
         except (ValueError, TypeError) as e:
             raise click.BadParameter(str(e), param_hint="--memory-budget") from None
+    kinds = ("nngp", "ntk") if kind == "both" else (kind,)
+    tiled = _check_tiling(kinds, store, resume, overwrite, workers, scheduler, tile_size)
     net = _architecture_arg(architecture)
     torch_dtype = getattr(torch, dtype)
     x1, _ = load_data(data, key=key, label_column=label_column, input_shape=input_shape)
@@ -291,17 +200,24 @@ def kernel(architecture: str, data: Path, out: Path, data2: Path | None, kind: s
         if x2.shape[1:] != x1.shape[1:]:
             raise _fail(f"{data2.name} has examples of shape {x2.shape[1:]} but {data.name} "
                         f"has {x1.shape[1:]}.")
+    a = torch.as_tensor(x1, dtype=torch_dtype)
+    b = None if x2 is None else torch.as_tensor(x2, dtype=torch_dtype)
     t0 = time.perf_counter()
     try:
-        k = net.kernel(torch.as_tensor(x1, dtype=torch_dtype),
-                       None if x2 is None else torch.as_tensor(x2, dtype=torch_dtype),
-                       memory_budget=memory_budget, progress=progress)
+        if tiled:         # one pair first: a mismatch is reported before any cluster starts
+            net.kernel(a[:1], None if b is None else b[:1], progress=False)
+        else:
+            k = net.kernel(a, b, memory_budget=memory_budget, progress=progress)
     except (ValueError, TypeError) as e:
         raise _fail(f"the architecture does not fit the data ({data.name}, examples of shape "
                     f"{tuple(x1.shape[1:])}): {e}") from None
+    if tiled:
+        arrays = _tiled_kernels(net, a, b, kinds, store=store, overwrite=overwrite,
+                                workers=workers, scheduler=scheduler, tile_size=tile_size,
+                                memory_budget=memory_budget, progress=progress)
+    else:
+        arrays = {g: getattr(k, g).detach().cpu().numpy() for g in kinds}
     elapsed = time.perf_counter() - t0
-    kinds = ("nngp", "ntk") if kind == "both" else (kind,)
-    arrays = {g: getattr(k, g).detach().cpu().numpy() for g in kinds}
     out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".npy":
         np.save(out, arrays[kind])
@@ -311,61 +227,93 @@ def kernel(architecture: str, data: Path, out: Path, data2: Path | None, kind: s
     click.echo(f"wrote {' and '.join(kinds)} ({shape}, {dtype}) to {out} in {elapsed:.2f} s")
 
 
+def _check_tiling(kinds, store, resume, overwrite, workers, scheduler, tile_size) -> bool:
+    """Whether the tiling options ask for `ntkit.kernel_matrix`; usage errors for options
+    that do not go together, and for a store that exists without --resume/--overwrite."""
+    if (resume or overwrite) and store is None:
+        flag = "--resume" if resume else "--overwrite"
+        raise click.UsageError(f"{flag} applies to a tile store; give it with --store DIR.")
+    if resume and overwrite:
+        raise click.UsageError("--resume continues the store and --overwrite discards it; "
+                               "give one of them.")
+    if workers is not None and scheduler is not None:
+        raise click.UsageError(f"give --workers N (a local cluster started for this run) or "
+                               f"--scheduler ADDRESS (a running cluster), not both (got "
+                               f"--workers {workers} --scheduler {scheduler}).")
+    if store is not None and not (resume or overwrite):
+        for g in kinds:
+            path = store / g
+            if path.exists() and (path.is_file() or any(path.iterdir())):
+                raise _fail(f"the store {path} already exists; pass --resume to continue it "
+                            f"(same inputs and options), or --overwrite to start over.")
+    return any(v is not None for v in (store, workers, scheduler, tile_size))
+
+
+def _tiled_kernels(net, x1, x2, kinds, *, store, overwrite, workers, scheduler, tile_size,
+                   memory_budget, progress) -> dict[str, np.ndarray]:
+    """Each kernel of ``kinds`` by `ntkit.kernel_matrix`, in ``store/<kind>`` if given;
+    prints how many tiles were computed (and reused from the store)."""
+    from .kernel_matrix import kernel_matrix
+
+    arrays = {}
+    with _scheduler_client(scheduler) as client:
+        for g in kinds:
+            path = None if store is None else store / g
+            computed = []
+            try:
+                k = kernel_matrix(net, x1, x2, get=g, out=path, overwrite=overwrite,
+                                  tile_size=tile_size, memory_budget=memory_budget,
+                                  client=client, n_workers=workers, progress=progress,
+                                  on_tile=computed.append)
+            except ValueError as e:
+                raise _fail(_store_message(str(e), path)) from None
+            arrays[g] = k.numpy()
+            line = f"{g}: {len(computed)} tiles computed"
+            if path is not None:
+                line += f", {_done_count(path) - len(computed)} reused from {path}"
+            click.echo(line)
+    return arrays
+
+
+def _store_message(message: str, path: Path | None) -> str:
+    """kernel_matrix's error about ``out=`` in the command line's words."""
+    if path is None or not message.startswith(f"out={str(path)!r}"):
+        return f"computing the kernel failed: {message}"
+    return (message.replace(f"out={str(path)!r}", f"the store {path}", 1)
+            .replace("overwrite=True", "--overwrite").replace("another out=", "another --store"))
+
+
+def _done_count(path: Path) -> int:
+    """Tiles marked done in the store (its ``done`` array; see ntkit.kernel_matrix)."""
+    import zarr
+
+    return int(np.count_nonzero(zarr.open_group(str(path), mode="r")["done"][...]))
+
+
+@contextlib.contextmanager
+def _scheduler_client(scheduler: str | None) -> Iterator[object | None]:
+    """A `distributed.Client` of the running Dask ``scheduler`` (closed on exit), or None."""
+    if scheduler is None:
+        yield None
+        return
+    try:
+        import distributed
+    except ImportError:
+        raise _fail("--scheduler needs Dask's distributed; install it with "
+                    "pip install 'ntkit[distributed]'.") from None
+    try:
+        client = distributed.Client(scheduler, timeout=SCHEDULER_TIMEOUT_S)
+    except (OSError, TimeoutError, ValueError, TypeError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise _fail(f"cannot reach the Dask scheduler at {scheduler} ({reason}); check the "
+                    f"address and that a scheduler runs there (`dask scheduler`, with workers "
+                    f"from `dask worker {scheduler}`), or use --workers N for a local "
+                    f"cluster.") from None
+    with client:
+        yield client
+
+
 # ======================================================================= fit / predict
-DATASETS = ("digits", "diabetes")
-
-
-def _dataset(name: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """A bundled dataset: inputs, labels and its task."""
-    if name == "digits":
-        from .datasets import load_digits
-
-        x, y = load_digits()
-        return x.numpy(), y.numpy(), "classify"
-    from sklearn.datasets import load_diabetes
-
-    data = load_diabetes()
-    x = (data.data - data.data.mean(0)) / data.data.std(0)     # columns to unit variance
-    return x, data.target.astype(np.float64), "regress"
-
-
-def _task_of(y: np.ndarray) -> str:
-    """'classify' for strings, booleans, or integer labels with at most 50 values."""
-    if y.dtype.kind in "USOb":
-        return "classify"
-    if y.ndim == 1 and np.all(np.isfinite(y)) and np.all(y == np.round(y)) \
-            and len(np.unique(y)) <= 50:
-        return "classify"
-    return "regress"
-
-
-def _check_labels(y: np.ndarray, task: str, source: str) -> np.ndarray:
-    """The labels as the task needs them, or an error saying what does not fit."""
-    if task == "classify":
-        if y.ndim != 1:
-            raise _fail(f"{source}: a classifier takes one label per example, got labels of "
-                        f"shape {y.shape}; use --task regress for several targets.")
-        if y.dtype.kind in "fc":
-            if not np.all(np.isfinite(y)):
-                raise _fail(f"{source}: the labels have NaN or infinite values.")
-            if not np.all(y == np.round(y)):
-                frac = y[y != np.round(y)][0]
-                raise _fail(f"{source}: the labels are continuous (e.g. {frac:g}), but a "
-                            f"classifier needs class labels; use --task regress.")
-            y = y.astype(np.int64)
-        if len(np.unique(y)) < 2:
-            raise _fail(f"{source}: the labels hold one class only ({y[0]!r}); a classifier "
-                        f"needs at least two.")
-        return y
-    if y.dtype.kind not in "fiub":
-        raise _fail(f"{source}: regression needs numeric targets, got labels like "
-                    f"{y.ravel()[0]!r}; use --task classify.")
-    y = y.astype(np.float64)
-    if not np.all(np.isfinite(y)):
-        raise _fail(f"{source}: the targets have NaN or infinite values.")
-    return y
-
-
 def _metrics(task: str, y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     if task == "classify":
         return {"accuracy": float(np.mean(y_pred == y_true))}
@@ -388,16 +336,10 @@ def _labelled_data(data: Path | None, dataset: str | None, *, key, label_column,
         raise click.UsageError(f"give {what} either as a DATA file or with --dataset "
                                f"({'/'.join(DATASETS)}), not both and not neither.")
     if dataset is not None:
-        x, y, task = _dataset(dataset)
+        x, y, task = bundled_dataset(dataset)
         return x, y, dataset, task
-    x, y = load_data(data, key=key, label_column=label_column, labels_key=labels_key,
-                     input_shape=input_shape)
-    if y is None:
-        how = ("--label-column NAME" if data.suffix.lower() == ".csv"
-               else f"an array {labels_key!r} in the .npz file")
-        raise _fail(f"{data.name} has no labels; give them with {how}.")
-    if y.shape[0] != x.shape[0]:
-        raise _fail(f"{data.name}: {x.shape[0]} inputs but {y.shape[0]} labels.")
+    x, y = labelled_data(data, key=key, label_column=label_column, labels_key=labels_key,
+                         input_shape=input_shape)
     return x, y, data.name, None
 
 
@@ -473,10 +415,10 @@ def fit(data: Path | None, dataset: str | None, key, labels_key, label_column, i
                                            labels_key=labels_key, input_shape=input_shape,
                                            what="the training data")
     if task == "auto":
-        task = data_task or _task_of(y)
+        task = data_task or task_of(y)
         click.echo(f"task: {'classification' if task == 'classify' else 'regression'} "
                    f"(from the labels; set --task to change)")
-    y = _check_labels(y, task, name)
+    y = check_labels(y, task, name)
     if x.ndim != 2:
         raise _fail(f"{name}: the estimators take inputs (N, features), got {x.shape}; "
                     f"flatten the examples.")
@@ -490,7 +432,7 @@ def fit(data: Path | None, dataset: str | None, key, labels_key, label_column, i
         if x_te.shape[1:] != x.shape[1:]:
             raise _fail(f"{test_data.name} has examples of shape {x_te.shape[1:]} but {name} "
                         f"has {x.shape[1:]}.")
-        y_te = _check_labels(y_te, task, test_data.name)
+        y_te = check_labels(y_te, task, test_data.name)
         x_tr, y_tr = x, y
     else:
         stratify = y if task == "classify" and np.min(np.unique(y, return_counts=True)[1]) >= 2 \
@@ -553,7 +495,7 @@ def predict_cmd(model_path: Path, data: Path | None, dataset: str | None, key, l
         raise click.UsageError("give the data either as a DATA file or with --dataset, not "
                                "both and not neither.")
     if dataset is not None:
-        x, y, _ = _dataset(dataset)
+        x, y, _ = bundled_dataset(dataset)
         name = dataset
     else:
         x, y = load_data(data, key=key, label_column=label_column, labels_key=labels_key,
@@ -571,7 +513,7 @@ def predict_cmd(model_path: Path, data: Path | None, dataset: str | None, key, l
     click.echo(f"predicted {len(pred)} examples of {name} with {type(model).__name__} in "
                f"{time.perf_counter() - t0:.2f} s")
     if y is not None:
-        y = _check_labels(y, task, name)
+        y = check_labels(y, task, name)
         if task == "classify" and y.dtype.kind != np.asarray(model.classes_).dtype.kind \
                 and not (y.dtype.kind in "iuf" and np.asarray(model.classes_).dtype.kind
                          in "iuf"):
@@ -662,36 +604,25 @@ def demo(out_dir: Path, widths: tuple[int, ...] | None, n_train: int | None,
     training_curves.png, eigenvalue_spectrum.png and ntk_distance_vs_width.png to --out
     (figures need matplotlib: pip install 'ntkit[plot]'; without it they are skipped).
     """
-    settings = _DemoSettings(
+    from .demo import N_DIGITS, DemoSettings
+
+    settings = DemoSettings(
         widths=widths or ((64, 256) if quick else (64, 256, 1024)),
         n_train=n_train or (200 if quick else 500),
         n_test=n_test or (200 if quick else 500),
         steps=steps or (300 if quick else 2000),
         depth=depth, seed=seed, quick=quick, threads=threads,
     )
-    if settings.n_train + settings.n_test > 1797:
+    if settings.n_train + settings.n_test > N_DIGITS:
         raise click.BadParameter(
-            f"--n-train {settings.n_train} + --n-test {settings.n_test} exceeds the 1797 "
-            f"digits.", param_hint="--n-train/--n-test")
+            f"--n-train {settings.n_train} + --n-test {settings.n_test} exceeds the "
+            f"{N_DIGITS} digits.", param_hint="--n-train/--n-test")
     run_demo(settings, out_dir)
 
 
-class _DemoSettings:
-    def __init__(self, *, widths, n_train, n_test, steps, depth, seed, quick, threads=1
-                 ) -> None:
-        self.widths, self.n_train, self.n_test = tuple(widths), n_train, n_test
-        self.steps, self.depth, self.seed, self.quick = steps, depth, seed, quick
-        self.threads = threads
-
-
-def _architecture(depth: int, width: int) -> str:
-    return (f"{depth}*(linear({width},w_std=1.5,b_std=0.1)-relu)"
-            f"-linear(10,w_std=1.5,b_std=0.1)")
-
-
-def run_demo(s: _DemoSettings, out_dir: Path) -> None:
-    """The body of `ntkit demo` (see its help), with ``s.threads`` torch threads (the
-    previous number is restored afterwards)."""
+def run_demo(s, out_dir: Path) -> None:
+    """The body of `ntkit demo` (see its help) for `ntkit.demo.DemoSettings` ``s``, with
+    ``s.threads`` torch threads (the previous number is restored afterwards)."""
     import torch
 
     before = torch.get_num_threads()
@@ -702,207 +633,30 @@ def run_demo(s: _DemoSettings, out_dir: Path) -> None:
         torch.set_num_threads(before)
 
 
-def _run_demo(s: _DemoSettings, out_dir: Path) -> None:
-    import torch
-    from tqdm import tqdm
+def _run_demo(s, out_dir: Path) -> None:
+    from . import demo as d
 
-    import ntkit as nk
-
-    from . import plot, predict
-    from .datasets import load_digits
-    from .spec import parse_architecture
-
-    draw = _has_matplotlib()
     start = time.perf_counter()
-    if draw:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    x64, labels = load_digits(dtype=torch.float64)
-    perm = torch.randperm(x64.shape[0], generator=torch.Generator().manual_seed(s.seed))
-    tr, te = perm[:s.n_train], perm[s.n_train:s.n_train + s.n_test]
-    y64 = torch.nn.functional.one_hot(labels, 10).to(torch.float64) - 0.1
-    x_tr, y_tr, x_te, y_te = x64[tr], y64[tr], x64[te], y64[te]
-    lab_te = labels[te]
-    net = parse_architecture(_architecture(s.depth, 512))
+    data = d.digits_split(s)
     click.echo(f"data: scikit-learn digits (8x8), {s.n_train} train / {s.n_test} test, "
                f"split seed {s.seed}")
-    click.echo(f"network: {_architecture(s.depth, 'W')}  (ntkit spec; W = width)")
-
-    # ---- infinite width: kernels, learning rate, ensembles over a grid of times
-    t0 = time.perf_counter()
-    k_train = net.kernel(x_tr)
-    lr = 0.5 * predict.max_learning_rate(k_train.ntk, y_size=y_tr.numel())
-    times = np.unique(np.round(np.logspace(0, math.log10(s.steps), 25)).astype(int))
-    ensemble = predict.gradient_descent_mse_ensemble(net, x_tr, y_tr, learning_rate=lr)
-    out = ensemble(x_te, torch.as_tensor(times, dtype=torch.float64), get=("nngp", "ntk"),
-                   compute_cov=True)
-    infinite_s = time.perf_counter() - t0
-    click.echo(f"learning rate {lr:.3g} (half the largest stable step of the infinite NTK); "
-               f"t = {s.steps} steps")
-    gen = torch.Generator().manual_seed(s.seed + 1)
-    stats = {g: _ensemble_stats(out[g].mean, out[g].cov, y_te, lab_te, gen) for g in out}
-
-    # ---- finite networks: the same loss and learning rate, full-batch gradient descent
-    finite: dict[int, dict[str, Any]] = {}
-    x32, y32 = x_tr.float(), y_tr.float()
-    x_te32, y_te32 = x_te.float(), y_te.float()
-    entk_init = None
-    for width in s.widths:
-        model = parse_architecture(_architecture(s.depth, width)).build(
-            (64,), generator=torch.Generator().manual_seed(s.seed + width))
-        if width == max(s.widths):
-            entk_init = nk.empirical_ntk(model, x32) / 10
-        finite[width] = _train(model, x32, y32, x_te32, y_te32, lab_te, lr, times,
-                               tqdm, desc=f"width {width}")
-
-    # ---- empirical NTK at initialisation against the infinite NTK, over widths
-    dist_widths = sorted({2 ** i for i in range(6, 11 if s.quick else 13)} | set(s.widths))
-    n_sub, seeds = (50, 2) if s.quick else (100, 3)
-    x_sub = x_tr[:n_sub]
-    k_sub = net.kernel(x_sub).ntk
-    distances = np.zeros((len(dist_widths), seeds))
-    t0 = time.perf_counter()
-    bar = tqdm(total=len(dist_widths) * seeds, desc="empirical NTK vs width", unit="net")
-    for i, width in enumerate(dist_widths):
-        arch = parse_architecture(_architecture(s.depth, int(width)))
-        for j in range(seeds):
-            model = arch.build((64,), dtype=torch.float64,
-                               generator=torch.Generator().manual_seed(10_000 * j + int(width)))
-            e = nk.empirical_ntk(model, x_sub) / 10
-            distances[i, j] = float(torch.linalg.norm(e - k_sub) / torch.linalg.norm(k_sub))
-            bar.update()
-    bar.close()
-    distance_s = time.perf_counter() - t0
-
-    # ---- the table
-    rows = []
-    for g, name in (("ntk", "NTK"), ("nngp", "NNGP")):
-        st = stats[g]
-        rows.append((f"infinite {name} ensemble, mean", f"{st['mean_acc'][-1]:.3f}",
-                     f"{st['mean_loss'][-1]:.4f}", f"{infinite_s:.1f}"))
-    for g, name in (("ntk", "NTK"), ("nngp", "NNGP")):
-        st = stats[g]
-        rows.append((f"infinite {name}: one network", (f"{st['acc'][-1]:.3f} ± "
-                     f"{st['acc_std'][-1]:.3f}"), (f"{st['loss'][-1]:.4f} ± "
-                     f"{st['loss_std'][-1]:.4f}"), "-"))
-    for width, r in finite.items():
-        rows.append((f"MLP width {width}", f"{r['acc'][-1]:.3f}", f"{r['loss'][-1]:.4f}",
-                     f"{r['seconds']:.1f}"))
-    click.echo("")
-    click.echo(f"test metrics at t = {int(times[-1])} (loss 0.5/|y| ||f - y||^2):")
-    click.echo(_table(("model", "test accuracy", "test loss", "seconds"), rows))
-    click.echo("(ensemble, mean: the prediction of the infinite ensemble, its mean output; "
-               "one network: a single infinitely wide network drawn from it, mean ± std "
-               "over networks)")
-    slope = np.polyfit(np.log(dist_widths), np.log(distances.mean(1)), 1)[0]
-    click.echo(f"empirical vs infinite NTK on {n_sub} digits: relative distance "
-               f"{distances.mean(1)[0]:.3f} at width {dist_widths[0]}, "
-               f"{distances.mean(1)[-1]:.3f} at width {dist_widths[-1]} "
-               f"(slope {slope:.2f} on log-log; theory -0.5) in {distance_s:.1f} s")
-
-    # ---- figures
-    if not draw:
-        click.echo("figures: skipped, matplotlib is not installed (pip install 'ntkit[plot]')")
-        click.echo(f"total {time.perf_counter() - start:.1f} s")
-        return
-    curves = {}
-    for g, name in (("ntk", "infinite NTK ensemble"), ("nngp", "infinite NNGP ensemble")):
-        st = stats[g]
-        curves[name] = plot.Curve(loss=st["loss"], loss_std=st["loss_std"],
-                                  accuracy=st["acc"], accuracy_std=st["acc_std"])
-    for width, r in finite.items():
-        curves[f"MLP width {width}"] = plot.Curve(loss=r["loss"], accuracy=r["acc"])
-    kernels = {"infinite NNGP": k_train.nngp, "infinite NTK": k_train.ntk}
-    if entk_init is not None:
-        kernels[f"empirical NTK, width {max(s.widths)} at init"] = entk_init
-    figures = {
-        "training_curves.png": plot.training_curves(
-            times, curves, title=f"digits, {s.n_train} train / {s.n_test} test, "
-                                 f"learning rate {lr:.3g}"),
-        "eigenvalue_spectrum.png": plot.eigenvalue_spectrum(
-            kernels, title=f"kernel spectra on the {s.n_train} training digits"),
-        "ntk_distance_vs_width.png": plot.kernel_distance_vs_width(
-            dist_widths, distances, title=f"empirical vs infinite NTK, {n_sub} digits, "
-                                          f"depth {s.depth}"),
-    }
-    for name, fig in figures.items():
-        fig.savefig(out_dir / name, dpi=110)
-    click.echo(f"figures: {', '.join(str(out_dir / n) for n in figures)}")
-    click.echo(f"total {time.perf_counter() - start:.1f} s")
-
-
-def _ensemble_stats(mean, cov, y, labels, gen, samples: int = 32) -> dict[str, np.ndarray]:
-    """Test metrics of the ensemble at each time.
-
-    ``mean``: ``(T, Nt, O)``; ``cov``: ``(T, Nt, Nt)`` shared by the outputs. A network
-    drawn from the ensemble has test outputs ``f ~ N(mean, cov)`` per output, so its loss
-    ``0.5/|y| ||f - y||^2`` has mean ``0.5/|y| (||d||^2 + O tr C)`` and variance
-    ``(0.5/|y|)^2 sum_o (2 tr(C^2) + 4 d_o' C d_o)`` with ``d = mean - y`` (moments of a
-    Gaussian quadratic form); its accuracy's mean and spread are estimated from samples.
-    """
-    import torch
-
-    d = mean - y
-    scale = 0.5 / y.numel()
-    n_out = y.shape[1]
-    tr_c = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
-    loss = scale * ((d * d).sum((1, 2)) + n_out * tr_c)
-    quad = torch.einsum("tio,tij,tjo->t", d, cov, d)
-    var = scale ** 2 * (2 * n_out * (cov * cov).sum((1, 2)) + 4 * quad)
-    lam, vec = torch.linalg.eigh(cov)
-    root = vec * lam.clamp(min=0).sqrt()[:, None, :]
-    z = torch.randn((samples,) + tuple(mean.shape[1:]), generator=gen, dtype=mean.dtype)
-    f = mean[:, None] + torch.einsum("tij,sjo->tsio", root, z)
-    acc = (f.argmax(-1) == labels).to(mean.dtype).mean(-1)          # (T, samples)
-    mean_loss = scale * (d * d).sum((1, 2))
-    mean_acc = (mean.argmax(-1) == labels).to(mean.dtype).mean(-1)
-    return {"loss": loss.numpy(), "loss_std": var.clamp(min=0).sqrt().numpy(),
-            "acc": acc.mean(1).numpy(), "acc_std": acc.std(1).numpy(),
-            "mean_loss": mean_loss.numpy(), "mean_acc": mean_acc.numpy()}
-
-
-def _train(model, x, y, x_test, y_test, labels, lr: float, times: np.ndarray, tqdm, desc: str
-           ) -> dict[str, Any]:
-    """Full-batch gradient descent on ``0.5/|y| ||f(x) - y||^2``, test metrics at ``times``
-    (step counts)."""
-    import torch
-
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    marks = {int(t) for t in times}
-    loss_t, acc_t = [], []
-    t0 = time.perf_counter()
-    for step in tqdm(range(1, int(times[-1]) + 1), desc=desc, unit="step", leave=False):
-        opt.zero_grad(set_to_none=True)
-        loss = 0.5 * ((model(x) - y) ** 2).sum() / y.numel()
-        loss.backward()
-        opt.step()
-        if step in marks:
-            with torch.no_grad():
-                f = model(x_test)
-                loss_t.append(float(0.5 * ((f - y_test) ** 2).sum() / y_test.numel()))
-                acc_t.append(float((f.argmax(1) == labels).float().mean()))
-    if not math.isfinite(loss_t[-1]):
-        raise _fail(f"the network of {desc} diverged at learning rate {lr:.3g}.")
-    return {"loss": np.array(loss_t), "acc": np.array(acc_t),
-            "seconds": time.perf_counter() - t0}
-
-
-def _table(header: Sequence[str], rows: list[Sequence[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join("-" * w for w in widths)
-
-    def fmt(r):
-        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                         for i, (c, w) in enumerate(zip(r, widths)))
-
-    return "\n".join([fmt(header), line, *(fmt(r) for r in rows)])
-
-
-def _has_matplotlib() -> bool:
+    click.echo(f"network: {d.architecture(s.depth, 'W')}  (ntkit spec; W = width)")
+    infinite = d.infinite_ensembles(data, s)
+    click.echo(f"learning rate {infinite.learning_rate:.3g} (half the largest stable step of "
+               f"the infinite NTK); t = {s.steps} steps")
     try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        finite, entk_init = d.finite_networks(data, s, infinite.learning_rate, infinite.times)
+    except FloatingPointError as e:
+        raise _fail(str(e)) from None
+    result = d.DemoResult(s, infinite, finite, entk_init, d.ntk_distance_vs_width(data, s))
+    for line in d.report(result):
+        click.echo(line)
+    if d.has_matplotlib():
+        paths = d.write_figures(result, out_dir)
+        click.echo(f"figures: {', '.join(str(p) for p in paths)}")
+    else:
+        click.echo("figures: skipped, matplotlib is not installed (pip install 'ntkit[plot]')")
+    click.echo(f"total {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":  # pragma: no cover
