@@ -152,6 +152,113 @@ def test_kernel_json_architecture_and_input_shape(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "k.npy"), k.ntk.numpy(), rtol=1e-6)
 
 
+# ------------------------------------------------------------------------- kernel: tiles
+TILING_OPTIONS = ("--store", "--resume", "--overwrite", "--workers", "--scheduler",
+                  "--tile-size")
+
+
+def _done_mask(store: Path) -> np.ndarray:
+    import zarr
+
+    return zarr.open_group(str(store), mode="r")["done"][...]
+
+
+def test_kernel_workers_store_and_resume(data, tmp_path):
+    """--workers 2 --store: the NTK of net.kernel, 40 rows in tiles of 16 (the 6 tiles on
+    and above the diagonal of a 3 x 3 grid); a second run with --resume computes no tile
+    and writes the same file; without --resume the store is refused, and with other
+    inputs --resume is refused (--overwrite named)."""
+    store, out = tmp_path / "tiles", tmp_path / "k.npy"
+    args = ("kernel", ARCH, str(data["x.npy"]), "-o", str(out), "--store", str(store),
+            "--tile-size", "16", "--no-progress")
+    r = invoke(*args, "--workers", "2")
+    assert r.exit_code == 0, r.output
+    assert f"ntk: 6 tiles computed, 0 reused from {store / 'ntk'}" in r.output
+    first = np.load(out)
+    np.testing.assert_allclose(first, expected_kernel(data["x"]).ntk.numpy(), rtol=1e-6,
+                               atol=1e-6)
+    assert np.array_equal(_done_mask(store / "ntk"), np.triu(np.ones((3, 3), dtype=bool)))
+    r = invoke(*args, "--workers", "2", "--resume")
+    assert r.exit_code == 0, r.output
+    assert "ntk: 0 tiles computed, 6 reused" in r.output
+    assert np.array_equal(np.load(out), first)
+    r = invoke(*args)
+    assert r.exit_code == 1
+    assert "already exists; pass --resume to continue it" in r.output and "--overwrite" in r.output
+    r = invoke("kernel", ARCH, str(data["x2.npy"]), "-o", str(tmp_path / "other.npy"),
+               "--store", str(store), "--resume", "--no-progress")
+    assert r.exit_code == 1, r.output
+    assert f"Error: the store {store / 'ntk'} holds a kernel matrix computed with a different " \
+           "x1" in r.output
+    assert "Pass --overwrite to discard it" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "other.npy").exists()
+
+
+def test_kernel_tiles_in_process_both_kinds(data, tmp_path):
+    """--tile-size alone tiles in this process; --kind both fills DIR/nngp and DIR/ntk, and
+    --overwrite replaces a store of other inputs."""
+    store, out = tmp_path / "tiles", tmp_path / "k.npz"
+    assert invoke("kernel", ARCH, str(data["x2.npy"]), "-o", str(out), "--store", str(store),
+                  "--no-progress").exit_code == 0
+    r = invoke("kernel", ARCH, str(data["x.npy"]), "--x2", str(data["x2.npy"]), "-o", str(out),
+               "--store", str(store), "--overwrite", "--tile-size", "8", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "nngp: 5 tiles computed" in r.output and "ntk: 5 tiles computed" in r.output
+    k = expected_kernel(data["x"], x2=np.load(data["x2.npy"]))
+    with np.load(out) as z:
+        np.testing.assert_allclose(z["nngp"], k.nngp.numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(z["ntk"], k.ntk.numpy(), rtol=1e-6, atol=1e-6)
+    assert _done_mask(store / "nngp").all() and _done_mask(store / "ntk").shape == (5, 1)
+
+
+def test_kernel_on_a_running_scheduler(data, tmp_path):
+    """--scheduler ADDRESS sends the tiles to a running cluster (here one in this process)."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
+        r = invoke("kernel", ARCH, str(data["x.npy"]), "-o", str(tmp_path / "k.npy"),
+                   "--scheduler", cluster.scheduler_address, "--tile-size", "20",
+                   "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "ntk: 3 tiles computed" in r.output
+    np.testing.assert_allclose(np.load(tmp_path / "k.npy"), expected_kernel(data["x"]).ntk,
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["workers_and_scheduler", "resume_without_store",
+                                  "resume_and_overwrite", "unreachable_scheduler"])
+def test_kernel_tiling_errors(case, data, tmp_path, monkeypatch):
+    """Options that do not go together are usage errors; a scheduler that does not answer
+    within the timeout is one `Error:` line with its address and what to do."""
+    monkeypatch.setattr(cli, "SCHEDULER_TIMEOUT_S", 1)
+    out, store = str(tmp_path / "k.npy"), str(tmp_path / "tiles")
+    cases = {
+        "workers_and_scheduler": (("--workers", "2", "--scheduler", "tcp://127.0.0.1:9"), 2,
+                                  "not both"),
+        "resume_without_store": (("--resume",), 2, ("--resume applies to a tile store; give it "
+                                                   "with --store DIR")),
+        "resume_and_overwrite": (("--store", store, "--resume", "--overwrite"), 2,
+                                 "give one of them"),
+        "unreachable_scheduler": (("--scheduler", "tcp://127.0.0.1:9"), 1,
+                                  ("Error: cannot reach the Dask scheduler at "
+                                  "tcp://127.0.0.1:9 (")),
+    }
+    args, code, message = cases[case]
+    r = invoke("kernel", ARCH, str(data["x.npy"]), "-o", out, "--no-progress", *args)
+    assert r.exit_code == code, r.output
+    assert message in r.output, r.output
+    assert "Traceback" not in r.output and not Path(out).exists()
+    if case == "unreachable_scheduler":
+        assert r.output.count("\n") == 1 and "--workers N" in r.output
+
+
+def test_kernel_help_lists_tiling_options():
+    r = invoke("kernel", "--help")
+    assert r.exit_code == 0
+    for option in TILING_OPTIONS:
+        assert option in r.output, option
+
+
 # ------------------------------------------------------------------------- errors
 def test_spec_error_in_a_subprocess(data, tmp_path):
     """A spec that does not parse: exit 1, `Error:` with the position and a caret, no
