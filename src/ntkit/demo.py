@@ -305,10 +305,11 @@ def report(r: DemoResult) -> list[str]:
         f"test metrics at t = {int(inf.times[-1])} (loss 0.5/|y| ||f - y||^2):",
         table(("model", "test accuracy", "test loss", "seconds"), rows),
         ("(ensemble, mean: the prediction of the infinite ensemble, its mean output; one "
-        "network: a single infinitely wide network drawn from it, mean ± std over networks)"),
+         "network: a single infinitely wide network drawn from it, mean ± std over networks)"),
         (f"empirical vs infinite NTK on {dist.n_examples} digits: relative distance "
-        f"{mean[0]:.3f} at width {dist.widths[0]}, {mean[-1]:.3f} at width {dist.widths[-1]} "
-        f"(slope {dist.slope:.2f} on log-log; theory -0.5) in {dist.seconds:.1f} s"),
+         f"{mean[0]:.3f} at width {dist.widths[0]}, {mean[-1]:.3f} at width "
+         f"{dist.widths[-1]} (slope {dist.slope:.2f} on log-log; theory -0.5) in "
+         f"{dist.seconds:.1f} s"),
     ]
 
 
