@@ -328,6 +328,7 @@ def test_devices_start_one_pinned_worker_per_gpu(monkeypatch):
 
         time.sleep(0.05)
         assert torch.get_num_threads() == 1
+        assert os.environ["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)  # see _WORKER_ENVIRON
         return torch.full((len(a), len(b)), float(os.environ["CUDA_VISIBLE_DEVICES"]),
                           dtype=a.dtype, device=a.device)
 
