@@ -687,8 +687,9 @@ def gradient_descent_mse_ensemble(net, x_train: Tensor, y_train: Tensor, *,
             ``memory_budget``, else ``"nystrom"``. The non-exact solvers give means
             at ``t = inf`` only (no covariance, no finite times) and need
             ``diag_reg > 0`` for ``"nystrom"``.
-        n_centers: Nystrom centres (``"nystrom"``) or preconditioner columns (``"cg"``);
-            default ``min(N, max(500, round(2 sqrt(N))))``.
+        n_centers: Nystrom centres (``"nystrom"``, default ``min(N, max(500,
+            round(2 sqrt(N))))``) or Nystrom-preconditioner columns (``"cg"``, default
+            ``min(N, 500)``); see `ntkit.solvers.solve_krr`.
         generator: draws the Nystrom centres (required when ``n_centers < N``).
 
     Returns:
