@@ -21,7 +21,8 @@ that every tile sees the same networks), or any other kernel.
 
 On disk, ``out`` is a zarr group with two arrays: ``kernel`` ``(N1, N2)``
 (chunks are tiles; never-computed tiles read as NaN) and ``done``
-``(tile rows, tile columns)`` (bool, one chunk per tile). The ``kernel``
+``(tile rows, tile columns)`` (bool, one chunk per tile; for ``x2=None`` only
+tiles on and above the diagonal are marked, each also filling its mirror). The ``kernel``
 array's attributes record what it holds: a SHA-256 fingerprint of ``x1`` and
 ``x2`` (bytes, shape, dtype), the network's ``repr`` (or the function's
 qualified name and the user's ``key``), ``get``, the dtype and the tile size.
@@ -64,8 +65,8 @@ logger = logging.getLogger(__name__)
 KernelFn = Callable[[Tensor, Tensor], Tensor]
 #: Smallest default tile side for a network. Each ``net.kernel(a, b)`` call has
 #: costs that grow with ``Na + Nb`` (checks, and for pooling networks the self
-#: trace of each example), so on the `cnn` benchmark workload tiles of 8 took
-#: 1.6-2.8x as long as one call over all 64 images, tiles of 16 1.1-1.8x.
+#: trace of each example): on the `cnn` benchmark workload, in CPU time, tiles of 8
+#: took 1.4-1.8x one call over all 64 images, tiles of 16 1.1-1.4x, of 32 1.0-1.2x.
 _MIN_NETWORK_TILE = 16
 #: Where a GPU worker runs its tiles (set in each worker's environment by ``devices=``).
 _DEVICE_ENV = "NTKIT_KERNEL_DEVICE"
