@@ -513,22 +513,25 @@ def nystrom_krr(kernel_fn: KernelFn, x_train: Tensor, y_train: Tensor, *, n_cent
 
 
 class _RowTiles:
-    """``K_nm = k(x, centers)`` by row tiles: recomputed on each pass, or kept."""
+    """``K_nm = k(x, centers)`` by row tiles: recomputed on each pass, or kept in one
+    preallocated ``(N, M)`` tensor (one block: no heap fragmentation by many tiles)."""
 
     def __init__(self, kernel_fn: KernelFn, x: Tensor, centers: Tensor, rows: int,
                  dtype: torch.dtype, keep: bool):
         self.kernel_fn, self.x, self.centers = kernel_fn, x, centers
         self.ranges = [(i, min(i + rows, x.shape[0])) for i in range(0, x.shape[0], rows)]
         self.dtype = dtype
-        self.kept: list[Tensor] | None = [] if keep else None
+        self.keep = keep
+        self.kept: Tensor | None = None       # K_nm, once every tile is in it
         self.passes = 0
 
     def _tiles(self):
         self.passes += 1
-        if self.kept is not None and len(self.kept) == len(self.ranges):
-            for (i0, i1), t in zip(self.ranges, self.kept):
-                yield i0, i1, t.to(self.dtype)
+        if self.kept is not None:
+            for i0, i1 in self.ranges:
+                yield i0, i1, self.kept[i0:i1].to(self.dtype)
             return
+        store = None
         for i0, i1 in self.ranges:
             t = self.kernel_fn(self.x[i0:i1], self.centers)
             if t.shape != (i1 - i0, self.centers.shape[0]):
@@ -536,9 +539,12 @@ class _RowTiles:
                                  f"{self.centers.shape[0]}), got {tuple(t.shape)}.")
             if not bool(torch.isfinite(t).all()):
                 raise ValueError("kernel_fn returned NaN or infinite entries.")
-            if self.kept is not None:
-                self.kept.append(t)
+            if self.keep:
+                if store is None:
+                    store = t.new_empty((self.x.shape[0], self.centers.shape[0]))
+                store[i0:i1] = t
             yield i0, i1, t.to(self.dtype)
+        self.kept = store
 
     def knm_t(self, v: Tensor) -> Tensor:
         """``K_nm^T v`` for ``v`` ``(N, O)``."""
