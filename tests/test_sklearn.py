@@ -339,3 +339,58 @@ def test_bad_kernel_use():
         NNGPKernel()(X_TRAIN[0])
     assert not NNGPKernel().is_stationary()
     assert math.isfinite(NTKKernel().diag(X_TRAIN).sum())
+
+
+# ------------------------------------------------------------------ solvers (large N)
+def _big(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    x = _data(seed, n, 4)
+    return x, np.sin(x @ np.array([1.0, -0.5, 0.3, 0.8])) + 0.1 * _data(seed + 1, n)
+
+
+def test_iterative_solvers_approach_the_exact_estimator():
+    """``solver="cg"`` equals the exact fit; ``"nystrom"`` with every point as a centre
+    equals it too, and with fewer centres its test error against the exact predictions
+    shrinks as centres are added."""
+    x, y = _big(10, 400)
+    xt = _data(12, 50, 4)
+    exact = NTKRegressor(diag_reg=1e-3, solver="exact").fit(x, y).predict(xt)
+    cg = NTKRegressor(diag_reg=1e-3, solver="cg", n_centers=100).fit(x, y)
+    assert cg.solver_ == "cg" and cg.n_iter_ > 0
+    assert np.abs(cg.predict(xt) - exact).max() <= 1e-5 * np.abs(exact).max()
+    full = NTKRegressor(diag_reg=1e-3, solver="nystrom", n_centers=400, random_state=0)
+    assert np.abs(full.fit(x, y).predict(xt) - exact).max() <= 1e-5 * np.abs(exact).max()
+    errors = [np.abs(NTKRegressor(diag_reg=1e-3, solver="nystrom", n_centers=m, random_state=0)
+                     .fit(x, y).predict(xt) - exact).max() for m in (10, 40, 160)]
+    assert errors[0] > errors[1] > errors[2], errors
+    assert full.X_fit_.shape == (400, 4)
+
+
+def test_auto_solver_switches_to_nystrom_past_the_memory_budget():
+    """With a budget too small for two N x N kernels, "auto" fits by FALKON (centres,
+    not all points, in ``X_fit_``) and still classifies well; within it, "auto" is exact."""
+    x, y = _big(20, 300)
+    labels = (y > 0).astype(int)
+    small = NTKClassifier(diag_reg=1e-3, memory_budget=300 * 300 * 8, n_centers=60,
+                          random_state=0).fit(x, labels)
+    assert small.solver_ == "nystrom" and small.X_fit_.shape == (60, 4)
+    assert small.score(x, labels) > 0.85
+    assert NTKClassifier().fit(x, labels).solver_ == "exact"
+
+
+def test_solver_errors_and_persistence(tmp_path):
+    """Finite t with an iterative solver, a bad solver name and std from a Nystrom fit
+    are refused with what to do; a Nystrom fit saves and loads to the same predictions."""
+    x, y = _big(30, 120)
+    with pytest.raises(ValueError, match=r"t = inf.*solver='exact'"):
+        NTKRegressor(solver="nystrom", t=5.0).fit(x, y)
+    with pytest.raises(ValueError, match=r"solver must be one of"):
+        NTKRegressor(solver="lsqr").fit(x, y)
+    with pytest.raises(ValueError, match=r"n_centers must be a positive integer"):
+        NTKRegressor(solver="nystrom", n_centers=0).fit(x, y)
+    gp = NNGPRegressor(solver="nystrom", n_centers=30, random_state=1).fit(x, y)
+    with pytest.raises(ValueError, match=r"posterior mean only.*solver='exact'"):
+        gp.predict(x[:3], return_std=True)
+    save(gp, tmp_path / "m.npz")
+    back = load(tmp_path / "m.npz")
+    assert back.solver_ == "nystrom"
+    np.testing.assert_array_equal(back.predict(x[:5]), gp.predict(x[:5]))

@@ -23,12 +23,16 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
-from .. import predict
+from sklearn.utils import check_random_state
+
+from .. import predict, solvers
 from ..compute import parse_memory
 from ..layers import Layer
 from ._architecture import resolve_network, torch_device, torch_dtype
 
 __all__ = ["NNGPRegressor", "NTKClassifier", "NTKRegressor", "dual_coefficients"]
+
+_SOLVERS = ("auto", "exact", "cg", "nystrom")
 
 
 # ------------------------------------------------------------------ the math, delegated
@@ -85,6 +89,8 @@ class _Settings:
     dtype: torch.dtype
     device: torch.device
     memory_budget: int | str | None
+    solver: str
+    n_centers: int | None
 
 
 def _number(value: Any, name: str, *, low: float, inclusive: bool, inf: bool = False) -> float:
@@ -114,6 +120,16 @@ class _KernelModel(BaseEstimator):
                 f"training) or 'nngp' (readout only trained), got {field!r}.")
         if self.memory_budget is not None:
             parse_memory(self.memory_budget)
+        if self.solver not in _SOLVERS:
+            raise ValueError(
+                f"solver must be one of {', '.join(map(repr, _SOLVERS))}, got {self.solver!r}: "
+                f"'exact' (Cholesky / eigendecomposition of the N x N kernel), 'cg' "
+                f"(conjugate gradients on it), 'nystrom' (FALKON, never N x N), 'auto'.")
+        if self.n_centers is not None and not (
+                isinstance(self.n_centers, (int, np.integer)) and not isinstance(
+                    self.n_centers, bool) and self.n_centers >= 1):
+            raise ValueError(f"n_centers must be a positive integer or None, got "
+                             f"{self.n_centers!r}.")
         network = network or resolve_network(self.architecture, depth=self.depth,
                                   activation=self.activation, w_std=self.w_std,
                                   b_std=self.b_std)
@@ -124,7 +140,7 @@ class _KernelModel(BaseEstimator):
                                   inclusive=False),
             diag_reg=_number(self.diag_reg, "diag_reg", low=0.0, inclusive=True),
             dtype=torch_dtype(self.dtype), device=torch_device(self.device),
-            memory_budget=self.memory_budget)
+            memory_budget=self.memory_budget, solver=self.solver, n_centers=self.n_centers)
 
     def _tensor(self, x: np.ndarray, s: _Settings) -> Tensor:
         return torch.tensor(x, dtype=s.dtype, device=s.device)
@@ -147,16 +163,43 @@ class _KernelModel(BaseEstimator):
         """Computes and stores the fitted state from checked inputs and 2-D targets."""
         s = self._settings()
         x = self._tensor(X, s)
-        k = self._kernel(s, x, None)
         y = self._tensor(targets, s)
+        solver = self._resolve_solver(s, x.shape[0])
+        self.network_ = s.network
+        self.solver_ = solver
+        if solver != "exact":
+            seed = int(check_random_state(self.random_state).randint(2**31 - 1))
+            fitted = solvers.solve_krr(
+                solvers.kernel_function(s.network, s.field, memory_budget=s.memory_budget),
+                x, y, solver=solver, diag_reg=s.diag_reg, n_centers=s.n_centers,
+                generator=torch.Generator().manual_seed(seed), memory_budget=s.memory_budget,
+                dtype=s.dtype)
+            self.X_fit_ = fitted.centers.detach().cpu().numpy()
+            self.dual_coef_ = fitted.alpha.detach().cpu().numpy()
+            self.n_iter_ = 0 if fitted.info is None else int(fitted.info.iterations)
+            return
+        k = self._kernel(s, x, None)
         dual, operator = dual_coefficients(k, y, t=s.t, learning_rate=s.learning_rate,
                                            diag_reg=s.diag_reg,
                                            covariance=self._with_covariance)
-        self.network_ = s.network
         self.X_fit_ = np.asarray(X)
         self.dual_coef_ = dual.detach().cpu().numpy()
         if operator is not None:
             self.cov_coef_ = operator.detach().cpu().numpy()
+
+    def _resolve_solver(self, s: _Settings, n: int) -> str:
+        """The solver ``fit`` uses: ``"auto"`` is ``"exact"`` when two ``n x n`` kernels
+        fit in the memory budget (or ``t`` is finite), else ``"nystrom"``."""
+        solver = s.solver
+        if solver == "auto":
+            fits = 2 * n * n * torch.empty((), dtype=s.dtype).element_size() <= parse_memory(
+                s.memory_budget)
+            solver = "exact" if fits or math.isfinite(s.t) else "nystrom"
+        if solver != "exact" and math.isfinite(s.t):
+            raise ValueError(
+                f"solver={solver!r} solves the converged (t = inf) regression only, got "
+                f"t={s.t!r}; use solver='exact' (one eigendecomposition) for finite times.")
+        return solver
 
     def _outputs(self, X: Any) -> tuple[np.ndarray, _Settings, Tensor, Tensor]:
         """Mean outputs ``(n_samples, n_outputs)``, the settings, the test inputs and the
@@ -219,7 +262,19 @@ _PARAMS = """
         dtype: ``"float64"`` (recommended for kernel solves) or ``"float32"``.
         device: torch device for the kernels and solves, e.g. ``"cpu"``, ``"cuda"``.
         memory_budget: working memory for kernel tiles (bytes or e.g. ``"2GiB"``),
-            passed to ``network.kernel``.
+            passed to ``network.kernel``; also what ``solver="auto"`` compares two
+            ``N x N`` kernels with (default 1 GiB).
+        solver: how ``fit`` solves the regression (`ntkit.solvers.solve_krr`):
+            ``"exact"`` (the ``N x N`` kernel, factorised once; any ``t``), ``"cg"``
+            (conjugate gradients on the ``N x N`` kernel, Nystrom-preconditioned),
+            ``"nystrom"`` (FALKON with ``n_centers`` centres: kernel blocks recomputed
+            in tiles, never ``N x N``; approximate unless ``n_centers = N``), or
+            ``"auto"`` (``"exact"`` when two ``N x N`` kernels fit in
+            ``memory_budget``, else ``"nystrom"``). The iterative solvers give the
+            converged (``t = inf``) mean only.
+        n_centers: Nystrom centres (default ``min(N, max(500, 2 sqrt(N)))``), also the
+            rank of the ``"cg"`` preconditioner.
+        random_state: seed (int) or None, for drawing the Nystrom centres.
 """
 
 
@@ -242,8 +297,11 @@ class NTKRegressor(_Regressor):
 
     Attributes:
         network_: the ntkit network used.
-        X_fit_: training inputs ``(n_samples, n_features)``.
-        dual_coef_: ``(n_samples, n_outputs)``: ``predict(X) = k(X, X_fit_) @ dual_coef_``.
+        X_fit_: the inputs the predictor expands on ``(n_fit, n_features)``: the
+            training inputs, or the Nystrom centres with ``solver="nystrom"``.
+        dual_coef_: ``(n_fit, n_outputs)``: ``predict(X) = k(X, X_fit_) @ dual_coef_``.
+        solver_: the solver used (``"auto"`` resolved).
+        n_iter_: conjugate-gradient iterations (iterative solvers only).
         n_outputs_: number of target columns.
         n_features_in_, feature_names_in_: as in scikit-learn.
     """
@@ -252,7 +310,8 @@ class NTKRegressor(_Regressor):
                  activation: str = "relu", w_std: float = 1.5, b_std: float = 0.1,
                  kernel: str = "ntk", t: float = math.inf, learning_rate: float = 1.0,
                  diag_reg: float = 1e-6, dtype: str = "float64", device: str = "cpu",
-                 memory_budget: int | str | None = None) -> None:
+                 memory_budget: int | str | None = None, solver: str = "auto",
+                 n_centers: int | None = None, random_state: int | None = None) -> None:
         self.architecture = architecture
         self.depth = depth
         self.activation = activation
@@ -265,6 +324,9 @@ class NTKRegressor(_Regressor):
         self.dtype = dtype
         self.device = device
         self.memory_budget = memory_budget
+        self.solver = solver
+        self.n_centers = n_centers
+        self.random_state = random_state
 
     def predict(self, X: Any) -> np.ndarray:
         """The ensemble's mean output at ``X`` ``(n_samples, n_features)``: shape
@@ -304,7 +366,8 @@ class NNGPRegressor(_Regressor):
                  activation: str = "relu", w_std: float = 1.5, b_std: float = 0.1,
                  t: float = math.inf, learning_rate: float = 1.0, diag_reg: float = 1e-6,
                  dtype: str = "float64", device: str = "cpu",
-                 memory_budget: int | str | None = None) -> None:
+                 memory_budget: int | str | None = None, solver: str = "auto",
+                 n_centers: int | None = None, random_state: int | None = None) -> None:
         self.architecture = architecture
         self.depth = depth
         self.activation = activation
@@ -316,6 +379,9 @@ class NNGPRegressor(_Regressor):
         self.dtype = dtype
         self.device = device
         self.memory_budget = memory_budget
+        self.solver = solver
+        self.n_centers = n_centers
+        self.random_state = random_state
 
     def predict(self, X: Any, return_std: bool = False, return_cov: bool = False):
         """Predictive mean, and standard deviation or covariance, at ``X``.
@@ -341,6 +407,10 @@ class NNGPRegressor(_Regressor):
         mean = mean[:, 0] if self._y_1d else mean
         if not (return_std or return_cov):
             return mean
+        if not hasattr(self, "cov_coef_"):
+            raise ValueError(
+                f"this NNGPRegressor was fitted with solver={self.solver_!r}, which gives the "
+                f"posterior mean only; fit with solver='exact' for return_std/return_cov.")
         m = torch.as_tensor(self.cov_coef_, dtype=s.dtype, device=s.device)
         if return_cov:
             cov = self._kernel(s, x, None) - k_td @ m @ k_td.T
@@ -383,7 +453,8 @@ class NTKClassifier(ClassifierMixin, _KernelModel):
                  activation: str = "relu", w_std: float = 1.5, b_std: float = 0.1,
                  kernel: str = "ntk", t: float = math.inf, learning_rate: float = 1.0,
                  diag_reg: float = 1e-6, dtype: str = "float64", device: str = "cpu",
-                 memory_budget: int | str | None = None) -> None:
+                 memory_budget: int | str | None = None, solver: str = "auto",
+                 n_centers: int | None = None, random_state: int | None = None) -> None:
         self.architecture = architecture
         self.depth = depth
         self.activation = activation
@@ -396,6 +467,9 @@ class NTKClassifier(ClassifierMixin, _KernelModel):
         self.dtype = dtype
         self.device = device
         self.memory_budget = memory_budget
+        self.solver = solver
+        self.n_centers = n_centers
+        self.random_state = random_state
 
     def fit(self, X: Any, y: Any) -> NTKClassifier:
         """Fits to inputs ``(n_samples, n_features)`` and labels ``(n_samples,)`` (any

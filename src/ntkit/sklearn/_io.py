@@ -85,6 +85,7 @@ def save(estimator: Estimator, path: str | os.PathLike) -> None:
     params = {k: _json_param(k, v) for k, v in estimator.get_params(deep=False).items()}
     meta = {"format": FORMAT, "class": type(estimator).__name__, "params": params,
             "n_features_in": int(estimator.n_features_in_)}
+    meta["solver_"] = getattr(estimator, "solver_", "exact")
     if hasattr(estimator, "n_outputs_"):
         meta["n_outputs"] = int(estimator.n_outputs_)
         meta["y_1d"] = bool(estimator._y_1d)
@@ -118,6 +119,7 @@ def load(path: str | os.PathLike) -> Estimator:
     for name, value in arrays.items():
         setattr(estimator, name, value)
     estimator.n_features_in_ = meta["n_features_in"]
+    estimator.solver_ = meta.get("solver_", "exact")
     if "n_outputs" in meta:
         estimator.n_outputs_ = meta["n_outputs"]
         estimator._y_1d = meta["y_1d"]
