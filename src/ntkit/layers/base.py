@@ -246,6 +246,14 @@ def input_kernel(x1: Tensor, x2: Tensor | None, *, diagonal: bool = False,
             nngp = (x1 @ x2.T) / channels
         else:
             nngp = torch.einsum("ic...,jc...->ij...", x1, x2) / channels
+    if x1_is_x2 and not diagonal:
+        # BLAS need not round (i, j) and (j, i) alike; k(x, x) must be exactly symmetric
+        # (a + b rounds as b + a), or every layer after it inherits the asymmetry.
+        swapped = nngp.transpose(0, 1)
+        if position_pairs:
+            ns = len(spatial)
+            swapped = swapped.permute(0, 1, *range(2 + ns, 2 + 2 * ns), *range(2, 2 + ns))
+        nngp = (nngp + swapped).mul_(0.5)
     return Kernel(
         nngp=nngp,
         ntk=torch.zeros((), dtype=nngp.dtype, device=nngp.device).expand(nngp.shape),
