@@ -394,3 +394,30 @@ def test_solver_errors_and_persistence(tmp_path):
     back = load(tmp_path / "m.npz")
     assert back.solver_ == "nystrom"
     np.testing.assert_array_equal(back.predict(x[:5]), gp.predict(x[:5]))
+
+
+def test_input_shape_lets_convolutional_networks_fit_flattened_rows(tmp_path):
+    """Rows of X reshaped to images by ``input_shape``: the fit equals kernel regression with
+    the CNN's kernel on the images (witness: a direct solve), in a Pipeline, and survives
+    save/load; a shape that does not match the features is refused."""
+    gen = torch.Generator().manual_seed(5)
+    images = torch.randn(40, 2, 5, 5, generator=gen, dtype=D)
+    y = images.mean((1, 2, 3)).numpy() * 3
+    arch = "conv2d(8,3,padding=same)-relu-avgpool2d(2)-conv2d(8,2)-relu-globalavgpool-linear(1)"
+    X = images.reshape(40, -1).numpy()
+    reg = NTKRegressor(arch, input_shape=(2, 5, 5), diag_reg=1e-3).fit(X[:30], y[:30])
+    net = nk.Sequential(nk.Conv2d(8, 3, padding="same"), nk.ReLU(), nk.AvgPool2d(2),
+                        nk.Conv2d(8, 2), nk.ReLU(), nk.GlobalAvgPool(), nk.Linear(1))
+    k = net.kernel(images[:30]).ntk
+    k = k + 1e-3 * k.diagonal().mean() * torch.eye(30, dtype=D)
+    want = net.kernel(images[30:], images[:30]).ntk @ torch.linalg.solve(
+        k, torch.as_tensor(y[:30]).unsqueeze(1))
+    got = reg.predict(X[30:])
+    assert np.abs(got - want[:, 0].numpy()).max() <= RTOL * np.abs(want.numpy()).max() * 1e3
+    save(reg, tmp_path / "cnn.npz")
+    np.testing.assert_array_equal(load(tmp_path / "cnn.npz").predict(X[30:]), got)
+    with pytest.raises(ValueError, match=r"input_shape=\(3, 5, 5\) holds 75 numbers per "
+                                         r"example but X has 50 features"):
+        NTKRegressor(arch, input_shape=(3, 5, 5)).fit(X, y)
+    with pytest.raises(ValueError, match=r"input_shape must be None or a tuple of positive"):
+        NTKRegressor(arch, input_shape=(2, 0, 25)).fit(X, y)

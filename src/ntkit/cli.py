@@ -419,9 +419,8 @@ def fit(data: Path | None, dataset: str | None, key, labels_key, label_column, i
         click.echo(f"task: {'classification' if task == 'classify' else 'regression'} "
                    f"(from the labels; set --task to change)")
     y = check_labels(y, task, name)
-    if x.ndim != 2:
-        raise _fail(f"{name}: the estimators take inputs (N, features), got {x.shape}; "
-                    f"flatten the examples.")
+    # the estimators take flattened rows; the example shape travels as input_shape
+    example_shape = tuple(int(d) for d in x.shape[1:]) if x.ndim > 2 else None
     if test_data is not None:
         csv = test_data.suffix.lower() == ".csv"
         x_te, y_te = load_data(test_data, key=None if csv else key,
@@ -440,11 +439,12 @@ def fit(data: Path | None, dataset: str | None, key, labels_key, label_column, i
         x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_size, random_state=seed,
                                                   stratify=stratify)
     cls = NTKClassifier if task == "classify" else NTKRegressor
-    model = cls(architecture, kernel=kernel, t=t, diag_reg=diag_reg, dtype=dtype)
+    model = cls(architecture, kernel=kernel, t=t, diag_reg=diag_reg, dtype=dtype,
+                input_shape=example_shape)
     t0 = time.perf_counter()
     try:
-        model.fit(x_tr, y_tr)
-        test_m = _metrics(task, y_te, model.predict(x_te))
+        model.fit(x_tr.reshape(len(x_tr), -1), y_tr)
+        test_m = _metrics(task, y_te, model.predict(x_te.reshape(len(x_te), -1)))
     except (ValueError, TypeError, FloatingPointError) as e:
         raise _fail(f"fitting {name} failed: {e}") from None
     elapsed = time.perf_counter() - t0
@@ -501,7 +501,8 @@ def predict_cmd(model_path: Path, data: Path | None, dataset: str | None, key, l
         x, y = load_data(data, key=key, label_column=label_column, labels_key=labels_key,
                          input_shape=input_shape)
         name = data.name
-    if x.ndim != 2 or x.shape[1] != model.n_features_in_:
+    x = x.reshape(len(x), -1)                 # examples as rows; the model knows their shape
+    if x.shape[1] != model.n_features_in_:
         raise _fail(f"{name}: the model was fitted on {model.n_features_in_} features per "
                     f"example, the data has examples of shape {x.shape[1:]}.")
     task = "classify" if isinstance(model, NTKClassifier) else "regress"

@@ -91,6 +91,19 @@ class _Settings:
     memory_budget: int | str | None
     solver: str
     n_centers: int | None
+    input_shape: tuple[int, ...] | None
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    """``input_shape`` checked: None or a sequence of positive ints."""
+    if value is None:
+        return None
+    ok = isinstance(value, (tuple, list)) and len(value) > 0 and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in value)
+    if not ok:
+        raise ValueError(f"input_shape must be None or a tuple of positive ints (one example's "
+                         f"shape, e.g. (3, 32, 32) for images), got {value!r}.")
+    return tuple(int(v) for v in value)
 
 
 def _number(value: Any, name: str, *, low: float, inclusive: bool, inf: bool = False) -> float:
@@ -134,7 +147,7 @@ class _KernelModel(BaseEstimator):
                                   activation=self.activation, w_std=self.w_std,
                                   b_std=self.b_std)
         return _Settings(
-            network=network, field=field,
+            network=network, field=field, input_shape=_shape(self.input_shape),
             t=_number(self.t, "t", low=0.0, inclusive=True, inf=True),
             learning_rate=_number(self.learning_rate, "learning_rate", low=0.0,
                                   inclusive=False),
@@ -144,6 +157,18 @@ class _KernelModel(BaseEstimator):
 
     def _tensor(self, x: np.ndarray, s: _Settings) -> Tensor:
         return torch.tensor(x, dtype=s.dtype, device=s.device)
+
+    def _inputs(self, x: np.ndarray, s: _Settings) -> Tensor:
+        """Rows of ``X`` as network inputs: ``(n, *input_shape)`` when one is given."""
+        t = self._tensor(x, s)
+        if s.input_shape is None:
+            return t
+        if math.prod(s.input_shape) != t.shape[1]:
+            raise ValueError(
+                f"input_shape={s.input_shape} holds {math.prod(s.input_shape)} numbers per "
+                f"example but X has {t.shape[1]} features; give the shape of one example "
+                f"before flattening (e.g. (channels, height, width)).")
+        return t.reshape(t.shape[0], *s.input_shape)
 
     def _kernel(self, s: _Settings, x1: Tensor, x2: Tensor | None, *,
                 diagonal: bool = False) -> Tensor:
@@ -162,7 +187,7 @@ class _KernelModel(BaseEstimator):
     def _fit_targets(self, X: np.ndarray, targets: np.ndarray) -> None:
         """Computes and stores the fitted state from checked inputs and 2-D targets."""
         s = self._settings()
-        x = self._tensor(X, s)
+        x = self._inputs(X, s)
         y = self._tensor(targets, s)
         solver = self._resolve_solver(s, x.shape[0])
         self.network_ = s.network
@@ -174,7 +199,7 @@ class _KernelModel(BaseEstimator):
                 x, y, solver=solver, diag_reg=s.diag_reg, n_centers=s.n_centers,
                 generator=torch.Generator().manual_seed(seed), memory_budget=s.memory_budget,
                 dtype=s.dtype)
-            self.X_fit_ = fitted.centers.detach().cpu().numpy()
+            self.X_fit_ = fitted.centers.detach().reshape(fitted.centers.shape[0], -1).cpu().numpy()
             self.dual_coef_ = fitted.alpha.detach().cpu().numpy()
             self.n_iter_ = 0 if fitted.info is None else int(fitted.info.iterations)
             return
@@ -207,8 +232,8 @@ class _KernelModel(BaseEstimator):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float64)
         s = self._settings(self.network_)
-        x = self._tensor(X, s)
-        k_td = self._kernel(s, x, self._tensor(self.X_fit_, s))
+        x = self._inputs(X, s)
+        k_td = self._kernel(s, x, self._inputs(self.X_fit_, s))
         mean = k_td @ torch.as_tensor(self.dual_coef_, dtype=s.dtype, device=s.device)
         return mean.cpu().numpy(), s, x, k_td
 
@@ -275,6 +300,9 @@ _PARAMS = """
         n_centers: Nystrom centres (default ``min(N, max(500, 2 sqrt(N)))``), also the
             rank of the ``"cg"`` preconditioner.
         random_state: seed (int) or None, for drawing the Nystrom centres.
+        input_shape: None for dense inputs, or one example's shape, e.g. ``(3, 32, 32)``:
+            rows of ``X`` (flattened examples, as scikit-learn wants them) are reshaped
+            to ``(n_samples, *input_shape)`` for convolutional or attention networks.
 """
 
 
@@ -311,7 +339,8 @@ class NTKRegressor(_Regressor):
                  kernel: str = "ntk", t: float = math.inf, learning_rate: float = 1.0,
                  diag_reg: float = 1e-6, dtype: str = "float64", device: str = "cpu",
                  memory_budget: int | str | None = None, solver: str = "auto",
-                 n_centers: int | None = None, random_state: int | None = None) -> None:
+                 n_centers: int | None = None, random_state: int | None = None,
+                 input_shape: tuple[int, ...] | None = None) -> None:
         self.architecture = architecture
         self.depth = depth
         self.activation = activation
@@ -327,6 +356,7 @@ class NTKRegressor(_Regressor):
         self.solver = solver
         self.n_centers = n_centers
         self.random_state = random_state
+        self.input_shape = input_shape
 
     def predict(self, X: Any) -> np.ndarray:
         """The ensemble's mean output at ``X`` ``(n_samples, n_features)``: shape
@@ -367,7 +397,8 @@ class NNGPRegressor(_Regressor):
                  t: float = math.inf, learning_rate: float = 1.0, diag_reg: float = 1e-6,
                  dtype: str = "float64", device: str = "cpu",
                  memory_budget: int | str | None = None, solver: str = "auto",
-                 n_centers: int | None = None, random_state: int | None = None) -> None:
+                 n_centers: int | None = None, random_state: int | None = None,
+                 input_shape: tuple[int, ...] | None = None) -> None:
         self.architecture = architecture
         self.depth = depth
         self.activation = activation
@@ -382,6 +413,7 @@ class NNGPRegressor(_Regressor):
         self.solver = solver
         self.n_centers = n_centers
         self.random_state = random_state
+        self.input_shape = input_shape
 
     def predict(self, X: Any, return_std: bool = False, return_cov: bool = False):
         """Predictive mean, and standard deviation or covariance, at ``X``.
@@ -454,7 +486,8 @@ class NTKClassifier(ClassifierMixin, _KernelModel):
                  kernel: str = "ntk", t: float = math.inf, learning_rate: float = 1.0,
                  diag_reg: float = 1e-6, dtype: str = "float64", device: str = "cpu",
                  memory_budget: int | str | None = None, solver: str = "auto",
-                 n_centers: int | None = None, random_state: int | None = None) -> None:
+                 n_centers: int | None = None, random_state: int | None = None,
+                 input_shape: tuple[int, ...] | None = None) -> None:
         self.architecture = architecture
         self.depth = depth
         self.activation = activation
@@ -470,6 +503,7 @@ class NTKClassifier(ClassifierMixin, _KernelModel):
         self.solver = solver
         self.n_centers = n_centers
         self.random_state = random_state
+        self.input_shape = input_shape
 
     def fit(self, X: Any, y: Any) -> NTKClassifier:
         """Fits to inputs ``(n_samples, n_features)`` and labels ``(n_samples,)`` (any

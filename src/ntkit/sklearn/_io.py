@@ -49,6 +49,8 @@ def _json_param(name: str, value: Any) -> Any:
         return value.item()
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if name == "input_shape" and isinstance(value, (tuple, list)):
+        return [int(v) for v in value]
     raise TypeError(f"cannot save parameter {name}={value!r} of type {type(value).__name__}; "
                     f"only numbers, strings and None can be stored without pickle.")
 
@@ -114,7 +116,10 @@ def load(path: str | os.PathLike) -> Estimator:
         raise ValueError(f"{os.fspath(path)!r} holds format {meta.get('format')!r} and class "
                          f"{meta.get('class')!r}; this version reads {FORMAT!r} files of "
                          f"{', '.join(_CLASSES)}.")
-    estimator = _CLASSES[meta["class"]](**meta["params"])
+    params = dict(meta["params"])
+    if params.get("input_shape") is not None:
+        params["input_shape"] = tuple(params["input_shape"])
+    estimator = _CLASSES[meta["class"]](**params)
     estimator.network_ = estimator._settings().network
     for name, value in arrays.items():
         setattr(estimator, name, value)
