@@ -214,3 +214,27 @@ def test_empty_and_wrong_types():
         parse_architecture(3)
     with pytest.raises(ValueError, match="one key, 'layers'"):
         parse_architecture({"layer": "relu"})
+
+
+def test_self_attention_parses_and_round_trips():
+    """``selfattention(...)`` builds the same kernel as the hand-built layer (witness: the
+    layer itself), and to_spec writes it back; a positional-embedding decay function has
+    no spec form and is refused by name."""
+    import torch
+
+    import ntkit as nk
+    from ntkit.spec import parse_architecture, to_spec
+
+    spec = ("conv1d(8,3,padding=same)-relu-selfattention(8,2,w_out_std=1.5,mechanism=identity,"
+            "pos_emb=sum)-globalavgpool-linear(1)")
+    hand = nk.Sequential(nk.Conv1d(8, 3, padding="same"), nk.ReLU(),
+                         nk.SelfAttention(8, 2, mechanism="identity", pos_emb="sum",
+                                          w_out_std=1.5),
+                         nk.GlobalAvgPool(), nk.Linear(1))
+    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    want = hand.kernel(x).ntk
+    assert torch.equal(parse_architecture(spec).kernel(x).ntk, want)
+    assert to_spec(hand) == spec
+    decayed = nk.Sequential(nk.SelfAttention(8, pos_emb="sum", pos_emb_decay=torch.exp))
+    with pytest.raises(ValueError, match="pos_emb_decay is a Python function"):
+        to_spec(decayed)

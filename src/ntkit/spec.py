@@ -63,7 +63,7 @@ LAYERS: dict[str, Callable[..., Layer]] = {
     "sumpool1d": L.SumPool1d, "sumpool2d": L.SumPool2d, "sumpool3d": L.SumPool3d,
     "globalavgpool": L.GlobalAvgPool, "globalsumpool": L.GlobalSumPool,
     "flatten": L.Flatten, "layernorm": L.LayerNorm, "dropout": L.Dropout,
-    "identity": L.Identity,
+    "identity": L.Identity, "selfattention": L.SelfAttention, "attention": L.SelfAttention,
     "relu": L.ReLU, "leakyrelu": L.LeakyReLU, "abrelu": L.ABReLU, "abs": L.Abs,
     "sign": L.Sign, "erf": L.Erf, "gelu": L.GELU, "sin": L.Sin, "cos": L.Cos, "rbf": L.Rbf,
     "gaussian": L.Gaussian, "exp": L.Exp, "monomial": L.Monomial,
@@ -470,7 +470,23 @@ def _keywords(name: str, layer, attrs: dict[str, tuple[str, Any]]) -> str:
     return _call(name, [], kw)
 
 
+def _attention_spec(layer) -> str:
+    if layer.pos_emb_decay is not None:
+        raise ValueError(f"{layer!r}: pos_emb_decay is a Python function, which has no "
+                         f"compact spec form.")
+    per_head = layer.out_channels // layer.n_heads
+    defaults = {"key_channels": per_head, "value_channels": per_head, "w_key_std": 1.0,
+                "w_query_std": 1.0, "w_value_std": 1.0, "w_out_std": 1.0, "b_std": 0.0,
+                "mechanism": "softmax", "linear_scaling": True, "pos_emb": "none",
+                "pos_emb_std": 1.0, "pos_emb_p_norm": 2.0, "pos_emb_in_values": False,
+                "in_channels": None}
+    kw = {k: getattr(layer, k) for k, d in defaults.items() if getattr(layer, k) != d}
+    args = [layer.out_channels] + ([layer.n_heads] if layer.n_heads != 1 else [])
+    return _call("selfattention", args, kw)
+
+
 _WRITERS: dict[type, Callable[[Any], str]] = {
+    L.SelfAttention: _attention_spec,
     L.Linear: _linear_spec,
     L.Flatten: lambda m: "flatten",
     L.Identity: lambda m: "identity",
@@ -519,7 +535,8 @@ def to_spec(layer: Layer) -> str:
     Raises:
         ValueError: the network holds a layer the grammar does not cover
             (branching containers such as `FanOut`/`Parallel`/`FanIn*`,
-            `SelfAttention`, `Elementwise` with an arbitrary function); the
+            `Elementwise` with an arbitrary function, attention with a
+            ``pos_emb_decay`` function); the
             message names it.
     """
     if not isinstance(layer, Layer):
@@ -539,6 +556,6 @@ def _write(layer: Layer) -> str:
         raise ValueError(
             f"{layer!r} has no compact spec form: the grammar covers sequential networks of "
             f"{', '.join(sorted(LAYERS))} and N*(...) repeats, not branching containers "
-            f"(FanOut, Parallel, FanIn*), attention or custom elementwise functions."
+            f"(FanOut, Parallel, FanIn*) or custom elementwise functions."
         )
     return writer(layer)
