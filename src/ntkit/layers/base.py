@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -11,8 +12,16 @@ from torch import Tensor, nn
 from .._checks import as_input_pair
 from ..kernel import Kernel
 
-__all__ = ["Layer", "BuildContext", "Kernels", "Shapes", "input_kernel", "scalar", "number",
-           "affine_variances"]
+__all__ = [
+    "BuildContext",
+    "Kernels",
+    "Layer",
+    "Shapes",
+    "affine_variances",
+    "input_kernel",
+    "number",
+    "scalar",
+]
 
 #: What flows between layers: one kernel, or a tuple of them between FanOut and FanIn.
 Kernels = Union[Kernel, tuple[Kernel, ...]]
