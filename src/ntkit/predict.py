@@ -728,6 +728,16 @@ class GPPosterior:
     log_marginal_likelihood: Tensor | None
 
 
+def _posterior_kinds(get) -> tuple[str, ...]:
+    """``get`` of `gp_inference` as a checked tuple (all three kinds when None)."""
+    gets = ("nngp", "ntk", "ntkgp") if get is None else (
+        (get,) if isinstance(get, str) else tuple(get))
+    for g in gets:
+        if g not in ("nngp", "ntk", "ntkgp"):
+            raise ValueError(f"get must be among 'nngp', 'ntk', 'ntkgp', got {g!r}.")
+    return gets
+
+
 def gp_inference(k_train_train, y_train: Tensor, k_test_train, k_test_test=None, *,
                  get: str | tuple[str, ...] | None = None, diag_reg: float | Tensor = 0.0,
                  diag_reg_absolute_scale: bool = False,
@@ -761,12 +771,9 @@ def gp_inference(k_train_train, y_train: Tensor, k_test_train, k_test_test=None,
         return _cg_posterior(k_train_train, y_train, k_test_train, k_test_test, get,
                              diag_reg, diag_reg_absolute_scale)
     if hasattr(k_train_train, "nngp") and hasattr(k_train_train, "ntk"):
-        gets = ("nngp", "ntk", "ntkgp") if get is None else (
-            (get,) if isinstance(get, str) else tuple(get))
+        gets = _posterior_kinds(get)
         out = {}
         for g in gets:
-            if g not in ("nngp", "ntk", "ntkgp"):
-                raise ValueError(f"get must be among 'nngp', 'ntk', 'ntkgp', got {g!r}.")
             if g == "ntk":
                 out[g] = _trained_posterior(k_train_train, y_train, k_test_train, k_test_test,
                                             diag_reg, diag_reg_absolute_scale)
@@ -851,12 +858,9 @@ def _cg_posterior(k_dd, y_train, k_td, k_tt, get, diag_reg, absolute):
         return GPPosterior(out, None, None)
 
     if hasattr(k_dd, "nngp") and hasattr(k_dd, "ntk"):
-        gets = ("nngp", "ntk", "ntkgp") if get is None else (
-            (get,) if isinstance(get, str) else tuple(get))
+        gets = _posterior_kinds(get)
         out = {}
         for g in gets:
-            if g not in ("nngp", "ntk", "ntkgp"):
-                raise ValueError(f"get must be among 'nngp', 'ntk', 'ntkgp', got {g!r}.")
             field = "nngp" if g == "nngp" else "ntk"     # ntkgp and ntk share the mean
             out[g] = mean(getattr(k_dd, field), getattr(k_td, field))
         return out[gets[0]] if isinstance(get, str) else out
