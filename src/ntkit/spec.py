@@ -417,16 +417,21 @@ def _affine(layer, kw: dict) -> None:
         kw["parameterization"] = layer.parameterization
 
 
-def _conv_spec(layer, name: str) -> str:
-    kw: dict[str, Any] = {}
-    if any(s != 1 for s in layer.stride):
-        kw["stride"] = _same(layer.stride)
-    pad = layer.padding
+def _padding(pad, kw: dict) -> None:
+    """``padding=`` unless it is the default (``"valid"`` or zeros)."""
     if isinstance(pad, str):
         if pad != "valid":
             kw["padding"] = pad
     elif any(p != 0 for p in pad):
         kw["padding"] = _same(pad)
+
+
+def _conv_spec(layer, name: str) -> str:
+    kw: dict[str, Any] = {}
+    if any(s != 1 for s in layer.stride):
+        kw["stride"] = _same(layer.stride)
+    pad = layer.padding
+    _padding(pad, kw)
     if any(d != 1 for d in layer.dilation):
         kw["dilation"] = _same(layer.dilation)
     _affine(layer, kw)
@@ -442,11 +447,7 @@ def _pool_spec(layer, name: str) -> str:
     if tuple(layer.stride) != tuple(layer.kernel_size):
         kw["stride"] = _same(layer.stride)
     pad = layer.padding
-    if isinstance(pad, str):
-        if pad != "valid":
-            kw["padding"] = pad
-    elif any(p != 0 for p in pad):
-        kw["padding"] = _same(pad)
+    _padding(pad, kw)
     if not layer.count_include_pad:
         kw["count_include_pad"] = False
     return _call(name, [_same(layer.kernel_size)], kw)
