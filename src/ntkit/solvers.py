@@ -36,6 +36,9 @@ import torch
 from torch import Tensor
 
 from .compute import parse_memory, progress_bar
+from .errors import ConvergenceError, ConvergenceWarning
+from .kernel_function import KernelFunction as NetworkKernel
+from .kernel_function import kernel_function
 
 __all__ = [
     "CGInfo", "ConvergenceError", "ConvergenceWarning", "KernelRidgePredictor", "NetworkKernel",
@@ -49,14 +52,6 @@ OnFailure = Literal["raise", "warn"]
 _ADVICE = ("raise diag_reg (e.g. 1e-4 or 1e-3, relative to the mean diagonal), compute in "
            "float64 (dtype=torch.float64), use more centres (n_centers) or a better "
            "preconditioner ('nystrom' with more centres), or loosen tol")
-
-
-class ConvergenceError(RuntimeError):
-    """Conjugate gradients stopped above the tolerance (stalled or out of iterations)."""
-
-
-class ConvergenceWarning(RuntimeWarning):
-    """`ConvergenceError`'s message, as a warning, with ``on_failure="warn"``."""
 
 
 # ------------------------------------------------------------------ conjugate gradients
@@ -239,47 +234,6 @@ def _checked(v: Tensor, like: Tensor, name: str) -> Tensor:
 
 
 # ------------------------------------------------------------------ kernel functions
-class NetworkKernel:
-    """``(a, b) -> net.kernel(a, b).<get>`` as a plain kernel function, with its diagonal.
-
-    Args:
-        net: an ntkit network (anything with ``.kernel(x1, x2, diagonal=...,
-            memory_budget=..., progress=...)`` returning a `Kernel`).
-        get: ``"ntk"`` or ``"nngp"``.
-        memory_budget: passed to ``net.kernel`` for its tiles.
-    """
-
-    def __init__(self, net, get: Literal["ntk", "nngp"] = "ntk", *,
-                 memory_budget: int | str | None = None):
-        if not hasattr(net, "kernel"):
-            raise TypeError(f"net must be an ntkit network (with .kernel), got "
-                            f"{type(net).__name__}.")
-        if get not in ("ntk", "nngp"):
-            raise ValueError(f"get must be 'ntk' or 'nngp', got {get!r}.")
-        self.net, self.get, self.memory_budget = net, get, memory_budget
-
-    def __call__(self, a: Tensor, b: Tensor) -> Tensor:
-        """``k(a_i, b_j)``, ``(Na, Nb)``."""
-        return getattr(self.net.kernel(a, b, memory_budget=self.memory_budget,
-                                       progress=False), self.get)
-
-    def diagonal(self, a: Tensor) -> Tensor:
-        """``k(a_i, a_i)``, ``(Na,)``."""
-        return getattr(self.net.kernel(a, diagonal=True, memory_budget=self.memory_budget,
-                                       progress=False), self.get)
-
-    def __repr__(self) -> str:
-        return f"NetworkKernel({self.net!r}, get={self.get!r})"
-
-
-def kernel_function(net, get: Literal["ntk", "nngp"] = "ntk", *,
-                    memory_budget: int | str | None = None) -> NetworkKernel:
-    """The kernel function ``(a, b) -> (Na, Nb)`` of an ntkit network, for the solvers
-    here: the NTK (``get="ntk"``, gradient-descent training) or the NNGP. Its
-    ``.diagonal(a)`` gives ``k(a_i, a_i)`` cheaply (used for the relative ``diag_reg``)."""
-    return NetworkKernel(net, get, memory_budget=memory_budget)
-
-
 def _diagonal(kernel_fn: KernelFn, x: Tensor, kernel_diag_fn, block: int = 256) -> Tensor:
     """``k(x_i, x_i)``: from ``kernel_diag_fn``, ``kernel_fn.diagonal``, or the diagonals
     of ``block x block`` blocks of ``kernel_fn``."""

@@ -1,0 +1,99 @@
+"""ntkit's typed errors and the one table of failure messages.
+
+Each failure that a user can meet in many places (a kernel that is not positive
+definite, an iterative solve that did not converge, a computation that does not fit
+in memory) has one type here and one message in `MESSAGES`, naming what happened,
+its likely causes and the fixes. Code raises them through `not_positive_definite`,
+`did_not_converge` and `out_of_memory`, so the wording is the same everywhere and
+callers (the command line) can map the types, not the strings.
+
+Every type subclasses the builtin a caller would catch already: `ValueError`,
+`RuntimeError`, `MemoryError`, `RuntimeWarning`.
+
+This module imports nothing of ntkit.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConvergenceError", "ConvergenceWarning", "IllConditionedWarning", "MESSAGES",
+    "MemoryBudgetError", "NotPositiveDefiniteError", "did_not_converge",
+    "not_positive_definite", "out_of_memory",
+]
+
+
+class NotPositiveDefiniteError(ValueError):
+    """A kernel matrix (plus its regulariser) has no Cholesky factor in its dtype."""
+
+
+class ConvergenceError(RuntimeError):
+    """Conjugate gradients stopped above the tolerance (stalled or out of iterations)."""
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """`ConvergenceError`'s message, as a warning, with ``on_failure="warn"``."""
+
+
+class IllConditionedWarning(RuntimeWarning):
+    """A solve went through but its condition number leaves few correct digits."""
+
+
+class MemoryBudgetError(MemoryError):
+    """A computation does not fit in the memory budget or the device's memory."""
+
+
+#: The failure messages, by kind: ``what`` happened, likely ``causes``, the ``fixes``.
+#: ``{what}`` and ``{detail}`` are filled in by the functions below.
+MESSAGES: dict[str, dict[str, str]] = {
+    "not_positive_definite": {
+        "what": "{what} is not positive definite to working precision{detail}",
+        "causes": ("duplicate or nearly duplicate inputs, a kernel that is degenerate on "
+                   "these inputs, or rounding in float32"),
+        "fixes": ("add diag_reg (e.g. diag_reg=1e-4, relative to the mean diagonal), "
+                  "compute in float64 (dtype=torch.float64), or deduplicate the inputs"),
+    },
+    "did_not_converge": {
+        "what": "{what} did not converge{detail}",
+        "causes": ("the system is too ill-conditioned for its dtype (a small diag_reg, "
+                   "float32), or the preconditioner is too weak"),
+        "fixes": ("raise diag_reg (e.g. 1e-4 or 1e-3, relative to the mean diagonal), "
+                  "compute in float64 (dtype=torch.float64), use more centres (n_centers) "
+                  "or a better preconditioner ('nystrom' with more centres), or loosen tol"),
+    },
+    "out_of_memory": {
+        "what": "{what} does not fit in memory{detail}",
+        "causes": ("a memory budget larger than the free memory of the device, or an "
+                   "N x N kernel or solve for a large N"),
+        "fixes": ("lower memory_budget (smaller tiles), use solver='nystrom' (never an "
+                  "N x N matrix) or a kernel store on disk (ntkit.write_kernel_matrix), "
+                  "or a device with more memory"),
+    },
+}
+
+
+def message(kind: str, what: str, detail: str = "", fix: str = "") -> str:
+    """The message of ``kind`` from `MESSAGES`: what happened (``what`` and
+    ``detail``), its likely causes, and the fixes (``fix`` first, when given)."""
+    m = MESSAGES[kind]
+    head = m["what"].format(what=what, detail=f" ({detail})" if detail else "")
+    fixes = f"{fix}; or {m['fixes']}" if fix else m["fixes"]
+    return f"{head}. Likely causes: {m['causes']}. Fixes: {fixes}."
+
+
+def not_positive_definite(what: str, detail: str = "", fix: str = ""
+                          ) -> NotPositiveDefiniteError:
+    """The `NotPositiveDefiniteError` to raise for matrix ``what``.
+
+    Example: ``raise not_positive_definite("k_train_train + s I", "200 x 200, float32")``.
+    """
+    return NotPositiveDefiniteError(message("not_positive_definite", what, detail, fix))
+
+
+def did_not_converge(what: str, detail: str = "", fix: str = "") -> ConvergenceError:
+    """The `ConvergenceError` to raise (or whose message to warn with) for ``what``."""
+    return ConvergenceError(message("did_not_converge", what, detail, fix))
+
+
+def out_of_memory(what: str, detail: str = "", fix: str = "") -> MemoryBudgetError:
+    """The `MemoryBudgetError` to raise when ``what`` does not fit in memory."""
+    return MemoryBudgetError(message("out_of_memory", what, detail, fix))
