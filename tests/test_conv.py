@@ -54,7 +54,7 @@ from torch.func import functional_call, jvp
 
 import ntkit as nk
 from conftest import one_thread
-from ntkit.compute import tiled_kernel
+from ntkit.tiling import tiled_kernel
 from ntkit.layers import input_kernel
 from ntkit.layers.conv import NTKConv
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import ntkit as nk
-import ntkit.compute
+import ntkit.tiling
 from ntkit import predict
 
 D = torch.float64
@@ -133,13 +133,13 @@ def test_gradient_matches_finite_differences(name, field):
 def tiles(monkeypatch) -> dict[str, int]:
     """Counts the tiles `net.kernel` computes (forward and recomputed), by kind."""
     counts = {"k(x)": 0, "k(x', x)": 0, "diagonal": 0}
-    original = ntkit.compute._tile
+    original = ntkit.tiling._tile
 
     def counted(rule, x1, x2, r, c, diagonal, *args):
         counts["diagonal" if diagonal else "k(x)" if x2 is None else "k(x', x)"] += 1
         return original(rule, x1, x2, r, c, diagonal, *args)
 
-    monkeypatch.setattr(ntkit.compute, "_tile", counted)
+    monkeypatch.setattr(ntkit.tiling, "_tile", counted)
     return counts
 
 

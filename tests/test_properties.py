@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import ntkit as nk
-from ntkit.compute import tile_sides
+from ntkit._budget import tile_sides
 
 #: Examples per property; NTKIT_PROPERTY_EXAMPLES=2000 for a longer hunt.
 SETTINGS = settings(

@@ -1,12 +1,21 @@
 """ntkit: infinite-width NNGP and neural tangent kernels on PyTorch.
 
-The public surface is re-exported here; everything else is private.
+The public surface is re-exported here; everything else is private. The public
+submodules that pull in more (``nk.predict``, ``nk.solvers``, ``nk.sklearn``,
+``nk.plot``, ...) are attributes too, imported on first access, so that
+``import ntkit`` loads only the layer algebra and torch.
 """
 
-from .compute import parse_memory
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from ._budget import parse_memory
 from .convert import ConversionError, from_torch
 from .empirical import empirical_nngp, empirical_ntk
 from .kernel import Kernel
+from .kernel_matrix import TileDone, kernel_matrix, write_kernel_matrix
 from .layers import (
     AvgPool1d, AvgPool2d, AvgPool3d, Conv1d, Conv2d, Conv3d, GlobalAvgPool, GlobalSumPool,
     SumPool1d, SumPool2d, SumPool3d,
@@ -17,9 +26,17 @@ from .layers import (
 from .layers import SelfAttention
 from .linearize import TaylorModel, linearize, taylor
 from .monte_carlo import empirical_kernels, monte_carlo_kernel
-from .kernel_matrix import TileDone, kernel_matrix, write_kernel_matrix
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` imports them
+    from . import cli, datasets, demo, errors, plot, predict, solvers, sklearn, spec
 
 __version__ = "0.1.0"
+
+#: Public submodules imported on first access as ``nk.<name>`` (module-level
+#: ``__getattr__``, PEP 562). ``nk.kernel_matrix`` is the function of that name;
+#: its module is ``importlib.import_module("ntkit.kernel_matrix")``.
+_LAZY_SUBMODULES = ("cli", "datasets", "demo", "errors", "plot", "predict", "solvers",
+                    "sklearn", "spec")
 
 __all__ = [
     "Kernel", "Layer", "Linear", "Flatten", "Activation", "ReLU", "LeakyReLU", "ABReLU", "Abs",
@@ -34,3 +51,21 @@ __all__ = [
     "linearize", "taylor", "TaylorModel",
     "kernel_matrix", "write_kernel_matrix", "TileDone",
 ]
+
+
+def __getattr__(name: str):
+    """``nk.predict`` and the other public submodules, imported on first access."""
+    if name in _LAZY_SUBMODULES:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise  # the submodule exists but needs something missing: say what
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {n for n in _LAZY_SUBMODULES})

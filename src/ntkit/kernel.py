@@ -1,4 +1,9 @@
-"""The `Kernel` value that flows through an infinite-width network."""
+"""The `Kernel` value that flows through an infinite-width network, and the first
+conversion of inputs into one (`input_kernel`).
+
+This module sits at the bottom of the layer algebra: it imports nothing of
+ntkit, tiling builds on it, and layers on tiling.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Kernel", "SelfTrace"]
+__all__ = ["Kernel", "SelfTrace", "input_kernel", "same_inputs"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -309,3 +314,97 @@ def _same_index(rows: Any, cols: Any) -> bool:
     if isinstance(rows, slice) and isinstance(cols, slice):
         return rows == cols
     return False
+
+
+def input_kernel(x1: Tensor, x2: Tensor | None, *, diagonal: bool = False,
+                 position_pairs: bool = False, cov_pairs: bool = True) -> Kernel:
+    """The kernel of the inputs themselves: ``x1 . x2 / channels``.
+
+    Dense inputs ``(N, features)`` give ``(N1, N2)``; inputs with spatial axes
+    ``(N, C, *S)`` give the per-position channel average ``(N1, N2, *S)``, or
+    with ``position_pairs`` every pair of positions, ``(N1, N2, *S, *S)``
+    (``cov_pairs=False`` keeps only per-position variances in ``cov1``/``cov2``;
+    see `Kernel.cov_pairs`).
+    """
+    x1_is_x2 = x2 is None
+    if x2 is None:
+        x2 = x1
+    channels = x1.shape[1]
+    spatial = tuple(x1.shape[2:])
+    position_pairs = position_pairs and bool(spatial)
+    cov_pairs = cov_pairs or diagonal
+    if position_pairs:
+        f1 = x1.reshape(x1.shape[0], channels, -1)
+        f2 = x2.reshape(x2.shape[0], channels, -1)
+        if cov_pairs:
+            cov1 = torch.einsum("icp,icq->ipq", f1, f1).div_(channels).reshape(
+                x1.shape[0], *spatial, *spatial)
+            cov2 = cov1 if x1_is_x2 else torch.einsum("icp,icq->ipq", f2, f2).div_(
+                channels).reshape(x2.shape[0], *spatial, *spatial)
+        else:
+            cov1 = (x1 * x1).sum(1) / channels
+            cov2 = cov1 if x1_is_x2 else (x2 * x2).sum(1) / channels
+        if diagonal:
+            nngp = cov1
+        else:
+            nngp = torch.einsum("icp,jcq->ijpq", f1, f2).div_(channels).reshape(
+                x1.shape[0], x2.shape[0], *spatial, *spatial)
+    else:
+        cov1 = (x1 * x1).sum(1) / channels
+        cov2 = cov1 if x1_is_x2 else (x2 * x2).sum(1) / channels
+        if diagonal:
+            nngp = cov1
+        elif x1.ndim == 2:
+            nngp = (x1 @ x2.T) / channels
+        else:
+            nngp = torch.einsum("ic...,jc...->ij...", x1, x2) / channels
+    if x1_is_x2 and not diagonal:
+        # BLAS need not round (i, j) and (j, i) alike; k(x, x) must be exactly symmetric
+        # (a + b rounds as b + a), or every layer after it inherits the asymmetry.
+        swapped = nngp.transpose(0, 1)
+        if position_pairs:
+            ns = len(spatial)
+            swapped = swapped.permute(0, 1, *range(2 + ns, 2 + 2 * ns), *range(2, 2 + ns))
+        nngp = (nngp + swapped).mul_(0.5)
+    return Kernel(
+        nngp=nngp,
+        ntk=torch.zeros((), dtype=nngp.dtype, device=nngp.device).expand(nngp.shape),
+        cov1=cov1,
+        cov2=cov2,
+        shape=tuple(x1.shape[1:]),
+        is_gaussian=False,
+        is_input=True,
+        x1_is_x2=x1_is_x2,
+        diagonal=diagonal,
+        position_pairs=position_pairs,
+        cov_pairs=cov_pairs,
+        inputs=(x1, None if x1_is_x2 else x2),
+    )
+
+
+def same_inputs(x1: Tensor, x2: Tensor | None) -> bool:
+    """Whether ``x2`` is ``x1`` itself, a view of the same data, or equal values.
+
+    ``k(x, x)`` written with one tensor twice then takes the symmetric path of
+    ``k(x)`` (one triangle of tiles, mirrored; self-pairs exact). The value test
+    (`torch.equal`, O(N d)) is cheap against any kernel (O(N^2 d) or more).
+
+    Args:
+        x1: inputs ``(N1, *features)``.
+        x2: inputs ``(N2, *features)``, or None.
+
+    Returns:
+        False for ``x2=None`` (nothing to merge) and for tensors of another
+        shape, dtype or device; True for the same tensor or the same memory
+        read alike, and when every element of ``x2`` equals ``x1``'s (for
+        distinct tensors NaN never equals itself).
+    """
+    if x2 is None or not isinstance(x1, Tensor) or not isinstance(x2, Tensor):
+        return False
+    if x1 is x2:
+        return True
+    if x1.shape != x2.shape or x1.dtype != x2.dtype or x1.device != x2.device:
+        return False
+    if x1.data_ptr() == x2.data_ptr() and x1.stride() == x2.stride():
+        return True  # the same memory, read the same way
+    return bool(torch.equal(x1, x2))

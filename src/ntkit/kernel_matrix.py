@@ -50,7 +50,8 @@ import torch
 from torch import Tensor
 
 from ._checks import as_input_pair
-from .compute import parse_memory, peak_positions, progress_bar, tile_sides
+from ._budget import parse_memory, progress_bar, tile_sides
+from .tiling import peak_positions
 from .layers.base import Layer
 
 if TYPE_CHECKING:

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import as_input_pair
-from ..kernel import Kernel
+from ..kernel import Kernel, input_kernel  # input_kernel: re-exported from its home
+from ..tiling import tiled_kernel
 
 __all__ = [
     "BuildContext",
@@ -109,11 +110,10 @@ class Layer:
         ``b_std`` of `Linear` and the convolutions) make the kernel
         differentiable in them: the result keeps the autograd graph, under any
         ``memory_budget`` (tiles are then recomputed in the backward pass, see
-        `ntkit.compute.tiled_kernel`). It is never differentiable in ``x1``
-        and ``x2``.
+        `ntkit.tiling.tiled_kernel`). It is never differentiable in ``x1``
+        and ``x2``. ``x2`` equal to ``x1`` (the same tensor, a view of it, or
+        equal values) is computed as ``x2=None``.
         """
-        from ..compute import tiled_kernel
-
         x1, x2 = as_input_pair(x1, x2)
         if diagonal and x2 is not None:
             raise ValueError(
@@ -211,72 +211,6 @@ def number(value: float | Tensor | None) -> float | None:
     """A hyperparameter as a Python float (None stays None), for finite twins
     and messages; detached, so not differentiable."""
     return float(value.detach()) if isinstance(value, Tensor) else value
-
-
-def input_kernel(x1: Tensor, x2: Tensor | None, *, diagonal: bool = False,
-                 position_pairs: bool = False, cov_pairs: bool = True) -> Kernel:
-    """The kernel of the inputs themselves: ``x1 . x2 / channels``.
-
-    Dense inputs ``(N, features)`` give ``(N1, N2)``; inputs with spatial axes
-    ``(N, C, *S)`` give the per-position channel average ``(N1, N2, *S)``, or
-    with ``position_pairs`` every pair of positions, ``(N1, N2, *S, *S)``
-    (``cov_pairs=False`` keeps only per-position variances in ``cov1``/``cov2``;
-    see `Kernel.cov_pairs`).
-    """
-    x1_is_x2 = x2 is None
-    if x2 is None:
-        x2 = x1
-    channels = x1.shape[1]
-    spatial = tuple(x1.shape[2:])
-    position_pairs = position_pairs and bool(spatial)
-    cov_pairs = cov_pairs or diagonal
-    if position_pairs:
-        f1 = x1.reshape(x1.shape[0], channels, -1)
-        f2 = x2.reshape(x2.shape[0], channels, -1)
-        if cov_pairs:
-            cov1 = torch.einsum("icp,icq->ipq", f1, f1).div_(channels).reshape(
-                x1.shape[0], *spatial, *spatial)
-            cov2 = cov1 if x1_is_x2 else torch.einsum("icp,icq->ipq", f2, f2).div_(
-                channels).reshape(x2.shape[0], *spatial, *spatial)
-        else:
-            cov1 = (x1 * x1).sum(1) / channels
-            cov2 = cov1 if x1_is_x2 else (x2 * x2).sum(1) / channels
-        if diagonal:
-            nngp = cov1
-        else:
-            nngp = torch.einsum("icp,jcq->ijpq", f1, f2).div_(channels).reshape(
-                x1.shape[0], x2.shape[0], *spatial, *spatial)
-    else:
-        cov1 = (x1 * x1).sum(1) / channels
-        cov2 = cov1 if x1_is_x2 else (x2 * x2).sum(1) / channels
-        if diagonal:
-            nngp = cov1
-        elif x1.ndim == 2:
-            nngp = (x1 @ x2.T) / channels
-        else:
-            nngp = torch.einsum("ic...,jc...->ij...", x1, x2) / channels
-    if x1_is_x2 and not diagonal:
-        # BLAS need not round (i, j) and (j, i) alike; k(x, x) must be exactly symmetric
-        # (a + b rounds as b + a), or every layer after it inherits the asymmetry.
-        swapped = nngp.transpose(0, 1)
-        if position_pairs:
-            ns = len(spatial)
-            swapped = swapped.permute(0, 1, *range(2 + ns, 2 + 2 * ns), *range(2, 2 + ns))
-        nngp = (nngp + swapped).mul_(0.5)
-    return Kernel(
-        nngp=nngp,
-        ntk=torch.zeros((), dtype=nngp.dtype, device=nngp.device).expand(nngp.shape),
-        cov1=cov1,
-        cov2=cov2,
-        shape=tuple(x1.shape[1:]),
-        is_gaussian=False,
-        is_input=True,
-        x1_is_x2=x1_is_x2,
-        diagonal=diagonal,
-        position_pairs=position_pairs,
-        cov_pairs=cov_pairs,
-        inputs=(x1, None if x1_is_x2 else x2),
-    )
 
 
 def drop_position_pairs(k: Kernels) -> Kernels:
