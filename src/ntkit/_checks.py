@@ -13,7 +13,30 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["as_input_tensor", "check_input_pair", "check_finite", "as_input_pair", "as_std"]
+__all__ = ["as_input_tensor", "check_input_pair", "check_finite", "as_input_pair", "as_std",
+           "as_real", "is_int", "is_real"]
+
+
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer number: a Python int or a NumPy integer
+    scalar (``np.int64(2)``, as ``GridSearchCV`` over ``np.arange`` passes), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value: Any) -> bool:
+    """Whether ``value`` is a real number: a Python or NumPy int or float scalar
+    (``np.float32(1.5)``), not a bool."""
+    return is_int(value) or isinstance(value, (float, np.floating))
+
+
+def as_real(value: Any, name: str) -> float:
+    """``float(value)`` (numbers, NumPy scalars, one-element tensors), or a
+    `TypeError` naming the argument."""
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} "
+                        f"{value!r} ({e}).") from None
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -148,11 +171,11 @@ def as_std(value: Any, name: str) -> float | Tensor:
                 f"'cpu' or 'cuda'."
             )
         number = float(value.detach())
-    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+    elif not is_real(value):
         raise TypeError(f"{name} must be a real number or a 0-dim tensor, got "
                         f"{type(value).__name__} {value!r}.")
     else:
-        number = float(value)
+        number = float(value)  # NumPy scalars become Python floats
     if not (math.isfinite(number) and number >= 0):
         raise ValueError(f"{name} must be finite and >= 0, got {name}={number}.")
     return value if isinstance(value, Tensor) else number

@@ -43,7 +43,6 @@ import math
 import os
 import re
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,24 +50,16 @@ from torch import Tensor
 
 from . import layers as L
 from .layers.base import Layer
+from .layers.registry import normal_name, spec_constructors
 
 __all__ = ["LAYERS", "parse_architecture", "to_spec"]
 
 
-#: Compact-spec name -> constructor. Keys are lowercase without underscores.
+#: Compact-spec name -> constructor, read from the layer registry: every layer class
+#: that declares ``spec_names`` (`ntkit.layers.registry`). Keys are lowercase
+#: without underscores.
 LAYERS: dict[str, Callable[..., Layer]] = {
-    "linear": L.Linear, "dense": L.Linear,
-    "conv1d": L.Conv1d, "conv2d": L.Conv2d, "conv3d": L.Conv3d,
-    "avgpool1d": L.AvgPool1d, "avgpool2d": L.AvgPool2d, "avgpool3d": L.AvgPool3d,
-    "sumpool1d": L.SumPool1d, "sumpool2d": L.SumPool2d, "sumpool3d": L.SumPool3d,
-    "globalavgpool": L.GlobalAvgPool, "globalsumpool": L.GlobalSumPool,
-    "flatten": L.Flatten, "layernorm": L.LayerNorm, "dropout": L.Dropout,
-    "identity": L.Identity, "selfattention": L.SelfAttention, "attention": L.SelfAttention,
-    "relu": L.ReLU, "leakyrelu": L.LeakyReLU, "abrelu": L.ABReLU, "abs": L.Abs,
-    "sign": L.Sign, "erf": L.Erf, "gelu": L.GELU, "sin": L.Sin, "cos": L.Cos, "rbf": L.Rbf,
-    "gaussian": L.Gaussian, "exp": L.Exp, "monomial": L.Monomial,
-    "rectifiedmonomial": L.RectifiedMonomial,
-}
+    normal_name(name): ctor for name, ctor in spec_constructors().items()}
 _CONSTANTS = {"true": True, "false": False, "none": None, "null": None}
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)(?![\w])",
                      re.IGNORECASE)
@@ -80,7 +71,7 @@ def _known() -> str:
 
 
 def _normal(name: str) -> str:
-    return name.lower().replace("_", "")
+    return normal_name(name)
 
 
 # ------------------------------------------------------------------ parsing
@@ -403,122 +394,6 @@ def _call(name: str, args: list, kwargs: dict) -> str:
     return f"{name}({','.join(parts)})" if parts else name
 
 
-def _same(v: tuple) -> Any:
-    """An int for a tuple of equal ints (``(3, 3)`` -> ``3``)."""
-    return v[0] if len(set(v)) == 1 else tuple(v)
-
-
-def _affine(layer, kw: dict) -> None:
-    if isinstance(layer.w_std, Tensor) or layer.w_std != 1.0:
-        kw["w_std"] = layer.w_std
-    if layer.b_std is None or isinstance(layer.b_std, Tensor) or layer.b_std != 0.0:
-        kw["b_std"] = layer.b_std
-    if layer.parameterization != "ntk":
-        kw["parameterization"] = layer.parameterization
-
-
-def _padding(pad, kw: dict) -> None:
-    """``padding=`` unless it is the default (``"valid"`` or zeros)."""
-    if isinstance(pad, str):
-        if pad != "valid":
-            kw["padding"] = pad
-    elif any(p != 0 for p in pad):
-        kw["padding"] = _same(pad)
-
-
-def _conv_spec(layer, name: str) -> str:
-    kw: dict[str, Any] = {}
-    if any(s != 1 for s in layer.stride):
-        kw["stride"] = _same(layer.stride)
-    pad = layer.padding
-    _padding(pad, kw)
-    if any(d != 1 for d in layer.dilation):
-        kw["dilation"] = _same(layer.dilation)
-    _affine(layer, kw)
-    if layer.mode != "zeros" and pad != "circular":
-        kw["padding_mode"] = layer.mode
-    if layer.in_channels is not None:
-        kw["in_channels"] = layer.in_channels
-    return _call(name, [layer.out_channels, _same(layer.kernel_size)], kw)
-
-
-def _pool_spec(layer, name: str) -> str:
-    kw: dict[str, Any] = {}
-    if tuple(layer.stride) != tuple(layer.kernel_size):
-        kw["stride"] = _same(layer.stride)
-    pad = layer.padding
-    _padding(pad, kw)
-    if not layer.count_include_pad:
-        kw["count_include_pad"] = False
-    return _call(name, [_same(layer.kernel_size)], kw)
-
-
-def _linear_spec(layer) -> str:
-    kw: dict[str, Any] = {}
-    _affine(layer, kw)
-    if layer.in_features is not None:
-        kw["in_features"] = layer.in_features
-    return _call("linear", [layer.out_features], kw)
-
-
-def _keywords(name: str, layer, attrs: dict[str, tuple[str, Any]]) -> str:
-    """``name(k=v, ...)`` for each ``k: (attribute, default)`` that differs from its default."""
-    kw = {}
-    for k, (attr, default) in attrs.items():
-        v = getattr(layer, attr)
-        if v != default:
-            kw[k] = v
-    return _call(name, [], kw)
-
-
-def _attention_spec(layer) -> str:
-    if layer.pos_emb_decay is not None:
-        raise ValueError(f"{layer!r}: pos_emb_decay is a Python function, which has no "
-                         f"compact spec form.")
-    per_head = layer.out_channels // layer.n_heads
-    defaults = {"key_channels": per_head, "value_channels": per_head, "w_key_std": 1.0,
-                "w_query_std": 1.0, "w_value_std": 1.0, "w_out_std": 1.0, "b_std": 0.0,
-                "mechanism": "softmax", "linear_scaling": True, "pos_emb": "none",
-                "pos_emb_std": 1.0, "pos_emb_p_norm": 2.0, "pos_emb_in_values": False,
-                "in_channels": None}
-    kw = {k: getattr(layer, k) for k, d in defaults.items() if getattr(layer, k) != d}
-    args = [layer.out_channels] + ([layer.n_heads] if layer.n_heads != 1 else [])
-    return _call("selfattention", args, kw)
-
-
-_WRITERS: dict[type, Callable[[Any], str]] = {
-    L.SelfAttention: _attention_spec,
-    L.Linear: _linear_spec,
-    L.Flatten: lambda m: "flatten",
-    L.Identity: lambda m: "identity",
-    L.GlobalAvgPool: lambda m: "globalavgpool",
-    L.GlobalSumPool: lambda m: "globalsumpool",
-    L.ReLU: lambda m: "relu",
-    L.Abs: lambda m: "abs",
-    L.Sign: lambda m: "sign",
-    L.GELU: lambda m: "gelu",
-    L.LeakyReLU: lambda m: _keywords("leakyrelu", m, {"negative_slope": ("negative_slope",
-                                                                          0.01)}),
-    L.ABReLU: lambda m: _call("abrelu", [m.a, m.b], {}),
-    L.Erf: lambda m: _keywords("erf", m, {"a": ("a", 1.0), "b": ("b", 1.0), "c": ("c", 0.0)}),
-    L.Sin: lambda m: _keywords("sin", m, {"a": ("a", 1.0), "b": ("b", 1.0), "c": ("c", 0.0)}),
-    L.Cos: lambda m: _keywords("cos", m, {"a": ("a", 1.0), "b": ("b", 1.0),
-                                          "c": ("phase", 0.0)}),
-    L.Rbf: lambda m: _keywords("rbf", m, {"gamma": ("gamma", 1.0)}),
-    L.Gaussian: lambda m: _keywords("gaussian", m, {"a": ("a", 1.0), "b": ("b", -1.0)}),
-    L.Exp: lambda m: _keywords("exp", m, {"a": ("a", 1.0), "b": ("b", 1.0)}),
-    L.Monomial: lambda m: _call("monomial", [m.degree], {}),
-    L.RectifiedMonomial: lambda m: _call("rectifiedmonomial", [m.degree], {}),
-    L.LayerNorm: lambda m: _keywords("layernorm", m, {"axis": ("axis", "channels"),
-                                                      "eps": ("eps", 1e-5)}),
-    L.Dropout: lambda m: _keywords("dropout", m, {"p": ("p", 0.5), "mode": ("mode", "train")}),
-}
-for _cls in (L.Conv1d, L.Conv2d, L.Conv3d):
-    _WRITERS[_cls] = partial(_conv_spec, name=_cls.__name__.lower())
-for _cls in (L.AvgPool1d, L.AvgPool2d, L.AvgPool3d, L.SumPool1d, L.SumPool2d, L.SumPool3d):
-    _WRITERS[_cls] = partial(_pool_spec, name=_cls.__name__.lower())
-
-
 def to_spec(layer: Layer) -> str:
     """The compact spec string of a network, the inverse of `parse_architecture`.
 
@@ -552,11 +427,14 @@ def _write(layer: Layer) -> str:
         if not layer.layers:
             return "identity"
         return "-".join(_write(m) for m in layer.layers)
-    writer = _WRITERS.get(type(layer))
-    if writer is None:
+    # Only a class that declares its own spec names has a spec form: a subclass (such
+    # as from_torch's shape-checked layers) may mean more than its parent's name says.
+    call = layer.spec_call() if "spec_names" in type(layer).__dict__ else None
+    if call is None:
         raise ValueError(
             f"{layer!r} has no compact spec form: the grammar covers sequential networks of "
             f"{', '.join(sorted(LAYERS))} and N*(...) repeats, not branching containers "
             f"(FanOut, Parallel, FanIn*) or custom elementwise functions."
         )
-    return writer(layer)
+    name, args, kwargs = call
+    return _call(name, args, kwargs)

@@ -1,28 +1,34 @@
-"""The infinite-width layer algebra: each layer has a kernel rule and a finite twin."""
+"""The infinite-width layer algebra: each layer has a kernel rule and a finite twin.
+
+Every layer class declares its spec names and the torch modules it converts
+from (`ntkit.layers.registry`); the spec grammar, `from_torch` and the
+estimators' activation names are read from there.
+"""
 
 from .activations import (
-    ABReLU, Abs, Activation, Cos, Erf, Exp, Gaussian, GELU, LeakyReLU, Monomial,
-    RectifiedMonomial, ReLU, Rbf, Sign, Sin,
+    ABReLU, Abs, Activation, Cos, Erf, Exp, Gaussian, GELU, LeakyReLU, ReLU, Rbf, Sign, Sin,
 )
 from .attention import SelfAttention
 from .base import Layer, input_kernel
 from .containers import (
     FanInConcat, FanInProd, FanInSum, FanOut, Identity, Parallel, Repeat, Sequential,
 )
-from .conv import (
-    AvgPool1d, AvgPool2d, AvgPool3d, Conv1d, Conv2d, Conv3d, GlobalAvgPool, GlobalSumPool,
-    SumPool1d, SumPool2d, SumPool3d,
-)
-from .elementwise import Elementwise
+from .conv import Conv1d, Conv2d, Conv3d
+from .elementwise import Elementwise, Sigmoid, Softplus, Tanh
 from .linear import Flatten, Linear
 from .normalization import Dropout, LayerNorm
+from .polynomial import Monomial, RectifiedMonomial
+from .pool import (
+    AvgPool1d, AvgPool2d, AvgPool3d, GlobalAvgPool, GlobalSumPool, SumPool1d, SumPool2d,
+    SumPool3d,
+)
 
 __all__ = [
     "Layer", "input_kernel", "Linear", "Flatten", "Activation", "ReLU", "LeakyReLU", "ABReLU",
     "Abs", "Sign", "Erf", "GELU", "Sin", "Cos", "Rbf", "Gaussian", "Exp", "Monomial",
-    "RectifiedMonomial", "Elementwise", "LayerNorm", "Dropout", "Sequential", "Parallel",
-    "FanOut", "FanInSum", "FanInConcat", "FanInProd", "Repeat", "Identity",
-    "Conv1d", "Conv2d", "Conv3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "SumPool1d",
-    "SumPool2d", "SumPool3d", "GlobalAvgPool", "GlobalSumPool",
+    "RectifiedMonomial", "Elementwise", "Tanh", "Sigmoid", "Softplus", "LayerNorm", "Dropout",
+    "Sequential", "Parallel", "FanOut", "FanInSum", "FanInConcat", "FanInProd", "Repeat",
+    "Identity", "Conv1d", "Conv2d", "Conv3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
+    "SumPool1d", "SumPool2d", "SumPool3d", "GlobalAvgPool", "GlobalSumPool",
     "SelfAttention",
 ]

@@ -13,17 +13,17 @@ computes them by quadrature for any function.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
 
+from .._checks import as_real
 from ..kernel import Kernel
 from .base import BuildContext, Kernels, Layer, Shapes, single
 
 __all__ = [
     "Activation", "ReLU", "LeakyReLU", "ABReLU", "Abs", "Sign", "Erf", "GELU", "Sin", "Cos",
-    "Rbf", "Gaussian", "Exp", "Monomial", "RectifiedMonomial", "ActivationModule",
+    "Rbf", "Gaussian", "Exp", "ActivationModule",
 ]
 
 _PI = math.pi
@@ -31,6 +31,9 @@ _PI = math.pi
 
 class Activation(Layer):
     """An elementwise nonlinearity: subclasses give ``fn`` and the two expectations."""
+
+    #: A subclass of a torch activation may change ``forward``: only the class itself converts.
+    torch_subclasses = False
 
     def fn(self, x: Tensor) -> Tensor:
         """The nonlinearity itself, applied elementwise (used by `build`)."""
@@ -98,6 +101,12 @@ class Activation(Layer):
 
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
         return ActivationModule(self.fn, repr(self)), shape
+
+
+def _changed(layer: Layer, **defaults: float) -> dict:
+    """The keyword arguments of ``layer`` (attributes of the same names) that differ
+    from their defaults, for `Layer.spec_call`."""
+    return {k: getattr(layer, k) for k, d in defaults.items() if getattr(layer, k) != d}
 
 
 def require_gaussian(k: Kernel, layer: Layer) -> None:
@@ -180,11 +189,16 @@ class ABReLU(Activation):
         E[f' f'] = a b + (b - a)^2 (pi - theta) / (2 pi)
     """
 
+    spec_names = ("abrelu",)
+
     def __init__(self, a: float, b: float) -> None:
-        self.a, self.b = float(a), float(b)
+        self.a, self.b = as_real(a, "a"), as_real(b, "b")
 
     def fn(self, x: Tensor) -> Tensor:
         return torch.where(x < 0, self.a * x, self.b * x)
+
+    def spec_call(self):
+        return "abrelu", [self.a, self.b], {}
 
     def _nngp_and_dot(self, k, v1, v2):
         # pi - theta = arccos(-cos) and sin(pi - theta) = sin(theta), from the
@@ -213,8 +227,18 @@ class ABReLU(Activation):
 class ReLU(ABReLU):
     """``max(x, 0)``: the arc-cosine kernel of degree 1 (see `ABReLU`)."""
 
+    spec_names = ("relu",)
+    torch_modules = (nn.ReLU,)
+
     def __init__(self) -> None:
         super().__init__(0.0, 1.0)
+
+    @classmethod
+    def from_torch_module(cls, module, ctx):
+        return cls()
+
+    def spec_call(self):
+        return "relu", [], {}
 
     def fn(self, x: Tensor) -> Tensor:
         return torch.relu(x)
@@ -229,9 +253,19 @@ class ReLU(ABReLU):
 class LeakyReLU(ABReLU):
     """``x`` for ``x >= 0``, ``negative_slope * x`` otherwise (see `ABReLU`)."""
 
+    spec_names = ("leaky_relu",)
+    torch_modules = (nn.LeakyReLU,)
+
     def __init__(self, negative_slope: float = 0.01) -> None:
         super().__init__(negative_slope, 1.0)
-        self.negative_slope = float(negative_slope)
+        self.negative_slope = as_real(negative_slope, "negative_slope")
+
+    @classmethod
+    def from_torch_module(cls, module, ctx):
+        return cls(module.negative_slope)
+
+    def spec_call(self):
+        return "leaky_relu", [], _changed(self, negative_slope=0.01)
 
     def fn(self, x: Tensor) -> Tensor:
         return nn.functional.leaky_relu(x, self.negative_slope)
@@ -246,8 +280,13 @@ class LeakyReLU(ABReLU):
 class Abs(ABReLU):
     """``|x|`` (see `ABReLU` with ``a = -1, b = 1``)."""
 
+    spec_names = ("abs",)
+
     def __init__(self) -> None:
         super().__init__(-1.0, 1.0)
+
+    def spec_call(self):
+        return "abs", [], {}
 
     def fn(self, x: Tensor) -> Tensor:
         return torch.abs(x)
@@ -261,6 +300,8 @@ class Sign(Activation):
 
     ``E[sign X sign Y] = 1 - 2 theta / pi`` with ``theta`` the angle between X and Y.
     """
+
+    spec_names = ("sign",)
 
     def fn(self, x: Tensor) -> Tensor:
         return torch.sign(x)
@@ -287,11 +328,16 @@ class Erf(Activation):
         E[f' f'] = a^2 (4 b^2 / pi) / sqrt((1 + 2 b^2 v1)(1 + 2 b^2 v2) - 4 b^4 k^2)
     """
 
+    spec_names = ("erf",)
+
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
-        self.a, self.b, self.c = float(a), float(b), float(c)
+        self.a, self.b, self.c = as_real(a, "a"), as_real(b, "b"), as_real(c, "c")
 
     def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.erf(self.b * x) + self.c
+
+    def spec_call(self):
+        return "erf", [], _changed(self, a=1.0, b=1.0, c=0.0)
 
     def _nngp_and_dot(self, k, v1, v2):
         b2 = self.b**2
@@ -316,6 +362,17 @@ class GELU(Activation):
         E[f' f'] = 1/4 + alpha / (2 pi)
                    + k (1/d^2 + (1 - v1 v2)/((1 + v1)(1 + v2)) + 1) / (2 pi d)
     """
+
+    spec_names = ("gelu",)
+    torch_modules = (nn.GELU,)
+
+    @classmethod
+    def from_torch_module(cls, module, ctx):
+        if module.approximate != "none":  # the tanh approximation: by quadrature
+            from .elementwise import Elementwise
+
+            return Elementwise.from_torch_module(module, ctx)
+        return cls()
 
     def fn(self, x: Tensor) -> Tensor:
         return nn.functional.gelu(x)
@@ -344,11 +401,16 @@ class Sin(Activation):
         E[f' f'] = a^2 b^2/2 (exp(-b^2 (s/2 - k)) + exp(-b^2 (s/2 + k)) cos 2c)
     """
 
+    spec_names = ("sin",)
+
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
-        self.a, self.b, self.c = float(a), float(b), float(c)
+        self.a, self.b, self.c = as_real(a, "a"), as_real(b, "b"), as_real(c, "c")
 
     def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.sin(self.b * x + self.c)
+
+    def spec_call(self):
+        return "sin", [], _changed(self, a=1.0, b=1.0, c=0.0)
 
     def _nngp_and_dot(self, k, v1, v2):
         b2, half_a2 = self.b**2, self.a**2 / 2
@@ -364,9 +426,17 @@ class Sin(Activation):
 class Cos(Sin):
     """``a * cos(b x + c)``, that is ``Sin(a, b, c + pi/2)``."""
 
+    spec_names = ("cos",)
+
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
-        super().__init__(a, b, c + _PI / 2)
-        self.phase = float(c)
+        super().__init__(a, b, as_real(c, "c") + _PI / 2)
+        self.phase = as_real(c, "c")
+
+    def spec_call(self):
+        kw = _changed(self, a=1.0, b=1.0)
+        if self.phase != 0.0:
+            kw["c"] = self.phase
+        return "cos", [], kw
 
     def __repr__(self) -> str:
         return f"Cos(a={self.a}, b={self.b}, c={self.phase})"
@@ -376,11 +446,17 @@ class Rbf(Sin):
     """``sqrt(2) sin(sqrt(2 gamma) x + pi/4)``: its NNGP is the RBF kernel of
     the pre-activations, ``exp(-gamma (v1 + v2 - 2k))`` (Rahimi & Recht 2007)."""
 
+    spec_names = ("rbf",)
+
     def __init__(self, gamma: float = 1.0) -> None:
+        gamma = as_real(gamma, "gamma")
         if not gamma > 0:
             raise ValueError(f"gamma must be positive, got {gamma}.")
         super().__init__(math.sqrt(2), math.sqrt(2 * gamma), _PI / 4)
-        self.gamma = float(gamma)
+        self.gamma = gamma
+
+    def spec_call(self):
+        return "rbf", [], _changed(self, gamma=1.0)
 
     def __repr__(self) -> str:
         return f"Rbf(gamma={self.gamma})"
@@ -393,8 +469,13 @@ class Gaussian(Activation):
         E[f f] = a^2 / sqrt(D),      E[f' f'] = 4 a^2 b^2 k / D^(3/2)
     """
 
+    spec_names = ("gaussian",)
+
     def __init__(self, a: float = 1.0, b: float = -1.0) -> None:
-        self.a, self.b = float(a), float(b)
+        self.a, self.b = as_real(a, "a"), as_real(b, "b")
+
+    def spec_call(self):
+        return "gaussian", [], _changed(self, a=1.0, b=-1.0)
 
     def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.exp(self.b * x * x)
@@ -422,8 +503,13 @@ class Exp(Activation):
         E[f f] = a^2 exp(b^2 (v1 + v2 + 2k) / 2),    E[f' f'] = b^2 E[f f]
     """
 
+    spec_names = ("exp",)
+
     def __init__(self, a: float = 1.0, b: float = 1.0) -> None:
-        self.a, self.b = float(a), float(b)
+        self.a, self.b = as_real(a, "a"), as_real(b, "b")
+
+    def spec_call(self):
+        return "exp", [], _changed(self, a=1.0, b=1.0)
 
     def fn(self, x: Tensor) -> Tensor:
         return self.a * torch.exp(self.b * x)
@@ -436,123 +522,10 @@ class Exp(Activation):
         return f"Exp(a={self.a}, b={self.b})"
 
 
-# ---------------------------------------------------------------- polynomials
-@lru_cache(maxsize=None)
-def _monomial_terms(n: int) -> tuple[tuple[float, int, int], ...]:
-    """``E[X^n Y^n] = sum c k^p (v1 v2)^q`` as terms ``(c, p, q)``.
+def __getattr__(name: str):
+    # Monomial and RectifiedMonomial lived here before their own module.
+    if name in ("Monomial", "RectifiedMonomial"):
+        from . import polynomial
 
-    From ``x^n = sum_j n! / (j! 2^j (n-2j)!) He_{n-2j}(x)`` and
-    ``E[He_m(U) He_m'(V)] = delta_mm' m! rho^m`` for unit-variance U, V.
-    """
-    terms = []
-    for j in range(n // 2 + 1):
-        coef = math.factorial(n) / (math.factorial(j) * 2**j * math.factorial(n - 2 * j))
-        terms.append((coef**2 * math.factorial(n - 2 * j), n - 2 * j, j))
-    return tuple(terms)
-
-
-def _monomial_moment(n: int, k: Tensor, prod: Tensor) -> Tensor:
-    if n < 0:
-        return torch.zeros_like(k)
-    out = torch.zeros_like(k) if n > 0 else torch.ones_like(k)
-    for c, p, q in _monomial_terms(n) if n > 0 else ():
-        out = out + c * k**p * prod**q
-    return out
-
-
-class Monomial(Activation):
-    """``x^degree``: ``E[X^n Y^n]`` by the Hermite expansion of ``x^n`` (Isserlis),
-    ``E[f' f'] = n^2 E[X^(n-1) Y^(n-1)]``."""
-
-    def __init__(self, degree: int) -> None:
-        if not isinstance(degree, int) or degree < 0:
-            raise ValueError(f"degree must be a non-negative int, got {degree!r}.")
-        self.degree = degree
-
-    def fn(self, x: Tensor) -> Tensor:
-        return x**self.degree
-
-    def _nngp(self, k, v1, v2):
-        return _monomial_moment(self.degree, k, v1 * v2)
-
-    def _dot(self, k, v1, v2):
-        n = self.degree
-        return _monomial_moment(n - 1, k, v1 * v2) * n**2
-
-    def __repr__(self) -> str:
-        return f"Monomial({self.degree})"
-
-
-@lru_cache(maxsize=None)
-def _arccos_terms(n: int) -> tuple[tuple[float, int, int, int], ...]:
-    """``J_n(theta)`` of the arc-cosine kernel (Cho & Saul 2009, eq. 7)::
-
-        J_n = (-1)^n sin^(2n+1)(theta) ((1/sin theta) d/dtheta)^n ((pi - theta) / sin theta)
-
-    as terms ``(c, e, p, q)`` of ``c (pi - theta)^e cos^p(theta) sin^q(theta)``
-    (all ``q >= 0``), by applying the operator symbolically.
-    """
-    terms: dict[tuple[int, int, int], float] = {(1, 0, -1): 1.0}
-    for _ in range(n):
-        new: dict[tuple[int, int, int], float] = {}
-        for (e, p, q), c in terms.items():
-            # d/dtheta of (pi - theta)^e cos^p sin^q, then divided by sin.
-            for key, val in (((e - 1, p, q - 1), -e * c), ((e, p - 1, q), -p * c),
-                             ((e, p + 1, q - 2), q * c)):
-                if val:
-                    new[key] = new.get(key, 0.0) + val
-        terms = new
-    sign = (-1) ** n
-    return tuple((sign * c, e, p, q + 2 * n + 1) for (e, p, q), c in terms.items() if c)
-
-
-def _arccos_kernel(n: int, k: Tensor, v1: Tensor, v2: Tensor) -> Tensor:
-    """``E[f_n(X) f_n(Y)] = (v1 v2)^(n/2) J_n(theta) / (2 pi)`` for ``f_n = x^n 1{x > 0}``."""
-    cos, scale = _cos_and_scale(k, v1, v2)
-    phi = _arccos(-cos)  # pi - theta
-    sin = torch.sin(phi)
-    j = torch.zeros_like(cos)
-    for c, e, p, q in _arccos_terms(n):
-        term = c * cos**p * sin**q
-        j = j + (term * phi if e else term)
-    return j * scale**n / (2 * _PI)
-
-
-def _double_factorial(n: int) -> int:
-    return math.prod(range(n, 0, -2)) if n > 0 else 1
-
-
-class RectifiedMonomial(Activation):
-    """``x^degree`` for ``x > 0``, else 0: the arc-cosine kernel of that degree
-    (Cho & Saul 2009); ``E[f' f'] = n^2 E[f_(n-1)(X) f_(n-1)(Y)]``."""
-
-    def __init__(self, degree: int) -> None:
-        if not isinstance(degree, int) or degree < 0:
-            raise ValueError(f"degree must be a non-negative int, got {degree!r}.")
-        self.degree = degree
-
-    def fn(self, x: Tensor) -> Tensor:
-        return (x > 0).to(x.dtype) * x**self.degree
-
-    def _nngp(self, k, v1, v2):
-        return _arccos_kernel(self.degree, k, v1, v2)
-
-    def _dot(self, k, v1, v2):
-        n = self.degree
-        if n == 0:
-            return torch.zeros_like(k)
-        return _arccos_kernel(n - 1, k, v1, v2) * n**2
-
-    def _variance(self, c: Tensor) -> Tensor:
-        # E[X^(2n) 1{X > 0}] = (2n - 1)!! c^n / 2, and 0 when c = 0.
-        n = self.degree
-        return (c > 0).to(c.dtype) * c**n * (_double_factorial(2 * n - 1) / 2)
-
-    def _self_dot(self, c: Tensor) -> Tensor:
-        n = self.degree
-        if n == 0:
-            return torch.zeros_like(c)
-        return (c > 0).to(c.dtype) * c ** (n - 1) * (n**2 * _double_factorial(2 * n - 3) / 2)
-
-    def __repr__(self) -> str:
-        return f"RectifiedMonomial({self.degree})"
+        return getattr(polynomial, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

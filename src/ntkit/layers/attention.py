@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .._checks import is_int, is_real
 from ..kernel import Kernel, position_diagonal
 from .base import BuildContext, Kernels, Layer, Shapes, single
 from .linear import _affine
@@ -123,6 +124,8 @@ class SelfAttention(Layer):
             their default, or invalid widths and scales.
     """
 
+    spec_names = ("selfattention", "attention")
+
     def __init__(
         self,
         out_channels: int,
@@ -183,14 +186,14 @@ class SelfAttention(Layer):
                 f"SelfAttention: pos_emb_decay must be None or a function of the distance "
                 f"tensor, e.g. lambda d: torch.exp(-d / 4); got {type(pos_emb_decay).__name__}."
             )
-        if (isinstance(pos_emb_p_norm, bool) or not isinstance(pos_emb_p_norm, (int, float))
-                or not (math.isfinite(pos_emb_p_norm) and pos_emb_p_norm > 0)):
+        if (not is_real(pos_emb_p_norm) or not (math.isfinite(pos_emb_p_norm) and pos_emb_p_norm > 0)):
             raise ValueError(f"SelfAttention: pos_emb_p_norm must be a finite number > 0, got "
                              f"{pos_emb_p_norm!r}.")
+        out_channels, n_heads = int(out_channels), int(n_heads)
         self.out_channels = out_channels
         self.n_heads = n_heads
-        self.key_channels = key_channels or out_channels // n_heads
-        self.value_channels = value_channels or out_channels // n_heads
+        self.key_channels = int(key_channels or out_channels // n_heads)
+        self.value_channels = int(value_channels or out_channels // n_heads)
         self.w_key_std, self.w_query_std = float(w_key_std), float(w_query_std)
         self.w_value_std, self.w_out_std = float(w_value_std), float(w_out_std)
         self.b_std = None if b_std is None else float(b_std)
@@ -201,7 +204,7 @@ class SelfAttention(Layer):
         self.pos_emb_decay = pos_emb_decay
         self.pos_emb_p_norm = float(pos_emb_p_norm)
         self.pos_emb_in_values = bool(pos_emb_in_values)
-        self.in_channels = in_channels
+        self.in_channels = None if in_channels is None else int(in_channels)
 
     def needs_position_pairs(self) -> bool:
         return True
@@ -322,6 +325,20 @@ class SelfAttention(Layer):
                 f"or change in_channels."
             )
         return tuple(shape[1:])
+
+    def spec_call(self):
+        if self.pos_emb_decay is not None:
+            raise ValueError(f"{self!r}: pos_emb_decay is a Python function, which has no "
+                             f"compact spec form.")
+        per_head = self.out_channels // self.n_heads
+        defaults = {"key_channels": per_head, "value_channels": per_head, "w_key_std": 1.0,
+                    "w_query_std": 1.0, "w_value_std": 1.0, "w_out_std": 1.0, "b_std": 0.0,
+                    "mechanism": "softmax", "linear_scaling": True, "pos_emb": "none",
+                    "pos_emb_std": 1.0, "pos_emb_p_norm": 2.0, "pos_emb_in_values": False,
+                    "in_channels": None}
+        kw = {k: getattr(self, k) for k, d in defaults.items() if getattr(self, k) != d}
+        args = [self.out_channels] + ([self.n_heads] if self.n_heads != 1 else [])
+        return "selfattention", args, kw
 
     def __repr__(self) -> str:
         parts = [f"{self.out_channels}", f"n_heads={self.n_heads}"]
@@ -488,12 +505,12 @@ class NTKSelfAttention(nn.Module):
 
 
 def _check_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"SelfAttention: {name} must be a positive int, got {value!r}.")
 
 
 def _check_std(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real(value):
         raise TypeError(f"SelfAttention: {name} must be a real number, got "
                         f"{type(value).__name__} {value!r}.")
     if not (math.isfinite(value) and value >= 0):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import ClassVar, Union
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .._checks import as_input_pair
 from ..kernel import Kernel, input_kernel  # input_kernel: re-exported from its home
 from ..tiling import tiled_kernel
+from .registry import TorchContext, register
 
 __all__ = [
     "BuildContext",
@@ -54,7 +55,51 @@ class Layer:
     infinite-width limit (:meth:`propagate`), and how to build the same layer
     at finite width as a `torch.nn.Module` (:meth:`build`). Containers compose
     both at once.
+
+    A layer class joins the registry (`ntkit.layers.registry`) by declaring
+    ``spec_names`` (its names in the spec grammar, the first one written by
+    `ntkit.spec.to_spec`) and ``torch_modules`` (the `torch.nn` classes
+    `ntkit.from_torch` converts into it with :meth:`from_torch_module`);
+    :meth:`spec_call` gives the arguments `to_spec` writes.
     """
+
+    #: Names in the compact spec grammar; the first is the one `to_spec` writes.
+    spec_names: ClassVar[tuple[str, ...]] = ()
+    #: `torch.nn` module classes that `from_torch` converts into this layer.
+    torch_modules: ClassVar[tuple[type[nn.Module], ...]] = ()
+    #: Whether subclasses of ``torch_modules`` convert too (False: exactly those classes).
+    torch_subclasses: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        register(cls)
+
+    # ------------------------------------------------------------ the registry
+    @classmethod
+    def spec_constructors(cls) -> dict[str, Callable[..., Layer]]:
+        """The spec names this class declares, each with the constructor it calls
+        (the class itself, unless a subclass says otherwise)."""
+        return {name: cls for name in cls.__dict__.get("spec_names", ())}
+
+    def spec_call(self) -> tuple[str, list, dict] | None:
+        """``(name, args, kwargs)`` of this layer in the spec grammar, or None when it
+        has none; arguments at their defaults are left out. Parameter-free layers
+        need not override it."""
+        names = type(self).__dict__.get("spec_names", ())
+        return (names[0], [], {}) if names else None
+
+    @classmethod
+    def from_torch_module(cls, module: nn.Module, ctx: TorchContext) -> Layer:
+        """The layer that a module of one of ``torch_modules`` converts into.
+
+        Args:
+            module: the `torch.nn` module.
+            ctx: the conversion's options and its way to report errors.
+
+        Raises:
+            ConversionError: through ``ctx.fail``, for settings without a kernel rule.
+        """
+        raise NotImplementedError(f"{cls.__name__} converts no torch module.")
 
     # ---------------------------------------------------------------- the rule
     def propagate(self, k: Kernels) -> Kernels:

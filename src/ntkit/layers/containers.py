@@ -12,6 +12,7 @@ import operator
 import torch
 from torch import Tensor, nn
 
+from .._checks import is_int
 from ..kernel import Kernel
 from .base import BuildContext, Kernels, Layer, Shapes, drop_position_pairs, single
 
@@ -77,8 +78,9 @@ class Repeat(Sequential):
     """``layer`` applied ``n`` times; `build` draws independent parameters for each."""
 
     def __init__(self, layer: Layer, n: int) -> None:
-        if not isinstance(n, int) or n < 0:
+        if not is_int(n) or n < 0:
             raise ValueError(f"n must be a non-negative int, got {n!r}.")
+        n = int(n)
         super().__init__(*([layer] * n))
         self.layer, self.n = layer, n
 
@@ -88,6 +90,13 @@ class Repeat(Sequential):
 
 class Identity(Layer):
     """Passes its input through unchanged."""
+
+    spec_names = ("identity",)
+    torch_modules = (nn.Identity,)
+
+    @classmethod
+    def from_torch_module(cls, module, ctx):
+        return cls()
 
     def propagate(self, k: Kernels) -> Kernels:
         return k
@@ -100,9 +109,9 @@ class FanOut(Layer):
     """Copies its input into ``n`` branches."""
 
     def __init__(self, n: int) -> None:
-        if not isinstance(n, int) or n < 1:
+        if not is_int(n) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}.")
-        self.n = n
+        self.n = int(n)
 
     def propagate(self, k: Kernels) -> tuple[Kernel, ...]:
         return (single(k, self),) * self.n

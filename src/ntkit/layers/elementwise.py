@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import numpy as np
 import scipy.special
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from .._checks import is_int
 from .activations import Activation
 
-__all__ = ["Elementwise"]
+__all__ = ["Elementwise", "Sigmoid", "Softplus", "Tanh"]
+
+#: Parameter-free torch activations without a closed form, converted by quadrature.
+NUMERICAL_MODULES = (
+    nn.Tanh, nn.Sigmoid, nn.SiLU, nn.Softplus, nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.Hardtanh,
+    nn.ReLU6, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Hardswish, nn.Hardsigmoid,
+    nn.Softshrink, nn.Hardshrink,
+)
 
 #: Quadrature evaluates ``degree^2`` points per kernel entry; entries are chunked
 #: so that one chunk holds at most this many points.
@@ -49,18 +58,27 @@ class Elementwise(Activation):
         name: shown in messages and ``repr``; defaults to the function's name.
     """
 
+    torch_modules = NUMERICAL_MODULES
+
     def __init__(self, fn: Callable[[Tensor], Tensor], degree: int = 64, *,
                  name: str | None = None) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be a callable on tensors, got {type(fn).__name__}.")
-        if not isinstance(degree, int) or degree < 1:
+        if not is_int(degree) or degree < 1:
             raise ValueError(f"degree must be a positive int, got {degree!r}.")
         self._fn = fn
-        self.degree = degree
+        self.degree = int(degree)
         self.name = name or getattr(fn, "__name__", None) or type(fn).__name__
         nodes, weights = scipy.special.roots_hermite(degree)  # stable at high degree
         self._nodes, self._weights = nodes * np.sqrt(2.0), weights / np.sqrt(np.pi)
         self._check_fn()
+
+    @classmethod
+    def from_torch_module(cls, module, ctx):
+        if getattr(module, "inplace", False):  # quadrature must not overwrite its nodes
+            module = copy.copy(module)
+            module.inplace = False
+        return Elementwise(module, degree=ctx.degree, name=repr(module))
 
     def _check_fn(self) -> None:
         x = torch.linspace(-2, 2, 7, dtype=torch.float64)
@@ -133,3 +151,53 @@ class Elementwise(Activation):
 
     def __repr__(self) -> str:
         return f"Elementwise({self.name}, degree={self.degree})"
+
+
+class _Named(Elementwise):
+    """An `Elementwise` of one named torch function, with a spec name (see `Tanh`)."""
+
+    function: Callable[[Tensor], Tensor]
+
+    def __init__(self, degree: int = 64) -> None:
+        name = type(self).spec_names[0]
+        super().__init__(type(self).function, degree, name=name)
+
+    def spec_call(self):
+        return self.name, [], ({} if self.degree == 64 else {"degree": self.degree})
+
+    def __repr__(self) -> str:
+        degree = "" if self.degree == 64 else f"degree={self.degree}"
+        return f"{type(self).__name__}({degree})"
+
+
+class Tanh(_Named):
+    """``tanh(x)``, its kernels by quadrature (`Elementwise`; no closed form).
+
+    Args:
+        degree: quadrature nodes per axis.
+    """
+
+    spec_names = ("tanh",)
+    function = staticmethod(torch.tanh)
+
+
+class Sigmoid(_Named):
+    """The logistic ``1 / (1 + exp(-x))``, its kernels by quadrature (`Elementwise`).
+
+    Args:
+        degree: quadrature nodes per axis.
+    """
+
+    spec_names = ("sigmoid",)
+    function = staticmethod(torch.sigmoid)
+
+
+class Softplus(_Named):
+    """``log(1 + exp(x))``, its kernels by quadrature (`Elementwise`).
+
+    Args:
+        degree: quadrature nodes per axis.
+    """
+
+    spec_names = ("softplus",)
+    function = staticmethod(torch.nn.functional.softplus)

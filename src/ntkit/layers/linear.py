@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import as_std
+from .._checks import as_std, is_int
 from ..kernel import Kernel
 from .base import (
     BuildContext, Kernels, Layer, Shapes, affine_variances, flat_width, number, single,
@@ -53,6 +53,9 @@ class Linear(Layer):
             like `torch.nn.LazyLinear`, it is otherwise taken from them.
     """
 
+    spec_names = ("linear", "dense")
+    torch_modules = (nn.Linear,)
+
     def __init__(
         self,
         out_features: int,
@@ -62,7 +65,7 @@ class Linear(Layer):
         parameterization: Parameterization = "ntk",
         in_features: int | None = None,
     ) -> None:
-        if not isinstance(out_features, int) or isinstance(out_features, bool) or out_features < 1:
+        if not is_int(out_features) or out_features < 1:
             raise ValueError(f"out_features must be a positive int, got {out_features!r}.")
         if parameterization not in ("ntk", "standard"):
             raise ValueError(
@@ -70,18 +73,31 @@ class Linear(Layer):
             )
         w_std = as_std(w_std, "w_std")
         b_std = None if b_std is None else as_std(b_std, "b_std")
-        if in_features is not None and (
-                not isinstance(in_features, int) or isinstance(in_features, bool)
-                or in_features < 1):
+        if in_features is not None and (not is_int(in_features) or in_features < 1):
             raise ValueError(
                 f"in_features must be a positive int or None (taken from the inputs), got "
                 f"{in_features!r}."
             )
-        self.out_features = out_features
+        self.out_features = int(out_features)
         self.w_std = w_std
         self.b_std = b_std
         self.parameterization = parameterization
-        self.in_features = in_features
+        self.in_features = None if in_features is None else int(in_features)
+
+    @classmethod
+    def from_torch_module(cls, module, ctx):
+        if getattr(module, "has_uninitialized_params", lambda: False)():
+            raise uninitialised(ctx)
+        fan_in = module.in_features
+        return cls(module.out_features, w_std=ctx.weight_std(),
+                   b_std=ctx.bias_std(module.bias is not None, fan_in),
+                   parameterization=ctx.parameterization, in_features=fan_in)
+
+    def spec_call(self):
+        kw = affine_spec(self)
+        if self.in_features is not None:
+            kw["in_features"] = self.in_features
+        return "linear", [self.out_features], kw
 
     def propagate(self, k: Kernels) -> Kernel:
         k = single(k, self)
@@ -117,6 +133,26 @@ class Linear(Layer):
     def __repr__(self) -> str:
         extra = "" if self.parameterization == "ntk" else ", parameterization='standard'"
         return f"Linear({self.out_features}, w_std={self.w_std}, b_std={self.b_std}{extra})"
+
+
+def affine_spec(layer) -> dict:
+    """The spec keywords of an affine layer's ``w_std``, ``b_std`` and
+    ``parameterization`` that differ from their defaults."""
+    kw: dict = {}
+    if isinstance(layer.w_std, Tensor) or layer.w_std != 1.0:
+        kw["w_std"] = layer.w_std
+    if layer.b_std is None or isinstance(layer.b_std, Tensor) or layer.b_std != 0.0:
+        kw["b_std"] = layer.b_std
+    if layer.parameterization != "ntk":
+        kw["parameterization"] = layer.parameterization
+    return kw
+
+
+def uninitialised(ctx) -> Exception:
+    """The conversion error of a lazy torch module that has not seen an input yet."""
+    return ctx.fail(
+        "it has not been initialised, so its in_features/in_channels is unknown; "
+        "run one forward pass on example inputs before from_torch", supported=False)
 
 
 def _affine(x: Tensor, w2: Tensor, b2: Tensor | None) -> Tensor:
@@ -166,6 +202,16 @@ class Flatten(Layer):
     Kernel rule: the average of the per-position kernel over positions (for
     inputs with spatial axes, whose kernel keeps the spatial diagonal).
     """
+
+    spec_names = ("flatten",)
+    torch_modules = (nn.Flatten,)
+
+    @classmethod
+    def from_torch_module(cls, module, ctx):
+        if module.start_dim != 1 or module.end_dim != -1:
+            raise ctx.fail("only nn.Flatten(start_dim=1, end_dim=-1) is supported",
+                           supported=False)
+        return cls()
 
     def propagate(self, k: Kernels) -> Kernel:
         k = single(k, self)

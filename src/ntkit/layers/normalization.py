@@ -41,6 +41,9 @@ class LayerNorm(Layer):
             neural-tangents uses 1e-12).
     """
 
+    spec_names = ("layernorm",)
+    torch_modules = (nn.LayerNorm,)
+
     def __init__(self, axis: Literal["channels", "all"] = "channels", eps: float = 1e-5) -> None:
         if axis not in ("channels", "all"):
             raise ValueError(f"axis must be 'channels' or 'all', got {axis!r}.")
@@ -48,6 +51,20 @@ class LayerNorm(Layer):
             raise ValueError(f"eps must be >= 0, got {eps}.")
         self.axis = axis
         self.eps = float(eps)
+
+    @classmethod
+    def from_torch_module(cls, module, ctx):
+        if module.elementwise_affine:
+            raise ctx.fail(
+                "it has a learnable per-feature scale and shift; their NTK through a "
+                "following nonlinearity has no layer-wise rule. Use nn.LayerNorm(..., "
+                "elementwise_affine=False), whose twin is nk.LayerNorm", supported=False)
+        return _TorchLayerNorm(tuple(module.normalized_shape), module.eps, ctx.where)
+
+    def spec_call(self):
+        kw = {k: v for k, v, d in (("axis", self.axis, "channels"), ("eps", self.eps, 1e-5))
+              if v != d}
+        return "layernorm", [], kw
 
     def propagate(self, k: Kernels) -> Kernel:
         k = single(k, self)
@@ -121,6 +138,9 @@ class Dropout(Layer):
         mode: ``"train"`` or ``"eval"``, like `torch.nn.Module.train` / ``eval``.
     """
 
+    spec_names = ("dropout",)
+    torch_modules = (nn.Dropout,)
+
     def __init__(self, p: float = 0.5, mode: Literal["train", "eval"] = "train") -> None:
         if not 0 <= p < 1:
             raise ValueError(f"p must be in [0, 1), got {p}.")
@@ -128,6 +148,14 @@ class Dropout(Layer):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}.")
         self.p = float(p)
         self.mode = mode
+
+    @classmethod
+    def from_torch_module(cls, module, ctx):
+        return cls(module.p, mode="train" if module.training else "eval")
+
+    def spec_call(self):
+        kw = {k: v for k, v, d in (("p", self.p, 0.5), ("mode", self.mode, "train")) if v != d}
+        return "dropout", [], kw
 
     def propagate(self, k: Kernels) -> Kernel:
         k = single(k, self)
@@ -190,3 +218,36 @@ class DropoutModule(nn.Dropout):
         keep = torch.rand(x.shape, generator=self.generator, device=self.generator.device,
                           dtype=x.dtype).to(x.device) >= self.p
         return x * keep / (1 - self.p)
+
+
+class ShapeChecked:
+    """Mixin of converted layers: runs ``self._check(shape)`` on the per-example shape
+    before the layer's kernel rule and its finite twin (torch's axes are checked)."""
+
+    def propagate(self, k):
+        if not isinstance(k, tuple):
+            self._check(k.shape)
+        return super().propagate(k)
+
+    def _build(self, shape, ctx):
+        self._check(shape)
+        return super()._build(shape, ctx)
+
+
+class _TorchLayerNorm(ShapeChecked, LayerNorm):
+    """`LayerNorm` over the axes `torch.nn.LayerNorm` normalises: the features of dense
+    inputs, or all of ``(C, *S)`` (``axis="all"``) when ``normalized_shape`` is all of them."""
+
+    def __init__(self, normalized_shape: tuple[int, ...], eps: float, where: str) -> None:
+        super().__init__(axis="channels" if len(normalized_shape) == 1 else "all", eps=eps)
+        self.normalized_shape, self.where = normalized_shape, where
+
+    def _check(self, shape) -> None:
+        if not shape or isinstance(shape[0], tuple):
+            return
+        if tuple(shape) != self.normalized_shape:
+            raise ValueError(
+                f"{self.where} normalises the last {len(self.normalized_shape)} axes, of shape "
+                f"{self.normalized_shape}, but receives per-example shape {tuple(shape)}; only "
+                f"normalising all of them (normalized_shape = x.shape[1:]) has a kernel rule."
+            )
