@@ -19,6 +19,7 @@ import torch
 from click.testing import CliRunner
 
 from ntkit import cli
+from ntkit.cli import _demo, _kernel
 from ntkit.spec import parse_architecture
 
 ARCH = "linear(64,w_std=1.5,b_std=0.1)-relu-linear(1)"
@@ -126,10 +127,10 @@ def test_kernel_npz_csv_and_x2(data, tmp_path):
 
 def test_kernel_npz_input_and_label_index(data, tmp_path):
     """.npz input (key x), NNGP only; a .csv label column given by index -1 is the same."""
-    r = invoke("kernel", ARCH, str(data["x.npz"]), "--kind", "nngp", "-o",
+    r = invoke("kernel", ARCH, str(data["x.npz"]), "--get", "nngp", "-o",
                str(tmp_path / "a.npy"), "--no-progress")
     assert r.exit_code == 0, r.output
-    r = invoke("kernel", ARCH, str(data["x.csv"]), "--label-column", "-1", "--kind", "nngp",
+    r = invoke("kernel", ARCH, str(data["x.csv"]), "--label-column", "-1", "--get", "nngp",
                "-o", str(tmp_path / "b.npy"), "--no-progress")
     assert r.exit_code == 0, r.output
     a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
@@ -195,7 +196,7 @@ def test_kernel_workers_store_and_resume(data, tmp_path):
 
 
 def test_kernel_tiles_in_process_both_kinds(data, tmp_path):
-    """--tile-size alone tiles in this process; --kind both fills DIR/nngp and DIR/ntk, and
+    """--tile-size alone tiles in this process; --get both fills DIR/nngp and DIR/ntk, and
     --overwrite replaces a store of other inputs."""
     store, out = tmp_path / "tiles", tmp_path / "k.npz"
     assert invoke("kernel", ARCH, str(data["x2.npy"]), "-o", str(out), "--store", str(store),
@@ -230,7 +231,7 @@ def test_kernel_on_a_running_scheduler(data, tmp_path):
 def test_kernel_tiling_errors(case, data, tmp_path, monkeypatch):
     """Options that do not go together are usage errors; a scheduler that does not answer
     within the timeout is one `Error:` line with its address and what to do."""
-    monkeypatch.setattr(cli, "SCHEDULER_TIMEOUT_S", 1)
+    monkeypatch.setattr(_kernel, "SCHEDULER_TIMEOUT_S", 1)
     out, store = str(tmp_path / "k.npy"), str(tmp_path / "tiles")
     cases = {
         "workers_and_scheduler": (("--workers", "2", "--scheduler", "tcp://127.0.0.1:9"), 2,
@@ -311,7 +312,7 @@ def test_kernel_errors(case, data, tmp_path):
                            ("the architecture does not fit the data (x.npy, examples of "
                            "shape (5,))")),
         "bad_output_suffix": ((ARCH, x, "-o", str(d / "k.txt")), 2, "must end in .npy or .npz"),
-        "both_in_npy": ((ARCH, x, "--kind", "both", "-o", out), 2, "holds one kernel"),
+        "both_in_npy": ((ARCH, x, "--get", "both", "-o", out), 2, "holds one kernel"),
         "bad_memory_budget": ((ARCH, x, "--memory-budget", "lots", "-o", out), 2, "lots"),
         "missing_arch_file": ((str(d / "net.yaml"), x, "-o", out), 1,
                               "net.yaml' does not exist"),
@@ -366,7 +367,7 @@ def test_fit_then_predict_regression(data, tmp_path):
     np.savez(tmp_path / "test.npz", x=x[90:], y=y[90:])
     model = tmp_path / "reg-model.npz"
     r = invoke("fit", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.npz"),
-               "--arch", ARCH, "--kernel", "nngp", "--t", "100", "-o", str(model))
+               "--arch", ARCH, "--get", "nngp", "--t", "100", "-o", str(model))
     assert r.exit_code == 0, r.output
     assert "task: regression" in r.output
     mse, r2 = _metric(r.output, "MSE", "test"), _metric(r.output, "R2", "test")
@@ -475,8 +476,125 @@ def test_bench_passes_arguments_to_the_script():
 
 def test_bench_outside_a_checkout(monkeypatch, tmp_path):
     """Without benchmarks/run.py nearby, a clear error instead of a traceback."""
-    monkeypatch.setattr(cli, "__file__", str(tmp_path / "a" / "b" / "ntkit" / "cli.py"))
+    monkeypatch.setattr(_demo, "__file__",
+                        str(tmp_path / "a" / "b" / "ntkit" / "cli" / "_demo.py"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("NTKIT_BENCHMARKS", raising=False)
     r = invoke("bench", "fc")
     assert r.exit_code == 1 and "from a source checkout" in r.output
+
+
+# ------------------------------------------------------------------------- --get and its old names
+@pytest.mark.parametrize("get", ["ntk", "nngp"])
+def test_kernel_deprecated_kind_still_works(get, data, tmp_path):
+    """--kind (the old name of --get) writes the same kernel as --get, with a deprecation
+    notice on stderr; it is hidden from --help."""
+    runner = CliRunner()
+    new, old = tmp_path / "new.npy", tmp_path / "old.npy"
+    r = runner.invoke(cli.cli, ["kernel", ARCH, str(data["x.npy"]), "--get", get, "-o",
+                                str(new), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "is deprecated" not in r.stderr
+    r = runner.invoke(cli.cli, ["kernel", ARCH, str(data["x.npy"]), "--kind", get, "-o",
+                                str(old), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "--kind is deprecated" in r.stderr and f"use --get {get}" in r.stderr
+    assert "is deprecated" not in r.stdout
+    np.testing.assert_array_equal(np.load(old), np.load(new))
+    np.testing.assert_allclose(np.load(new), getattr(expected_kernel(data["x"]), get).numpy(),
+                               rtol=1e-6, atol=1e-6)
+    assert "--kind" not in invoke("kernel", "--help").output
+    assert "--get" in invoke("kernel", "--help").output
+
+
+def test_fit_deprecated_kernel_option(data, tmp_path):
+    """fit --kernel nngp (the old name of --get) fits the same model as --get nngp, with
+    a notice on stderr; contradicting values are a usage error."""
+    from ntkit.sklearn import load
+
+    runner = CliRunner()
+    args = ["fit", str(data["reg.npz"]), "--arch", ARCH, "--t", "50"]
+    r = runner.invoke(cli.cli, [*args, "--get", "nngp", "-o", str(tmp_path / "a.npz")])
+    assert r.exit_code == 0, r.output
+    r_old = runner.invoke(cli.cli, [*args, "--kernel", "nngp", "-o", str(tmp_path / "b.npz")])
+    assert r_old.exit_code == 0, r_old.output
+    assert "--kernel is deprecated" in r_old.stderr and "use --get nngp" in r_old.stderr
+    x = np.load(data["reg.npz"])["x"]
+    a, b = load(tmp_path / "a.npz"), load(tmp_path / "b.npz")
+    np.testing.assert_array_equal(a.predict(x), b.predict(x))
+    ntk = runner.invoke(cli.cli, [*args, "-o", str(tmp_path / "c.npz")])
+    assert ntk.exit_code == 0, ntk.output
+    assert not np.allclose(load(tmp_path / "c.npz").predict(x), a.predict(x))
+    r = runner.invoke(cli.cli, [*args, "--get", "ntk", "--kernel", "nngp", "-o",
+                                str(tmp_path / "d.npz")])
+    assert r.exit_code == 2 and "disagree" in r.output
+    assert not (tmp_path / "d.npz").exists()
+
+
+def test_one_name_for_the_selector_in_the_cli():
+    """The CLI's source names the NNGP/NTK selector --get; the old names appear once each,
+    as the deprecated alias given to get_option."""
+    bodies = {p.name: p.read_text() for p in Path(cli.__file__).parent.glob("*.py")}
+    where = {old: [name for name, body in bodies.items() for _ in range(body.count(old))]
+             for old in ('"--kind"', '"--kernel"')}
+    assert where == {'"--kind"': ["_kernel.py"], '"--kernel"': ["_fit.py"]}
+
+
+# ------------------------------------------------------------------------- the table of failures
+class _FailingNet:
+    """A stand-in network whose kernel raises ``error``."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def kernel(self, *args, **kwargs):
+        raise self.error
+
+
+@pytest.mark.parametrize("error, code, message", [
+    (MemoryError(), 3, "Error: out of memory: MemoryError Lower --memory-budget"),
+    (KeyboardInterrupt(), 130, "Error: interrupted."),
+    (ValueError("width 0"), 1, "Error: the architecture does not fit the data (x.npy, "
+                               "examples of shape (5,)): width 0"),
+    (FileNotFoundError(2, "No such file or directory", "w.pt"), 1,
+     "Error: 'w.pt' does not exist (No such file or directory)."),
+], ids=["memory", "interrupt", "value", "file_not_found"])
+def test_failures_map_to_one_line_and_an_exit_status(error, code, message, data, tmp_path,
+                                                     monkeypatch):
+    """Each exception type of the table prints one `Error:` line with its exit status; the
+    library's message is printed as written."""
+    monkeypatch.setattr(_kernel, "architecture_arg", lambda spec: _FailingNet(error))
+    out = tmp_path / "k.npy"
+    r = invoke("kernel", ARCH, str(data["x.npy"]), "-o", str(out), "--no-progress")
+    assert r.exit_code == code, r.output
+    assert r.output.startswith(message), r.output
+    assert r.output.count("\n") == 1 and "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_torch_out_of_memory_is_a_memory_failure(data, tmp_path, monkeypatch):
+    """torch's OutOfMemoryError (a RuntimeError, not a MemoryError) maps like MemoryError,
+    with torch's first line."""
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+    monkeypatch.setattr(_kernel, "architecture_arg", lambda spec: _FailingNet(error))
+    r = invoke("kernel", ARCH, str(data["x.npy"]), "-o", str(tmp_path / "k.npy"))
+    assert r.exit_code == 3, r.output
+    assert "Error: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB" in r.output
+    assert "more" not in r.output
+
+
+def test_a_bug_is_not_disguised(data, tmp_path, monkeypatch):
+    """An exception outside the table (a bug) is not turned into an `Error:` line."""
+    monkeypatch.setattr(_kernel, "architecture_arg",
+                        lambda spec: _FailingNet(RuntimeError("internal")))
+    r = invoke("kernel", ARCH, str(data["x.npy"]), "-o", str(tmp_path / "k.npy"))
+    assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)
+    assert "Error:" not in r.output
+
+
+def test_library_messages_are_not_rewritten():
+    """No `.replace(` on an exception's text anywhere in the CLI (messages are composed
+    from an error's fields, or printed as the library wrote them)."""
+    for path in Path(cli.__file__).parent.glob("*.py"):
+        body = path.read_text()
+        assert not re.search(r"(str\(e\)|message|msg|reason)\)?\s*\.replace\(", body), path

@@ -18,7 +18,7 @@ from __future__ import annotations
 __all__ = [
     "ConvergenceError", "ConvergenceWarning", "IllConditionedWarning", "MESSAGES",
     "MemoryBudgetError", "NotPositiveDefiniteError", "did_not_converge",
-    "not_positive_definite", "out_of_memory",
+    "not_positive_definite", "out_of_memory", "StoreError",
 ]
 
 
@@ -97,3 +97,21 @@ def did_not_converge(what: str, detail: str = "", fix: str = "") -> ConvergenceE
 def out_of_memory(what: str, detail: str = "", fix: str = "") -> MemoryBudgetError:
     """The `MemoryBudgetError` to raise when ``what`` does not fit in memory."""
     return MemoryBudgetError(message("out_of_memory", what, detail, fix))
+
+
+class StoreError(ValueError):
+    """A kernel store (``out=`` of `ntkit.kernel_matrix`) that cannot be used as asked.
+
+    Its fields let a caller word the message in its own terms (the command line's
+    ``--store``/``--overwrite``): ``path``, ``reason`` (what is wrong with it) and
+    ``fix``, a key of `STORE_FIXES`.
+    """
+
+    def __init__(self, path, reason: str, fix: str):
+        super().__init__(f"out={str(path)!r} {reason}. {STORE_FIXES[fix]}")
+        self.path, self.reason, self.fix = path, reason, fix
+
+
+#: `StoreError`'s fixes, in the Python API's terms.
+STORE_FIXES = {"overwrite": "Pass overwrite=True to discard it, or give another out=.",
+               "new_directory": "Give a new or empty directory."}

@@ -1,0 +1,181 @@
+"""The command line's one table of failures: exception type -> exit status and message.
+
+Every command runs inside `Commands.invoke`, which turns an exception listed in
+`FAILURES` into one ``Error: ...`` line on stderr and the row's exit status, and
+lets anything else (a bug) through with its traceback. Library messages are
+printed as the library wrote them; a command may put what it was doing in front
+(`failing`), and a row may add a fix that only makes sense on the command line
+(for example ``--memory-budget``). Nothing here rewrites a message's text.
+
+Exit statuses: 1 an input that cannot be used or a computation that failed, 2 a
+usage error (click's own), 3 out of memory, 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import click
+
+__all__ = ["FAILURES", "CommandError", "Commands", "Failure", "failing", "failure_of"]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How the command line reports one kind of exception.
+
+    Attributes:
+        exit_code: the process's exit status.
+        prefix: words printed before the message (after ``Error: ``), e.g. what ran out.
+        hint: a fix in the command line's own terms, printed after the message.
+        text: the message of an exception (default: ``str(exc)``); for exceptions
+            whose ``str`` is not written for people (``KeyboardInterrupt``,
+            ``MemoryError``, an ``errno`` error).
+    """
+
+    exit_code: int = 1
+    prefix: str = ""
+    hint: str = ""
+    text: Callable[[BaseException], str] = str
+
+
+def _file_not_found(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{str(e.filename)!r} does not exist ({e.strerror})."
+    return str(e)
+
+
+def _memory(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return first or type(e).__name__
+
+
+_OUT_OF_MEMORY = Failure(
+    3, "out of memory: ", text=_memory,
+    hint=" Lower --memory-budget (kernel tiles), use fewer examples, or float32 instead "
+         "of float64.")
+
+
+def _library_errors() -> dict[str, type[BaseException]]:
+    """The typed errors of `ntkit.errors` that exist in this version, by name."""
+    try:
+        from .. import errors
+    except ImportError:     # pragma: no cover - older trees without ntkit.errors
+        return {}
+    return {name: getattr(errors, name) for name in dir(errors)
+            if isinstance(getattr(errors, name), type)
+            and issubclass(getattr(errors, name), BaseException)}
+
+
+def _torch_out_of_memory() -> tuple[type[BaseException], ...]:
+    torch = sys.modules.get("torch")     # not imported: it cannot have raised
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return (oom,) if isinstance(oom, type) else ()
+
+
+def _rows() -> list[tuple[tuple[type[BaseException], ...], Failure]]:
+    """`FAILURES`, most specific type first (the first row that matches is used)."""
+    lib = _library_errors()
+    solve_hint = (" From the command line: a larger --diag-reg, or --dtype float64.")
+    rows: list[tuple[tuple[type[BaseException], ...], Failure]] = []
+    for name, failure in (
+        ("NotPositiveDefiniteError", Failure(1, hint=solve_hint)),
+        ("ConvergenceError", Failure(1, hint=solve_hint)),
+        ("MemoryBudgetError", Failure(3, hint=" From the command line: a lower "
+                                              "--memory-budget.")),
+    ):
+        if name in lib:
+            rows.append(((lib[name],), failure))
+    rows += [
+        ((KeyboardInterrupt,), Failure(130, text=lambda e: "interrupted.")),
+        ((MemoryError, *_torch_out_of_memory()), _OUT_OF_MEMORY),
+        ((FileNotFoundError,), Failure(1, text=_file_not_found)),
+        # an optional dependency that is not installed (ntkit's messages name the extra)
+        ((ImportError,), Failure(1)),
+        # DataFileError, ConversionError, spec errors and the rest of ntkit.errors are
+        # ValueError/TypeError subclasses: their messages are written for the user
+        ((ValueError, TypeError, FloatingPointError), Failure(1)),
+    ]
+    return rows
+
+
+#: The table, as (exception types, `Failure`) rows, most specific first. Built when
+#: first asked for (`failure_of`), so that ``import ntkit.cli`` imports no torch.
+FAILURES: list[tuple[tuple[type[BaseException], ...], Failure]] = []
+
+
+def failure_of(exc: BaseException) -> Failure | None:
+    """The `Failure` row of ``exc``, or None when the command line does not handle it."""
+    if not FAILURES:
+        FAILURES.extend(_rows())
+    for types, failure in FAILURES:
+        if isinstance(exc, types):
+            return failure
+    oom = _torch_out_of_memory()       # torch imported after the table was built
+    if oom and isinstance(exc, oom):
+        return _OUT_OF_MEMORY
+    return None
+
+
+class CommandError(click.ClickException):
+    """One ``Error: ...`` line and an exit status (the message already composed)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _Context(Exception):
+    """An exception of the table, raised inside `failing`, with what the command did."""
+
+    def __init__(self, context: str, error: BaseException):
+        super().__init__(context)
+        self.context = context
+        self.error = error
+
+
+def report(exc: BaseException, context: str = "") -> CommandError:
+    """The `CommandError` for ``exc`` (a type in `FAILURES`), after ``context``."""
+    failure = failure_of(exc)
+    assert failure is not None
+    head = f"{context}: " if context else ""
+    return CommandError(f"{head}{failure.prefix}{failure.text(exc)}{failure.hint}",
+                        failure.exit_code)
+
+
+@contextlib.contextmanager
+def failing(context: str, *, types: tuple[type[BaseException], ...] = (
+        ValueError, TypeError, FloatingPointError)) -> Iterator[None]:
+    """Inside this block, an exception of ``types`` is reported after ``context``
+    (``Error: <context>: <message>``), e.g. ``failing(f"fitting {name} failed")``.
+
+    Other failures of the table (out of memory, interrupted) are reported without
+    the context: it says what was wrong with the input, which they are not about.
+    """
+    try:
+        yield
+    except types as e:
+        if failure_of(e) is None:        # pragma: no cover - types come from the table
+            raise
+        raise _Context(context, e) from e
+
+
+class Commands(click.Group):
+    """A click group whose commands report the exceptions of `FAILURES` as one line."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except _Context as c:
+            raise report(c.error, c.context) from None
+        except click.exceptions.Exit:
+            raise
+        except (click.ClickException, click.Abort):
+            raise
+        except (Exception, KeyboardInterrupt) as e:
+            if failure_of(e) is None:
+                raise
+            raise report(e) from None
