@@ -122,8 +122,6 @@ class TorchContext:
         where: the module and its place in the model, for messages.
         fail: ``fail(why, supported=True)`` -> the error to raise, naming the
             module (``supported`` appends the list of what converts).
-        global_pool: ``global_pool(output_size, ndim)`` -> the layer of an
-            adaptive average pooling (only output size 1 converts).
     """
 
     parameterization: str
@@ -132,7 +130,6 @@ class TorchContext:
     degree: int
     where: str
     fail: Callable[..., Exception]
-    global_pool: Callable[..., Any]
 
     def weight_std(self) -> float:
         """``w_std``, or PyTorch's default initialisation: uniform on
