@@ -13,6 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 import ntkit as nk
+from ntkit.empirical import _jacobian, _problem, _structured
 
 F64 = torch.float64
 
@@ -94,7 +95,8 @@ def test_methods_match_explicit_jacobian_product(name, make, x1, x2, method):
     assert (trace - torch.diagonal(full, 0, -2, -1).sum(-1)).abs().max() <= 1e-10 * scale
     diag = nk.empirical_ntk(model, x1, x2, output="diagonal", method=method)
     assert (diag - torch.diagonal(full, 0, -2, -1)).abs().max() <= 1e-10 * scale
-    layers = nk.empirical_ntk(model, x1, x2, output="full", method=method, by_layer=True)
+    layers = nk.empirical_ntk_by_layer(model, x1, x2, by="parameter", output="full",
+                                       method=method)
     assert set(layers) == set(parts)
     for n, part in parts.items():
         assert (layers[n] - part).abs().max() <= 1e-10 * scale, n
@@ -273,8 +275,6 @@ def test_structured_matches_explicit_on_layer_geometries(name, make, x1, x2, gra
     equals the explicit J1 J2^T on convolutions of every geometry (groups, dilation,
     stride, padding modes, 1-3-D, no bias), layers called twice or without a batch axis,
     weights also used outside their layer, and tied weights (float64, 1e-10)."""
-    from ntkit import empirical
-
     torch.manual_seed(8)
     model = make()
     model(x1[:1])                       # materialise lazy layers
@@ -282,7 +282,7 @@ def test_structured_matches_explicit_on_layer_geometries(name, make, x1, x2, gra
     if x1.is_floating_point():
         x1, x2 = x1.to(F64), x2.to(F64)
     if gram is not None:
-        monkeypatch.setattr(empirical._Jacobians, "_gram_is_cheaper",
+        monkeypatch.setattr(_jacobian.Jacobians, "_gram_is_cheaper",
                             lambda self, s, n1, n2: gram and s.weight is not None)
     full, parts = _explicit(model, x1, x2)
     scale = full.abs().max()
@@ -290,7 +290,8 @@ def test_structured_matches_explicit_on_layer_geometries(name, make, x1, x2, gra
                         ("diagonal", torch.diagonal(full, 0, -2, -1))]:
         got = nk.empirical_ntk(model, x1, x2, output=output, method="structured")
         assert (got - ref).abs().max() <= 1e-10 * scale, output
-    layers = nk.empirical_ntk(model, x1, x2, output="full", method="structured", by_layer=True)
+    layers = nk.empirical_ntk_by_layer(model, x1, x2, by="parameter", output="full",
+                                       method="structured")
     assert set(layers) == set(parts)
     for n, part in parts.items():
         assert (layers[n] - part).abs().max() <= 1e-10 * scale, n
@@ -302,11 +303,9 @@ def test_structured_takes_layers_and_leaves_misused_weights_to_autodiff():
     """Which parameters go the structured way: Linear/Conv layers do (a layer called twice
     too); a weight also used by hand or tied to an embedding fails the autograd check and
     goes through per-example Jacobians."""
-    from ntkit import empirical
-
     def sites(model, x):
-        p = empirical._Problem.make(model, x, None, None, "trace", None)
-        return {s.name for s in empirical._structured_sites(p)}
+        p = _problem.Problem.make(model, x, None, None, "trace", None)
+        return {s.name for s in _structured.structured_sites(p)}
 
     torch.manual_seed(9)
     assert sites(_mlp(), torch.randn(2, 5)) == {"0", "2", "4"}
@@ -318,13 +317,11 @@ def test_structured_takes_layers_and_leaves_misused_weights_to_autodiff():
 def test_structured_full_kernel_of_wide_layers_never_forms_their_jacobians():
     """For a wide MLP the dense layers take the Gram route (the per-example weight
     Jacobians would be 16x larger than the whole kernel)."""
-    from ntkit import empirical
-
     model = nn.Sequential(nn.Linear(30, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
                           nn.Linear(256, 4))
     x = torch.randn(16, 30)
-    p = empirical._Problem.make(model, x, None, None, "full", None)
-    eng = empirical._Jacobians(p, empirical._structured_sites(p))
+    p = _problem.Problem.make(model, x, None, None, "full", None)
+    eng = _jacobian.Jacobians(p, _structured.structured_sites(p))
     assert [s.gram for s in eng.sites] == [True, True, True]
     got = nk.empirical_ntk(model, x, output="full")
     ref = nk.empirical_ntk(model, x, output="full", method="jacobian")
@@ -335,8 +332,6 @@ def test_structured_full_kernel_of_wide_layers_never_forms_their_jacobians():
 def test_structured_covers_ntkit_built_networks(parameterization):
     """Networks from Layer.build (NTKLinear and NTKConv, which scale their weights in the
     forward pass) go the structured way and equal the explicit product (float64)."""
-    from ntkit import empirical
-
     p = {"parameterization": parameterization}
     net = nk.Sequential(nk.Conv2d(3, 3, padding="same", w_std=1.3, b_std=0.2, **p), nk.ReLU(),
                         nk.Conv2d(4, 2, padding="circular", w_std=1.1, b_std=None, **p),
@@ -346,8 +341,8 @@ def test_structured_covers_ntkit_built_networks(parameterization):
     g = torch.Generator().manual_seed(1)
     x1, x2 = torch.randn(3, 2, 5, 5, generator=g, dtype=F64), torch.randn(2, 2, 5, 5,
                                                                           generator=g, dtype=F64)
-    prob = empirical._Problem.make(model, x1, x2, None, "full", None)
-    assert len(empirical._structured_sites(prob)) == 3
+    prob = _problem.Problem.make(model, x1, x2, None, "full", None)
+    assert len(_structured.structured_sites(prob)) == 3
     full, _ = _explicit(model, x1, x2)
     got = nk.empirical_ntk(model, x1, x2, output="full", method="structured")
     assert (got - full).abs().max() <= 1e-10 * full.abs().max()
@@ -355,7 +350,7 @@ def test_structured_covers_ntkit_built_networks(parameterization):
 
 def test_symmetric_products_by_blocks_equal_the_plain_product():
     """The half-work product used for Theta(x, x) equals u @ u.T (rows not divisible by 4)."""
-    from ntkit.empirical import _outer
+    from ntkit.empirical._tiles import outer as _outer
 
     u = torch.randn(603, 37, dtype=F64)
     assert torch.equal(_outer(u, u), _outer(u, u).T)
@@ -427,16 +422,15 @@ def test_chunks_over_outputs_and_examples_give_the_same_kernel(output, method):
     torch.manual_seed(13)
     model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 5)).to(F64)
     x1, x2 = torch.randn(7, 4, dtype=F64), torch.randn(3, 4, dtype=F64)
-    from ntkit import empirical
-
-    p = empirical._Problem.make(model, x1, None, None, output, 700)
-    eng = empirical._Jacobians(p, [] if method == "jacobian" else empirical._structured_sites(p))
+    p = _problem.Problem.make(model, x1, None, None, output, 700)
+    eng = _jacobian.Jacobians(p, [] if method == "jacobian" else _structured.structured_sites(p))
     rows, outs = eng.plan()
     assert outs < 5 and rows < 7
     for a, b in [(x1, None), (x1, x2)]:
-        whole = nk.empirical_ntk(model, a, b, output=output, method=method, by_layer=True)
-        small = nk.empirical_ntk(model, a, b, output=output, method=method, by_layer=True,
-                                 memory_budget=700)
+        whole = nk.empirical_ntk_by_layer(model, a, b, by="parameter", output=output,
+                                          method=method)
+        small = nk.empirical_ntk_by_layer(model, a, b, by="parameter", output=output,
+                                          method=method, memory_budget=700)
         for name in whole:
             assert torch.allclose(whole[name], small[name], rtol=1e-12, atol=1e-14), name
 
@@ -478,6 +472,8 @@ def test_refusals_for_outputs_and_dtypes():
         nk.empirical_ntk(_mlp(), x, params={"nope": torch.ones(1)})
     with pytest.raises(ValueError, match=r"by_layer must be"):
         nk.empirical_ntk(_mlp(), x, by_layer="yes")
+    with pytest.raises(ValueError, match=r"by must be 'parameter' or 'module', got 'layer'"):
+        nk.empirical_ntk_by_layer(_mlp(), x, by="layer")
 
 
 
@@ -485,7 +481,8 @@ def test_separable_cotangents_are_certified_before_use():
     """The factored route for a layer before global pooling is taken only when every
     example's cotangents factor per channel: exact factors reproduce the Jacobians; one
     example that does not factor, or a perturbation of 1e-6, sends it back (None)."""
-    from ntkit.empirical import _separable, _Site
+    from ntkit.empirical._jacobian import separable as _separable
+    from ntkit.empirical._structured import Site as _Site
 
     g = torch.Generator().manual_seed(14)
     n, o, p, c, k = 3, 5, 7, 4, 6
@@ -503,3 +500,116 @@ def test_separable_cotangents_are_certified_before_use():
     mixed[1] = torch.randn(o, 1, p, c, generator=g, dtype=F64)
     assert _separable(u, mixed) is None
     assert _separable(u, cot + 1e-6 * torch.randn(cot.shape, generator=g, dtype=F64)) is None
+
+
+# ------------------------------------------------------------------ per-layer parts
+def test_parts_by_module_sum_their_parameters_and_the_total():
+    """empirical_ntk_by_layer always returns a dict: by module, each entry is the sum of
+    its parameters' explicit parts (witness: explicit Jacobians), and all sum to the
+    total of empirical_ntk."""
+    torch.manual_seed(16)
+    model = _cnn().to(F64)
+    x1, x2 = torch.randn(3, 2, 6, 6, dtype=F64), torch.randn(2, 2, 6, 6, dtype=F64)
+    full, parts = _explicit(model, x1, x2)
+    scale = full.abs().max()
+    by_module = nk.empirical_ntk_by_layer(model, x1, x2, output="full")
+    assert isinstance(by_module, dict)
+    assert set(by_module) == {"0", "3", "7"}
+    for mod, got in by_module.items():
+        want = sum(p for n, p in parts.items() if n.rpartition(".")[0] == mod)
+        assert (got - want).abs().max() <= 1e-10 * scale, mod
+    total = nk.empirical_ntk(model, x1, x2, output="full")
+    assert (sum(by_module.values()) - total).abs().max() <= 1e-10 * scale
+    one = nk.empirical_ntk_by_layer(model, x1[:1], by="parameter")
+    assert isinstance(one, dict) and set(one) == set(parts)
+
+
+def test_by_layer_keyword_is_a_deprecated_alias():
+    """empirical_ntk(by_layer=...) warns, naming the new function, and returns what
+    empirical_ntk_by_layer returns (True meaning by='parameter')."""
+    torch.manual_seed(17)
+    model = _mlp().to(F64)
+    x = torch.randn(4, 5, dtype=F64)
+    for old, by in [(True, "parameter"), ("parameter", "parameter"), ("module", "module")]:
+        with pytest.warns(DeprecationWarning, match=r"empirical_ntk_by_layer"):
+            got = nk.empirical_ntk(model, x, by_layer=old)
+        want = nk.empirical_ntk_by_layer(model, x, by=by)
+        assert set(got) == set(want)
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
+
+
+# ------------------------------------------------------------------ symmetric path
+def _swapped(k: torch.Tensor, output: str) -> torch.Tensor:
+    """k(x2, x1) written as k(x1, x2): the transpose, with the outputs swapped for full."""
+    k = k.transpose(0, 1)
+    return k.transpose(2, 3) if output == "full" else k
+
+
+@pytest.mark.parametrize("method", ["structured", "jacobian", "vector_products"])
+@pytest.mark.parametrize("output", ["trace", "diagonal", "full"])
+@pytest.mark.parametrize("budget", [None, 20_000], ids=["one-chunk", "chunks"])
+def test_same_inputs_twice_take_the_symmetric_path(method, output, budget, monkeypatch):
+    """empirical_ntk(model, x, x), with x itself, a view of it or a copy, equals
+    empirical_ntk(model, x) exactly, goes through the symmetric path (x2 None), and is
+    exactly symmetric; a different x2 does not (witness: the explicit product)."""
+    from ntkit.empirical import _ntk
+
+    seen = []
+    real = _ntk.tiled
+
+    def spy(problem, *args, **kwargs):
+        seen.append(problem.x2 is None)
+        return real(problem, *args, **kwargs)
+
+    monkeypatch.setattr(_ntk, "tiled", spy)
+    torch.manual_seed(18)
+    model = _cnn().to(F64)
+    x = torch.randn(7, 2, 6, 6, dtype=F64)
+    kw = dict(output=output, method=method, memory_budget=budget)
+    alone = nk.empirical_ntk(model, x, **kw)
+    assert torch.equal(alone, _swapped(alone, output))
+    for x2 in (x, x[:], x.view(7, 2, 36).view(7, 2, 6, 6), x.clone()):
+        got = nk.empirical_ntk(model, x, x2, **kw)
+        assert torch.equal(got, alone)
+    assert seen == [True] * 5
+    other = x.clone()
+    other[-1, 0, 0, 0] += 1.0
+    full = _explicit(model, x, other)[0]
+    want = {"full": full, "diagonal": torch.diagonal(full, 0, -2, -1),
+            "trace": torch.diagonal(full, 0, -2, -1).sum(-1)}[output]
+    got = nk.empirical_ntk(model, x, other, **kw)
+    assert seen[-1] is False
+    assert (got - want).abs().max() <= 1e-10 * full.abs().max()
+
+
+def test_same_inputs_twice_by_layer_and_nngp():
+    """The per-layer parts and the empirical NNGP take the symmetric path for x, x too
+    (equal to x2=None, exactly symmetric, mean over channels of a conv layer included)."""
+    torch.manual_seed(19)
+    model = _cnn().to(F64)
+    x = torch.randn(5, 2, 6, 6, dtype=F64)
+    alone = nk.empirical_ntk_by_layer(model, x, output="full")
+    twice = nk.empirical_ntk_by_layer(model, x, x.clone(), output="full")
+    assert set(alone) == set(twice)
+    for name, k in alone.items():
+        assert torch.equal(twice[name], k) and torch.equal(k, _swapped(k, "full")), name
+    for layer, output in [("1", "mean"), (None, "mean"), (None, "full"), ("3", "diagonal")]:
+        k = nk.empirical_nngp(model, x, layer=layer, output=output)
+        assert torch.equal(nk.empirical_nngp(model, x, x, layer=layer, output=output), k)
+        assert torch.equal(k, _swapped(k, output)), (layer, output)
+
+
+def test_nngp_with_dropout_shares_masks_only_for_the_same_tensor():
+    """With Dropout in training mode, K(x, x) is one pass (shared masks: exactly
+    symmetric, the diagonal inflated by 1/(1-p)); K(x, x.clone()) is two passes with
+    independent masks (not symmetric), so equal values alone do not merge them."""
+    torch.manual_seed(20)
+    model = nn.Sequential(nn.Linear(5, 256), nn.ReLU(), nn.Dropout(0.5)).to(F64).train()
+    x = torch.randn(4, 5, dtype=F64)
+    same = nk.empirical_nngp(model, x, x)
+    assert torch.equal(same, same.T)
+    two = nk.empirical_nngp(model, x, x.clone())
+    assert not torch.equal(two, two.T)
+    # E[m^2] = 1/(1-p) = 2 on the diagonal of one pass, E[m m'] = 1 across two passes
+    assert bool((same.diagonal() > 1.5 * two.diagonal()).all())

@@ -9,26 +9,57 @@ submodules that pull in more (``nk.predict``, ``nk.solvers``, ``nk.sklearn``,
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
 from ._budget import parse_memory
 from .convert import ConversionError, from_torch
-from .empirical import empirical_nngp, empirical_ntk
+from .empirical import empirical_nngp, empirical_ntk, empirical_ntk_by_layer
 from .kernel import Kernel
 from .kernel_matrix import TileDone, kernel_matrix, write_kernel_matrix
 from .layers import (
-    AvgPool1d, AvgPool2d, AvgPool3d, Conv1d, Conv2d, Conv3d, GlobalAvgPool, GlobalSumPool,
-    SumPool1d, SumPool2d, SumPool3d,
-    ABReLU, Abs, Activation, Cos, Dropout, Elementwise, Erf, Exp, FanInConcat, FanInProd,
-    FanInSum, FanOut, Flatten, Gaussian, GELU, Identity, Layer, LayerNorm, LeakyReLU, Linear,
-    Monomial, Parallel, Rbf, RectifiedMonomial, ReLU, Repeat, Sequential, Sign, Sin,
+    GELU,
+    ABReLU,
+    Abs,
+    Activation,
+    AvgPool1d,
+    AvgPool2d,
+    AvgPool3d,
+    Conv1d,
+    Conv2d,
+    Conv3d,
+    Cos,
+    Dropout,
+    Elementwise,
+    Erf,
+    Exp,
+    FanInConcat,
+    FanInProd,
+    FanInSum,
+    FanOut,
+    Flatten,
+    Gaussian,
+    GlobalAvgPool,
+    GlobalSumPool,
+    Identity,
+    Layer,
+    LayerNorm,
+    LeakyReLU,
+    Linear,
+    Monomial,
+    Parallel,
+    Rbf,
+    RectifiedMonomial,
+    ReLU,
+    Repeat,
+    SelfAttention,
+    Sequential,
+    Sign,
+    Sin,
+    SumPool1d,
+    SumPool2d,
+    SumPool3d,
 )
-from .layers import SelfAttention
 from .linearize import TaylorModel, linearize, taylor
 from .monte_carlo import empirical_kernels, monte_carlo_kernel
-
-if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` imports them
-    from . import cli, datasets, demo, errors, plot, predict, solvers, sklearn, spec
 
 __version__ = "0.1.0"
 
@@ -39,17 +70,62 @@ _LAZY_SUBMODULES = ("cli", "datasets", "demo", "errors", "plot", "predict", "sol
                     "sklearn", "spec")
 
 __all__ = [
-    "Kernel", "Layer", "Linear", "Flatten", "Activation", "ReLU", "LeakyReLU", "ABReLU", "Abs",
-    "Sign", "Erf", "GELU", "Sin", "Cos", "Rbf", "Gaussian", "Exp", "Monomial",
-    "RectifiedMonomial", "Elementwise", "LayerNorm", "Dropout", "Sequential", "Parallel",
-    "FanOut", "FanInSum", "FanInConcat", "FanInProd", "Repeat", "Identity", "from_torch",
-    "ConversionError", "empirical_ntk", "empirical_nngp",
-    "monte_carlo_kernel", "empirical_kernels", "parse_memory",
-    "Conv1d", "Conv2d", "Conv3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "SumPool1d",
-    "SumPool2d", "SumPool3d", "GlobalAvgPool", "GlobalSumPool",
+    "GELU",
+    "ABReLU",
+    "Abs",
+    "Activation",
+    "AvgPool1d",
+    "AvgPool2d",
+    "AvgPool3d",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "ConversionError",
+    "Cos",
+    "Dropout",
+    "Elementwise",
+    "Erf",
+    "Exp",
+    "FanInConcat",
+    "FanInProd",
+    "FanInSum",
+    "FanOut",
+    "Flatten",
+    "Gaussian",
+    "GlobalAvgPool",
+    "GlobalSumPool",
+    "Identity",
+    "Kernel",
+    "Layer",
+    "LayerNorm",
+    "LeakyReLU",
+    "Linear",
+    "Monomial",
+    "Parallel",
+    "Rbf",
+    "ReLU",
+    "RectifiedMonomial",
+    "Repeat",
     "SelfAttention",
-    "linearize", "taylor", "TaylorModel",
-    "kernel_matrix", "write_kernel_matrix", "TileDone",
+    "Sequential",
+    "Sign",
+    "Sin",
+    "SumPool1d",
+    "SumPool2d",
+    "SumPool3d",
+    "TaylorModel",
+    "TileDone",
+    "empirical_kernels",
+    "empirical_nngp",
+    "empirical_ntk",
+    "empirical_ntk_by_layer",
+    "from_torch",
+    "kernel_matrix",
+    "linearize",
+    "monte_carlo_kernel",
+    "parse_memory",
+    "taylor",
+    "write_kernel_matrix",
 ]
 
 

@@ -1,0 +1,221 @@
+"""The checked arguments of an empirical-NTK call, and the checks themselves."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .._budget import parse_memory
+
+OUTPUTS = ("trace", "full", "diagonal")
+
+
+def same_inputs(x1: Tensor, x2: Tensor | None, *, values: bool = True) -> bool:
+    """Whether ``x2`` is ``x1`` for a kernel's purposes: the same tensor, a view of the
+    same memory with the same shape and strides, or (with ``values``) equal entries.
+
+    Comparing values costs one pass over the inputs, far less than any kernel of them.
+    """
+    if x2 is None:
+        return False
+    if x2 is x1:
+        return True
+    if x1.shape != x2.shape or x1.dtype != x2.dtype or x1.device != x2.device:
+        return False
+    if x1.data_ptr() == x2.data_ptr() and x1.stride() == x2.stride():
+        return True
+    return values and bool(torch.equal(x1, x2))
+
+
+@dataclass
+class Problem:
+    """One empirical-NTK call: the model, its parameters, the inputs and the budget.
+
+    ``x2`` is None for ``Theta(x1, x1)``; ``out_shape`` is one example's output shape.
+    """
+
+    model: nn.Module
+    params: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    x1: Tensor
+    x2: Tensor | None
+    out_shape: tuple[int, ...]
+    output: str
+    budget: int
+
+    @classmethod
+    def make(cls, model, x1, x2, params, output, memory_budget) -> Problem:
+        """Checks the arguments of a public call and gathers what the engines need.
+
+        ``x2`` equal to ``x1`` (the same tensor, a view of the same data, or equal
+        values) becomes None, so that ``Theta(x, x)`` takes the symmetric path.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
+        params = _parameters(model, params)
+        buffers = dict(model.named_buffers())
+        x1 = check_batch(x1, "x1")
+        x2 = None if x2 is None else check_batch(x2, "x2")
+        if same_inputs(x1, x2):
+            x2 = None
+        _check_no_batch_statistics(model)
+        out_shape = _output_shape(model, params, buffers, x1)
+        if x2 is not None and x2.shape[1:] != x1.shape[1:]:
+            raise ValueError(f"x1 and x2 must have the same per-example shape, got "
+                             f"{tuple(x1.shape[1:])} and {tuple(x2.shape[1:])}.")
+        _check_independent(model, x1)
+        return cls(model, params, buffers, x1, x2, out_shape, output,
+                   parse_memory(memory_budget))
+
+    @property
+    def n_out(self) -> int:
+        return math.prod(self.out_shape)
+
+    @property
+    def xs2(self) -> Tensor:
+        return self.x1 if self.x2 is None else self.x2
+
+    @property
+    def entry(self) -> int:
+        return next(iter(self.params.values())).element_size()
+
+    @property
+    def out_pairs(self) -> int:
+        """Output entries per pair of examples."""
+        return self.n_out ** 2 if self.output == "full" else (
+            self.n_out if self.output == "diagonal" else 1)
+
+    def check_result_fits(self) -> None:
+        n = self.x1.shape[0] * self.xs2.shape[0] * self.out_pairs * self.entry
+        limit = _memory_size(next(iter(self.params.values())).device)
+        if limit is not None and n > 0.8 * limit:
+            raise MemoryError(
+                f"output={self.output!r} for {self.x1.shape[0]} x {self.xs2.shape[0]} inputs "
+                f"with {self.n_out} outputs each is {n / 2**30:.1f} GiB, more than this "
+                f"device's memory ({limit / 2**30:.1f} GiB); use output='trace' or "
+                f"'diagonal', or fewer inputs at a time."
+            )
+
+    def f(self, p: dict[str, Tensor], x: Tensor, a0: int = 0, a1: int | None = None) -> Tensor:
+        """The flattened outputs ``a0:a1`` of one example (no batch axis)."""
+        out = functional_call(self.model, (p, self.buffers), (x.unsqueeze(0),)).reshape(-1)
+        return out if a0 == 0 and a1 in (None, out.shape[0]) else out[a0:a1]
+
+
+def _memory_size(device: torch.device) -> int | None:
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
+
+
+# ------------------------------------------------------------------ checks
+def _parameters(model: nn.Module, params: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    if params is None:
+        params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        known = dict(model.named_parameters())
+        unknown = [n for n in params if n not in known]
+        if unknown:
+            raise ValueError(f"params names {unknown[:5]} are not parameters of "
+                             f"{type(model).__name__}; names are those of "
+                             f"model.named_parameters().")
+        params = {n: p.detach() for n, p in params.items()}
+    if not params:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters (none with requires_grad), so "
+            f"its NTK is zero; pass params= to choose which to differentiate."
+        )
+    for name, p in params.items():
+        if not isinstance(p, Tensor) or not p.is_floating_point() or p.is_complex():
+            raise TypeError(
+                f"parameter {name!r} has dtype {getattr(p, 'dtype', type(p).__name__)}; the "
+                f"empirical NTK needs real floating-point parameters (float32 or float64)."
+            )
+    return params
+
+
+def check_batch(x: Tensor, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty batch (N, ...), got shape "
+                         f"{tuple(x.shape)}.")
+    if x.is_complex():
+        raise TypeError(f"{name} has complex dtype {x.dtype}; use real inputs.")
+    return x
+
+
+def call_model(model: nn.Module, x: Tensor):
+    try:
+        return model(x)
+    except Exception as e:
+        raise ValueError(_misfit(model, x, e)) from e
+
+
+def _misfit(model: nn.Module, x: Tensor, e: Exception) -> str:
+    hint = ""
+    if not x.is_floating_point():
+        hint = (f" x has dtype {x.dtype}: integer inputs suit models that start with an "
+                f"embedding; otherwise pass floating-point inputs (x.float()).")
+    return (f"{type(model).__name__} cannot be applied to inputs of per-example shape "
+            f"{tuple(x.shape[1:])} and dtype {x.dtype} ({type(e).__name__}: {e}); pass x of "
+            f"the shape the model takes, with the batch axis first.{hint}")
+
+
+def _check_no_batch_statistics(model: nn.Module) -> None:
+    bn = [n for n, m in model.named_modules()
+          if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if bn:
+        raise ValueError(
+            f"{type(model).__name__} has BatchNorm in training mode ({', '.join(bn)}), which "
+            f"mixes the examples of a batch, so one example's output has no Jacobian of its "
+            f"own; call model.eval() to use the running statistics."
+        )
+
+
+def _check_independent(model: nn.Module, x: Tensor) -> None:
+    """Refuses models whose output for one example depends on the batch, or is random."""
+    if x.shape[0] < 2:
+        return
+    with torch.no_grad():
+        both = model(x[:2])[:1]
+        alone = model(x[:1])
+    if not isinstance(both, Tensor) or not isinstance(alone, Tensor):
+        raise TypeError("the model must return a tensor (N, *outputs).")
+    if both.shape != alone.shape or not torch.allclose(both, alone, rtol=1e-4, atol=1e-6):
+        raise ValueError(
+            f"{type(model).__name__}'s output for an example changes with the rest of the batch "
+            f"or between calls (batch statistics, or Dropout in training mode); the empirical "
+            f"NTK needs examples treated independently and deterministically: call "
+            f"model.eval()."
+        )
+
+
+def _output_shape(model, params, buffers, x: Tensor) -> tuple[int, ...]:
+    try:
+        with torch.no_grad():
+            out = functional_call(model, (params, buffers), (x[:1],))
+    except Exception as e:
+        raise ValueError(_misfit(model, x, e)) from e
+    if not isinstance(out, Tensor) or not out.is_floating_point():
+        raise TypeError(
+            f"the model must return one floating-point tensor (N, *outputs), got "
+            f"{type(out).__name__}" + (f" of dtype {out.dtype}." if isinstance(out, Tensor)
+                                       else "; wrap it to return the output to differentiate."))
+    if out.ndim < 1 or out.shape[0] != 1:
+        raise ValueError(
+            f"the model's output for a batch of 1 has shape {tuple(out.shape)}; it must keep "
+            f"the batch axis first, (N, *outputs) (a model that reduces over the batch, e.g. "
+            f"returns a loss, has no per-example Jacobian)."
+        )
+    return tuple(out.shape[1:])

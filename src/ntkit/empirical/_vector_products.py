@@ -1,0 +1,64 @@
+"""The vector-products engine of the empirical NTK: no Jacobian is ever held."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vjp, vmap
+
+from ._problem import Problem
+
+
+class VectorProducts:
+    """``J(x1) (J(x2)^T e)`` for every output basis vector ``e``: no Jacobian held.
+
+    One forward-mode pass carries every parameter's tangent at once; with
+    ``split`` (contributions per parameter) there is one pass per parameter."""
+
+    def __init__(self, problem: Problem, split: bool):
+        self.problem = problem
+        self.split = split
+
+    def plan(self) -> tuple[int, int]:
+        per = self.problem.n_out * sum(p.numel() for p in self.problem.params.values())
+        return max(1, self.problem.budget // (4 * per * self.problem.entry)), self.problem.n_out
+
+    def features(self, x: Tensor, a0: int, a1: int) -> Tensor:
+        return x
+
+    def contract(self, a: Tensor, b: Tensor):
+        problem = self.problem
+        params, f = problem.params, problem.f
+        p0 = next(iter(params.values()))
+
+        def pullback(x: Tensor, e: Tensor) -> dict[str, Tensor]:
+            return vjp(lambda p: f(p, x), params)[1](e)[0]
+
+        basis = torch.eye(problem.n_out, dtype=p0.dtype, device=p0.device)
+        # (N2, O, *param): J2^T e for every example of b and output e
+        cot = vmap(vmap(pullback, in_dims=(None, 0)), in_dims=(0, None))(b, basis)
+        groups = [[name] for name in params] if self.split else [list(params)]
+        try:
+            for names in groups:
+                def push(x: Tensor, t: dict[str, Tensor], names=names) -> Tensor:
+                    tangent = {k: t[k] if k in names else torch.zeros_like(v)
+                               for k, v in params.items()}
+                    return jvp(lambda p: f(p, x), (params,), (tangent,))[1]
+
+                # (N1, N2, O_b, O_a): J1 J2^T restricted to these parameters
+                pushed = vmap(vmap(vmap(push, in_dims=(None, 0)), in_dims=(None, 0)),
+                              in_dims=(0, None))(a, {k: cot[k] for k in names})
+                full = pushed.transpose(-1, -2)  # (N1, N2, O_a, O_b)
+                if problem.output == "full":
+                    yield names[0], full
+                else:
+                    d = torch.diagonal(full, 0, -2, -1)
+                    yield names[0], d.sum(-1) if problem.output == "trace" else d
+        except NotImplementedError as e:
+            raise NotImplementedError(
+                f"method='vector_products' needs forward-mode AD through every operation of "
+                f"the model, which PyTorch lacks here ({e}). Use method='jacobian' or "
+                f"'structured' (PyTorch's attention kernels, for one, have no forward-mode "
+                f"derivative)."
+            ) from e
+
