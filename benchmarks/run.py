@@ -297,7 +297,7 @@ def _ntkit_case(case: str, reps: int) -> dict:
 
         def run():
             p = predict.gradient_descent_mse(k, ytr, diag_reg=1e-4)
-            out = p(grid)
+            out = p(grid).train
             assert p.factorisations == 1 and out.shape == (50, 20000, 10)
             return out
         entries = 50 * 20000 * 10

@@ -14,6 +14,7 @@ import torch
 
 import ntkit as nk
 from ntkit import predict
+from ntkit.errors import NotPositiveDefiniteError
 
 F64 = torch.float64
 CASE = reference.cases("gradient_descent_mse_ensemble")[0]
@@ -65,7 +66,9 @@ def test_gradient_descent_mse_equals_matrix_exponential_and_solve():
     lr, reg = 0.7, 1e-3
     p = predict.gradient_descent_mse(k, y, learning_rate=lr, diag_reg=reg)
     times = torch.linspace(0, 40, 50, dtype=F64)
-    train, test = p(times, f0, g0, ktd)
+    out = p(times, f0, g0, ktd)
+    assert isinstance(out, predict.Trajectory)
+    train, test = out.train, out.test
     assert train.shape == (50, 12, 2) and test.shape == (50, 5, 2)
     assert p.factorisations == 1
     kr = k + reg * torch.diagonal(k).mean() * torch.eye(12, dtype=F64)
@@ -76,10 +79,14 @@ def test_gradient_descent_mse_equals_matrix_exponential_and_solve():
         want_t = g0 + ktd @ torch.linalg.solve(kr, (torch.eye(12, dtype=F64) - e) @ (y - f0))
         assert (test[i] - want_t).abs().max() <= 1e-10 * y.abs().max()
     assert torch.allclose(train[0], f0, atol=1e-12) and torch.allclose(test[0], g0, atol=1e-15)
-    tr, te = p(math.inf, f0, g0, ktd)
+    done = p(math.inf, f0, g0, ktd)
+    tr, te = done.train, done.test
     assert torch.allclose(tr, y)
     assert (te - (g0 + ktd @ torch.linalg.solve(kr, y - f0))).abs().max() <= 1e-10
-    assert (te - p(1e9, f0, g0, ktd)[1]).abs().max() <= 1e-8
+    assert (te - p(1e9, f0, g0, ktd).test).abs().max() <= 1e-8
+    # without a test-train kernel: the same training outputs, no test outputs
+    alone = p(times, f0)
+    assert alone.test is None and torch.equal(alone.train, train)
 
 
 def test_discrete_gradient_descent_with_small_steps_tracks_the_flow():
@@ -92,7 +99,7 @@ def test_discrete_gradient_descent_with_small_steps_tracks_the_flow():
     f = torch.zeros_like(y)
     for _ in range(2000):
         f = f - lr * k @ (f - y) / y.numel()
-    want = p(2000 * lr)
+    want = p(2000 * lr).train
     assert (f - want).norm() <= 0.01 * want.norm()
 
 
@@ -167,9 +174,10 @@ def test_ill_conditioned_and_bad_inputs_say_what_to_do():
     k = net.kernel(x).nngp
     y = torch.randn(8, 1, dtype=F64)
     p = predict.gradient_descent_mse(k, y)
-    with pytest.raises(ValueError, match=r"diag_reg.*float64"):
+    with pytest.raises(NotPositiveDefiniteError, match=r"diag_reg.*float64"):
         p(math.inf, k_test_train=k)
-    assert torch.isfinite(p(10.0)).all()
+    assert issubclass(NotPositiveDefiniteError, ValueError)
+    assert torch.isfinite(p(10.0).train).all()
     with pytest.raises(ValueError, match=r"square"):
         predict.gradient_descent_mse(k[:, :3], y)
     with pytest.raises(ValueError, match=r"y_train must have shape"):
@@ -224,8 +232,8 @@ def test_a_wide_trained_network_follows_the_predicted_outputs():
     p = predict.gradient_descent_mse(k, y)
     steps = [50, 200, 800, 3000]
     trained = _train(model, x, y, lr, steps, both)
-    want_train, want_test = p(torch.tensor(steps, dtype=F64) * lr, f0[:10], f0[10:],
-                              net.kernel(xt, x).ntk)
+    want = p(torch.tensor(steps, dtype=F64) * lr, f0[:10], f0[10:], net.kernel(xt, x).ntk)
+    want_train, want_test = want.train, want.test
     for i, s in enumerate(steps):
         got = trained[i]
         assert (got[:10] - want_train[i]).norm() <= 0.02 * want_train[i].norm(), s
@@ -273,8 +281,8 @@ def test_gradient_descent_on_mse_equals_the_closed_form():
     closed = predict.gradient_descent_mse(k, y, learning_rate=0.5)
     times = [4.0, 0.5, 20.0]
     a, b = ode(times, f0, None, ktd), closed(torch.tensor(times, dtype=F64), f0, None, ktd)
-    assert (a[0] - b[0]).abs().max() <= 1e-7 * y.abs().max()
-    assert (a[1] - b[1]).abs().max() <= 1e-7 * y.abs().max()
+    assert (a.train - b.train).abs().max() <= 1e-7 * y.abs().max()
+    assert (a.test - b.test).abs().max() <= 1e-7 * y.abs().max()
 
 
 def _steps(k, f0, grad, lr, n, momentum=0.0):
@@ -299,7 +307,7 @@ def test_gradient_descent_on_cross_entropy_tracks_discrete_steps():
         return torch.autograd.grad(ce(f, labels), f)[0]
 
     want = _steps(k, f0, grad, 0.01, 1000)
-    got = p(10.0, f0)
+    got = p(10.0, f0).train
     assert (got - want).norm() <= 5e-3 * want.norm()
     assert (got.argmax(1) == labels).float().mean() > 0.5          # it learned something
 
@@ -316,7 +324,7 @@ def test_momentum_tracks_heavy_ball_steps(momentum):
     f0 = torch.zeros_like(y)
     n = int(20 / math.sqrt(lr))
     want = _steps(k, f0, lambda f: (f - y) / y.numel(), lr, n, momentum)
-    got = p(n * math.sqrt(lr), f0)
+    got = p(n * math.sqrt(lr), f0).train
     assert (got - want).norm() <= 5e-3 * (want - f0).norm()
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
         predict.gradient_descent(lambda f, t: f.sum(), k, y, momentum=1.0)
@@ -333,12 +341,14 @@ def test_gradient_descent_mse_with_momentum():
     p = predict.gradient_descent_mse(k, y, learning_rate=0.01, momentum=0.8)
     ode = predict.gradient_descent(lambda f, t: 0.5 * ((f - t) ** 2).mean(), k, y,
                                    learning_rate=0.01, momentum=0.8)
-    train, test = p([3.0, math.inf], 0.0, None, ktd)
-    want_train, want_test = ode(3.0, f0, None, ktd)
+    both = p([3.0, math.inf], 0.0, None, ktd)
+    train, test = both.train, both.test
+    want = ode(3.0, f0, None, ktd)
+    want_train, want_test = want.train, want.test
     assert torch.allclose(train[0], want_train, rtol=1e-10, atol=1e-12)
     assert torch.allclose(test[0], want_test, rtol=1e-10, atol=1e-12)
     plain = predict.gradient_descent_mse(k, y)(math.inf, 0.0, None, ktd)
-    assert torch.allclose(train[1], plain[0]) and torch.allclose(test[1], plain[1])
+    assert torch.allclose(train[1], plain.train) and torch.allclose(test[1], plain.test)
 
 
 def test_ensemble_means_in_test_chunks_and_float64_on_request():
@@ -362,8 +372,13 @@ def test_gp_inference_modes_from_kernels():
     "ntk" equals the converged ensemble (gradient_descent_mse_ensemble at t = inf)."""
     net, x, xt, y = _problem()
     k_dd, k_td, k_tt = net.kernel(x), net.kernel(xt, x), net.kernel(xt)
-    out = predict.gp_inference(k_dd, y, k_td, k_tt, diag_reg=1e-3)
-    assert set(out) == {"nngp", "ntk", "ntkgp"}
+    out = {g: predict.gp_inference(k_dd, y, k_td, k_tt, get=g, diag_reg=1e-3)
+           for g in ("nngp", "ntk", "ntkgp")}
+    assert all(isinstance(o, predict.GPPosterior) for o in out.values())
+    with pytest.warns(DeprecationWarning, match="one GPPosterior per call"):
+        old = predict.gp_inference(k_dd, y, k_td, k_tt, diag_reg=1e-3)
+    assert set(old) == {"nngp", "ntk", "ntkgp"}
+    assert all(torch.equal(old[g].mean, out[g].mean) for g in old)
     plain = predict.gp_inference(k_dd.ntk, y, k_td.ntk, k_tt.ntk, diag_reg=1e-3)
     assert torch.equal(out["ntkgp"].mean, plain.mean) and torch.equal(out["ntkgp"].cov,
                                                                       plain.cov)

@@ -278,18 +278,19 @@ def test_predict_ensemble_solver_equals_exact(solver):
     y = torch.randn(300, 2, generator=g, dtype=F64)
     xt = torch.randn(40, 4, generator=g, dtype=F64)
     net = _net()
-    exact = predict.gradient_descent_mse_ensemble(net, x, y, diag_reg=1e-3)(xt, None)
+    ens = predict.gradient_descent_mse_ensemble(net, x, y, diag_reg=1e-3)
+    exact = {g_: ens(xt, None, get=g_) for g_ in ("nngp", "ntk")}
     pred = predict.gradient_descent_mse_ensemble(net, x, y, diag_reg=1e-3, solver=solver,
                                                  n_centers=300)
-    got = pred(xt, None)
+    got = {g_: pred(xt, None, get=g_) for g_ in ("nngp", "ntk")}
     for g_ in ("nngp", "ntk"):
         assert rel_err(got[g_].mean, exact[g_].mean) < 1e-6 and got[g_].cov is None
     twice = pred(xt, [math.inf, math.inf], get="ntk")
     assert twice.mean.shape == (2, 40, 2) and torch.equal(twice.mean[1], got["ntk"].mean)
     with pytest.raises(ValueError, match="compute_cov=True needs"):
-        pred(xt, None, compute_cov=True)
+        pred(xt, None, get="ntk", compute_cov=True)
     with pytest.raises(ValueError, match="t = inf"):
-        pred(xt, 10.0)
+        pred(xt, 10.0, get="nngp")
 
 
 def test_gp_inference_cg_equals_exact(tmp_path):
@@ -301,9 +302,11 @@ def test_gp_inference_cg_equals_exact(tmp_path):
     xt = torch.randn(30, 4, generator=g, dtype=F64)
     net = _net()
     kdd, ktd = net.kernel(x), net.kernel(xt, x)
-    exact = predict.gp_inference(kdd, y, ktd, diag_reg=1e-3)
-    cg = predict.gp_inference(kdd, y, ktd, diag_reg=1e-3, solver="cg")
-    for key in ("nngp", "ntk", "ntkgp"):
+    keys = ("nngp", "ntk", "ntkgp")
+    exact = {key: predict.gp_inference(kdd, y, ktd, get=key, diag_reg=1e-3) for key in keys}
+    cg = {key: predict.gp_inference(kdd, y, ktd, get=key, diag_reg=1e-3, solver="cg")
+          for key in keys}
+    for key in keys:
         assert rel_err(cg[key].mean, exact[key].mean) < 1e-6
         assert cg[key].cov is None and cg[key].log_marginal_likelihood is None
     np.save(tmp_path / "k.npy", kdd.ntk.numpy())

@@ -162,8 +162,8 @@ def infinite_ensembles(data: DigitsSplit, s: DemoSettings) -> InfiniteResult:
     times = np.unique(np.round(np.logspace(0, math.log10(s.steps), 25)).astype(int))
     ensemble = predict.gradient_descent_mse_ensemble(net, data.x_train, data.y_train,
                                                      learning_rate=lr)
-    out = ensemble(data.x_test, torch.as_tensor(times, dtype=torch.float64),
-                   get=("nngp", "ntk"), compute_cov=True)
+    t = torch.as_tensor(times, dtype=torch.float64)
+    out = {g: ensemble(data.x_test, t, get=g, compute_cov=True) for g in ("nngp", "ntk")}
     seconds = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(s.seed + 1)
     stats = {g: ensemble_stats(out[g].mean, out[g].cov, data.y_test, data.labels_test, gen)

@@ -67,11 +67,11 @@ def dual_coefficients(k_train_train: Tensor, y_train: Tensor, *, t: float,
     if not covariance:
         flow = predict.gradient_descent_mse(k_train_train, y_train, learning_rate=learning_rate,
                                             diag_reg=diag_reg)
-        return flow(t, k_test_train=eye)[1], None
+        return flow(t, k_test_train=eye).test, None
     targets = torch.cat([y_train, eye], dim=1)
     flow = predict.gradient_descent_mse(k_train_train, targets, diag_reg=diag_reg,
                                         learning_rate=learning_rate * (n + o) / o)
-    out = flow([t, 2 * t], k_test_train=eye)[1]                 # (2, N, O + N)
+    out = flow([t, 2 * t], k_test_train=eye).test               # (2, N, O + N)
     return out[0, :, :o], out[1, :, o:]
 
 
