@@ -316,11 +316,11 @@ def test_devices_start_one_pinned_worker_per_gpu(monkeypatch):
     """The devices= cluster, with torch told it has 3 GPUs (which this process sees as
     physical 4, 6, 7) and the workers told to compute on the CPU: one worker per requested
     device, each seeing only its own GPU."""
-    module = importlib.import_module("ntkit.kernel_matrix")  # nk.kernel_matrix is the function
+    module = importlib.import_module("ntkit.kernel_matrix._cluster")  # starts the clusters
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")
-    monkeypatch.setattr(module, "_GPU_WORKER_DEVICE", "cpu")
+    monkeypatch.setattr(module, "GPU_WORKER_DEVICE", "cpu")
 
     def visible_gpu(a, b):
         import os
@@ -328,7 +328,7 @@ def test_devices_start_one_pinned_worker_per_gpu(monkeypatch):
 
         time.sleep(0.05)
         assert torch.get_num_threads() == 1
-        assert os.environ["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)  # see _WORKER_ENVIRON
+        assert os.environ["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)  # see WORKER_ENVIRON
         return torch.full((len(a), len(b)), float(os.environ["CUDA_VISIBLE_DEVICES"]),
                           dtype=a.dtype, device=a.device)
 
@@ -351,7 +351,7 @@ def test_devices_without_cuda_are_refused(devices):
     ({"n_workers": 0}, ValueError, "positive int"),
     ({"tile_size": (2, 3)}, ValueError, "square tiles"),
     ({"tile_size": 0}, ValueError, "positive int"),
-    ({"get": "cov1"}, ValueError, "'ntk' or 'nngp'"),
+    ({"get": "cov1"}, ValueError, "get must be 'ntk' .* or 'nngp'"),
     ({"dtype": torch.int64}, TypeError, "float32 or torch.float64"),
 ], ids=["cpu-device", "device-string", "client-and-workers", "zero-workers", "oblong-tiles",
         "zero-tile", "get", "dtype"])

@@ -31,7 +31,7 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
 
 
-def parse_memory(budget: int | float | str | None) -> int:
+def parse_memory(budget: float | str | None) -> int:
     """Bytes from a number or a string such as ``"512MB"`` or ``"2GiB"``.
 
     Args:
@@ -88,7 +88,7 @@ def progress_bar(items, *, desc: str, unit: str, progress: bool | None,
         min_items: see ``progress``.
         initial: items counted as done before ``items`` (a resumed run).
     """
-    counts = dict(initial=initial, total=len(items) + initial) if initial else {}
+    counts = {"initial": initial, "total": len(items) + initial} if initial else {}
     if progress is None:
         return tqdm(items, desc=desc, unit=unit, delay=2.0,
                     disable=True if len(items) < min_items else None, **counts)

@@ -70,11 +70,11 @@ class Kernel:
     diagonal: bool = False
     position_pairs: bool = False
     cov_pairs: bool = True
-    self_trace: "SelfTrace | None" = None
-    inputs: "tuple[Tensor, Tensor | None] | None" = None
+    self_trace: SelfTrace | None = None
+    inputs: tuple[Tensor, Tensor | None] | None = None
 
     # ------------------------------------------------------------------ values
-    def replace(self, **changes: Any) -> "Kernel":
+    def replace(self, **changes: Any) -> Kernel:
         """A copy with the given fields changed. A new ``nngp`` drops ``inputs``
         (they describe the input kernel only)."""
         if "nngp" in changes:
@@ -143,7 +143,7 @@ class Kernel:
             d = t.view(n, n, p, p).diagonal(0, 0, 1).diagonal(0, 0, 1)
         return d.unflatten(1, s) if s else d[:, 0]
 
-    def to_position_diagonal(self) -> "Kernel":
+    def to_position_diagonal(self) -> Kernel:
         """The same kernel holding only matching positions (drops position pairs)."""
         if not self.position_pairs:
             return self
@@ -192,11 +192,11 @@ class Kernel:
         return self.nngp.device
 
     # ------------------------------------------------------------ conversions
-    def to(self, *args: Any, **kwargs: Any) -> "Kernel":
+    def to(self, *args: Any, **kwargs: Any) -> Kernel:
         """Moves or casts every tensor, with the arguments of `torch.Tensor.to`."""
         return self.replace(**{f: getattr(self, f).to(*args, **kwargs) for f in _TENSORS})
 
-    def __getitem__(self, index: Any) -> "Kernel":
+    def __getitem__(self, index: Any) -> Kernel:
         """Selects rows (x1) and columns (x2): ``k[rows, cols]`` or ``k[rows]``.
 
         Integer indices keep their axis, so the result is always a `Kernel` of
@@ -276,12 +276,12 @@ class SelfTrace:
             return a, a
         return a, (self.values if self.x2 is None else self.x2)[i][self.cols]
 
-    def for_tile(self, x2: "SelfTrace | None", rows: slice, cols: slice) -> "SelfTrace":
+    def for_tile(self, x2: SelfTrace | None, rows: slice, cols: slice) -> SelfTrace:
         """A replaying trace for the tile ``rows x cols`` (``x2=None``: k(x1, x1))."""
         return SelfTrace(self.values, None if x2 is None else x2.values, rows, cols)
 
     @staticmethod
-    def joined(blocks: "list[SelfTrace]") -> "SelfTrace":
+    def joined(blocks: list[SelfTrace]) -> SelfTrace:
         """One recording from the recordings of consecutive blocks of examples."""
         return SelfTrace([torch.cat(parts) for parts in zip(*(b.values for b in blocks))])
 

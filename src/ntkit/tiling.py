@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Union
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -27,11 +27,11 @@ from ._budget import (
 )
 from .kernel import Kernel, SelfTrace, input_kernel, same_inputs
 
-__all__ = ["tiled_kernel", "peak_positions", "parse_memory", "progress_bar", "tile_sides",
-           "DEFAULT_MEMORY_BUDGET"]
+__all__ = ["DEFAULT_MEMORY_BUDGET", "parse_memory", "peak_positions", "progress_bar",
+           "tile_sides", "tiled_kernel"]
 
 #: What flows between layers: one kernel, or a tuple of them between FanOut and FanIn.
-Kernels = Union[Kernel, tuple[Kernel, ...]]
+Kernels = Kernel | tuple[Kernel, ...]
 
 
 def _ranges(n: int, step: int) -> list[tuple[int, int]]:
@@ -241,7 +241,7 @@ def _tile(rule, x1, x2, r, c, diagonal, position_pairs=False, traces=None) -> Ke
 
 
 def _allocate(k: Kernel, n1: int, n2: int, diagonal: bool) -> dict[str, Tensor]:
-    opts = dict(dtype=k.nngp.dtype, device=k.nngp.device)
+    opts = {"dtype": k.nngp.dtype, "device": k.nngp.device}
     trailing = tuple(k.nngp.shape[1 if diagonal else 2:])
     batch = (n1,) if diagonal else (n1, n2)
     return {
