@@ -25,6 +25,7 @@ import torch
 from conftest import TOL
 
 import ntkit as nk
+from ntkit.errors import StoreError
 
 distributed = pytest.importorskip("distributed")
 zarr = pytest.importorskip("zarr")
@@ -119,6 +120,49 @@ def test_pooling_network_in_uneven_tiles():
                                net.kernel(x[:5], x[2:]).ntk, **F64)
 
 
+def _calls_of(fn):
+    """``fn`` and the list of ``(len(a), len(b))`` it is called with."""
+    calls = []
+
+    def counted(a, b):
+        calls.append((len(a), len(b)))
+        return fn(a, b)
+
+    return counted, calls
+
+
+@pytest.mark.parametrize("how", ["same", "view", "copy"])
+def test_x_twice_is_the_symmetric_matrix(how, tmp_path):
+    """``kernel_matrix(k, x, x)`` with one tensor twice (the object, a view, an equal
+    copy) is ``kernel_matrix(k, x)``: bit for bit the same matrix from the same upper
+    tiles (a general pair with x' one value off computes all of them), for a network
+    and for a function; on disk it is recorded (and resumed) as the symmetric matrix."""
+    net, x = mlp(), inputs(20)
+    twice = {"same": x, "view": x.view(x.shape), "copy": x.clone()}[how]
+    once, twice_seen, other_seen = [], [], []
+    want = nk.kernel_matrix(net, x, tile_size=6, on_tile=once.append)
+    got = nk.kernel_matrix(net, x, twice, tile_size=6, on_tile=twice_seen.append)
+    assert torch.equal(got, want)
+    assert sorted(t.index for t in twice_seen) == sorted(t.index for t in once)
+    assert len(once) == len(all_tiles(20, 6)) == 10
+    other = x.clone()
+    other[-1, -1] += 1
+    nk.kernel_matrix(net, x, other, tile_size=6, on_tile=other_seen.append)
+    assert len(other_seen) == 16
+
+    fn, calls = _calls_of(lambda a, b: torch.exp(-torch.cdist(a, b) ** 2))
+    k_fn = nk.kernel_matrix(fn, x, twice, tile_size=6)
+    assert len(calls) == 10
+    assert torch.equal(k_fn, nk.kernel_matrix(fn, x, tile_size=6))
+
+    out = tmp_path / "k.zarr"
+    stored = nk.write_kernel_matrix(net, x, twice, out=out, tile_size=6)
+    assert stored.attrs["ntkit_kernel_matrix"]["x2"] is None
+    resumed = []
+    again = nk.kernel_matrix(net, x, out=out, on_tile=resumed.append)
+    assert resumed == [] and torch.equal(again, want)
+
+
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "x2"])
 def test_empirical_kernel_function(symmetric):
     torch.manual_seed(0)
@@ -192,8 +236,10 @@ def test_resume_against_other_inputs_is_refused(tmp_path, change):
         "dtype": {"dtype": torch.float32},
     }[change])
     name = {"network": "kernel", "tile_size": "tile size"}.get(change, change)
-    with pytest.raises(ValueError, match=f"different {name}.*overwrite=True"):
+    with pytest.raises(StoreError, match=f"different {name}.*overwrite=True") as refused:
         nk.kernel_matrix(out=out, **changed)
+    assert (refused.value.path, refused.value.fix) == (out, "overwrite")
+    assert refused.value.reason.startswith("holds a kernel matrix computed with a different")
     seen = []
     k = nk.kernel_matrix(out=out, overwrite=True, on_tile=seen.append, **changed)
     assert seen and not torch.isnan(k).any()
@@ -202,8 +248,9 @@ def test_resume_against_other_inputs_is_refused(tmp_path, change):
 def test_foreign_directory_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     for overwrite in (False, True):
-        with pytest.raises(ValueError, match="not a kernel matrix written by ntkit"):
+        with pytest.raises(StoreError, match="not a kernel matrix written by ntkit") as refused:
             nk.kernel_matrix(mlp(), inputs(4), out=tmp_path, overwrite=overwrite)
+        assert (refused.value.path, refused.value.fix) == (tmp_path, "new_directory")
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
