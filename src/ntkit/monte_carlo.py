@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch.nn.modules.dropout import _DropoutNd
 
+from ._budget import parse_memory, progress_bar
 from ._checks import as_input_pair
-from .compute import parse_memory, progress_bar
+from .empirical import empirical_nngp, empirical_ntk
 from .kernel import Kernel
 from .layers.base import Layer
 
-__all__ = ["monte_carlo_kernel", "empirical_kernels"]
+__all__ = ["empirical_kernels", "monte_carlo_kernel"]
 
 
 def monte_carlo_kernel(
@@ -102,47 +103,84 @@ def empirical_kernels(
 
 
 def _one_network(model: nn.Module, x1: Tensor, x2: Tensor | None, budget: int):
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    buffers = dict(model.named_buffers())
+    """``(nngp, ntk, cov1, cov2, n_out)`` of one sampled network, from `ntkit.empirical`.
 
-    def forward(x: Tensor):
-        return lambda p: functional_call(model, (p, buffers), (x,)).flatten(1)
-
-    out1, pull1 = vjp(forward(x1), params)
-    out2, pull2 = (out1, pull1) if x2 is None else vjp(forward(x2), params)
-    n_out = out1.shape[1]
-    nngp = out1 @ out2.T / n_out
-    n_params = sum(p.numel() for p in params.values())
-    rows = max(1, budget // max(1, 2 * n_params * x1.element_size()))
-    ntk = torch.zeros_like(nngp)
-    for i0 in range(0, out1.numel(), rows):
-        ja = _jacobian_rows(pull1, out1, i0, rows)
-        for j0 in range(0, out2.numel(), rows):
-            jb = ja if (x2 is None and j0 == i0) else _jacobian_rows(pull2, out2, j0, rows)
-            block = ja @ jb.T  # (rows_i, rows_j) over flattened (example, output) pairs
-            _accumulate(ntk, block, i0, j0, n_out)
-    ntk /= n_out
-    cov1 = (out1 * out1).mean(1)
-    cov2 = cov1 if x2 is None else (out2 * out2).mean(1)
-    return nngp, ntk, cov1, cov2, n_out
+    ``nngp = f(x1) f(x2)^T / n_out`` is `empirical_nngp` and ``ntk = J(x1) J(x2)^T /
+    n_out`` the traced `empirical_ntk` over all parameters, both of the network as a
+    function of example indices (`_Sample`), so that random masks drawn once per batch
+    stay fixed while the engine differentiates example by example.
+    """
+    sample = _Sample(model, x1, x2)
+    n1, n = x1.shape[0], sample.x.shape[0]
+    index = torch.arange(n, device=x1.device)
+    gram = empirical_nngp(sample, index, memory_budget=budget)     # (N, N), x1 then x2
+    cov = gram.diagonal()
+    i2 = None if x2 is None else index[n1:]
+    ntk = empirical_ntk(sample, index[:n1], i2, memory_budget=budget, progress=False)
+    n_out = sample.n_out
+    ntk = ntk / n_out
+    if x2 is None:
+        return gram, ntk, cov, cov, n_out
+    return gram[:n1, n1:], ntk, cov[:n1], cov[n1:], n_out
 
 
-def _jacobian_rows(pull, out: Tensor, start: int, count: int) -> Tensor:
-    """Rows ``start:start+count`` of the Jacobian of ``out.flatten()``, flattened over
-    parameters: shape ``(count, n_params)``."""
-    stop = min(start + count, out.numel())
-    basis = torch.zeros(stop - start, out.numel(), dtype=out.dtype, device=out.device)
-    basis[torch.arange(stop - start), torch.arange(start, stop)] = 1
-    (grads,) = vmap(pull)(basis.view(stop - start, *out.shape))
-    return torch.cat([g.reshape(stop - start, -1) for g in grads.values()], dim=1)
+class _Sample(nn.Module):
+    """A sampled network as a function of example indices: ``forward(i)`` is
+    ``model(x[i]).flatten(1)`` with ``x`` = ``x1`` followed by ``x2``.
+
+    Dropout in training mode draws its masks here, once per batch as the kernel
+    assumes: one forward pass over ``x1`` (shared by ``k(x1, x1)``) and, when given,
+    one over ``x2``, drawing what the network's own passes would. Each mask is
+    recorded as the module's output for an input of ones (``keep / (1 - p)``, what
+    Dropout multiplies by) and replayed by example index afterwards, so that every
+    later call is deterministic and may take the examples one by one.
+    """
+
+    def __init__(self, model: nn.Module, x1: Tensor, x2: Tensor | None) -> None:
+        super().__init__()
+        self.model = model
+        self.x = x1 if x2 is None else torch.cat([x1, x2])
+        self._index: Tensor | None = None
+        self._calls: dict[int, int] = {}
+        random = [m for m in model.modules()
+                  if isinstance(m, _DropoutNd) and m.training and m.p > 0]
+        recorded: list[list[list[Tensor]]] = [[] for _ in random]   # module, pass, call
+        for m, passes in zip(random, recorded):
+            m.forward = _recorder(m, passes)
+        with torch.no_grad():
+            for x in [x1] if x2 is None else [x1, x2]:
+                for passes in recorded:
+                    passes.append([])
+                out = model(x)
+                self.n_out = out[0].numel()
+        for k, (m, passes) in enumerate(zip(random, recorded)):
+            if len({len(calls) for calls in passes}) != 1:
+                raise RuntimeError(f"{type(m).__name__} was called a different number of "
+                                   f"times for x1 and x2.")
+            m.forward = self._replayer(k, [torch.cat(masks) for masks in zip(*passes)])
+
+    def forward(self, index: Tensor) -> Tensor:
+        self._index, self._calls = index, {}
+        try:
+            return self.model(self.x[index]).flatten(1)
+        finally:
+            self._index = None
+
+    def _replayer(self, k: int, masks: list[Tensor]):
+        """The forward of random module ``k``: its ``c``-th call in a pass multiplies by
+        the ``c``-th recorded mask of the examples at hand."""
+        def replay(x: Tensor) -> Tensor:
+            call = self._calls.get(k, 0)
+            self._calls[k] = call + 1
+            return x * masks[call][self._index]
+        return replay
 
 
-def _accumulate(ntk: Tensor, block: Tensor, i0: int, j0: int, n_out: int) -> None:
-    """Adds the output-traced part of a block over (example, output) pairs to ``ntk``."""
-    dev = block.device
-    ia = torch.arange(i0, i0 + block.shape[0], device=dev)
-    ib = torch.arange(j0, j0 + block.shape[1], device=dev)
-    same_output = (ia % n_out)[:, None] == (ib % n_out)[None, :]
-    rows = (ia // n_out)[:, None].expand_as(block)[same_output]
-    cols = (ib // n_out)[None, :].expand_as(block)[same_output]
-    ntk.index_put_((rows, cols), block[same_output], accumulate=True)
+def _recorder(module: nn.Module, passes: list[list[Tensor]]):
+    """A forward for ``module`` that draws its mask, keeps it in the current pass's list
+    and applies it."""
+    def record(x: Tensor) -> Tensor:
+        mask = type(module).forward(module, torch.ones_like(x))
+        passes[-1].append(mask)
+        return x * mask
+    return record
