@@ -64,13 +64,13 @@ def _net(act: str) -> nk.Layer:
     return nk.Sequential(*layers, nk.Linear(3, w_std=W_STD, b_std=B_STD))
 
 
-def _kernels(act: str, field: str):
+def _kernels(act: str, get: str):
     """Train-train (regularised), test-train and test-test kernels as float64 tensors."""
     net = _net(act)
     x, xt = torch.tensor(X_TRAIN), torch.tensor(X_TEST)
-    k = getattr(net.kernel(x), field)
+    k = getattr(net.kernel(x), get)
     k_reg = k + DIAG_REG * torch.trace(k) / len(k) * torch.eye(len(k), dtype=D)
-    return k_reg, getattr(net.kernel(xt, x), field), getattr(net.kernel(xt), field)
+    return k_reg, getattr(net.kernel(xt, x), get), getattr(net.kernel(xt), get)
 
 
 def _rel(got, want) -> float:
@@ -84,32 +84,32 @@ def _options(act: str, **extra):
 
 
 # ------------------------------------------------------------------ regressors
-@pytest.mark.parametrize("field", ["ntk", "nngp"])
+@pytest.mark.parametrize("get", ["ntk", "nngp"])
 @pytest.mark.parametrize("act", list(ACTS))
-def test_converged_regressor_is_kernel_regression(act, field):
-    k_reg, k_td, _ = _kernels(act, field)
+def test_converged_regressor_is_kernel_regression(act, get):
+    k_reg, k_td, _ = _kernels(act, get)
     want = k_td @ torch.linalg.solve(k_reg, torch.tensor(Y_TRAIN))
-    est = NTKRegressor(**_options(act, kernel=field)).fit(X_TRAIN, Y_TRAIN)
+    est = NTKRegressor(**_options(act, get=get)).fit(X_TRAIN, Y_TRAIN)
     assert _rel(est.predict(X_TEST), want) < RTOL
-    one = NTKRegressor(**_options(act, kernel=field)).fit(X_TRAIN, Y_TRAIN[:, 0])
+    one = NTKRegressor(**_options(act, get=get)).fit(X_TRAIN, Y_TRAIN[:, 0])
     assert one.predict(X_TEST).shape == (12,)
     assert _rel(one.predict(X_TEST), want[:, 0]) < RTOL
 
 
-@pytest.mark.parametrize("field", ["ntk", "nngp"])
+@pytest.mark.parametrize("get", ["ntk", "nngp"])
 @pytest.mark.parametrize("t", [0.5, 40.0])
-def test_finite_time_regressor_matches_matrix_exponential_and_ensemble(field, t):
+def test_finite_time_regressor_matches_matrix_exponential_and_ensemble(get, t):
     lr = 0.7
-    k_reg, k_td, _ = _kernels("relu", field)
+    k_reg, k_td, _ = _kernels("relu", get)
     y = torch.tensor(Y_TRAIN)
     decay = torch.linalg.matrix_exp(-lr * t * k_reg / y.numel())
     want = k_td @ torch.linalg.solve(k_reg, (torch.eye(len(k_reg), dtype=D) - decay) @ y)
-    est = NTKRegressor(**_options("relu", kernel=field, t=t, learning_rate=lr))
+    est = NTKRegressor(**_options("relu", get=get, t=t, learning_rate=lr))
     got = est.fit(X_TRAIN, Y_TRAIN).predict(X_TEST)
     assert _rel(got, want) < RTOL
     ensemble = predict.gradient_descent_mse_ensemble(
         _net("relu"), torch.tensor(X_TRAIN), y, learning_rate=lr, diag_reg=DIAG_REG)
-    assert _rel(got, ensemble(torch.tensor(X_TEST), t, get=field).mean) < RTOL
+    assert _rel(got, ensemble(torch.tensor(X_TEST), t, get=get).mean) < RTOL
 
 
 def test_predict_does_not_factorise(monkeypatch):
@@ -201,9 +201,9 @@ def test_architecture_forms_agree():
 
 
 # ------------------------------------------------------------------ kernels
-@pytest.mark.parametrize("kernel_cls, field", [(NTKKernel, "ntk"), (NNGPKernel, "nngp")])
+@pytest.mark.parametrize("kernel_cls, get", [(NTKKernel, "ntk"), (NNGPKernel, "nngp")])
 @pytest.mark.parametrize("act", ["relu", "erf", "tanh"])
-def test_kernel_values_and_log_theta_gradients(kernel_cls, field, act):
+def test_kernel_values_and_log_theta_gradients(kernel_cls, get, act):
     x = X_TRAIN[:6]
     kern = kernel_cls(W_STD, B_STD, DEPTH, act)
     value, grad = kern(x, eval_gradient=True)
@@ -211,9 +211,9 @@ def test_kernel_values_and_log_theta_gradients(kernel_cls, field, act):
         nk.Linear(4, w_std=W_STD, b_std=B_STD),
         ACTS[act]() if act in ACTS else nk.Elementwise(torch.tanh))],
         nk.Linear(1, w_std=W_STD, b_std=B_STD))
-    assert _rel(value, getattr(net.kernel(torch.tensor(x)), field)) < 1e-12
+    assert _rel(value, getattr(net.kernel(torch.tensor(x)), get)) < 1e-12
     assert _rel(kern(x, X_TEST), getattr(net.kernel(torch.tensor(x), torch.tensor(X_TEST)),
-                                          field)) < 1e-12
+                                          get)) < 1e-12
     assert _rel(kern.diag(x), np.diag(value)) < 1e-12
     assert grad.shape == (6, 6, 2)
     for i in range(2):                                  # theta = (log b_std, log w_std)
@@ -255,7 +255,7 @@ def test_gp_classifier_and_svc_on_digits():
 
 # ------------------------------------------------------------------ save / load
 @pytest.mark.parametrize("make, target", [
-    (lambda: NTKRegressor(t=7.0, kernel="nngp"), Y_TRAIN),
+    (lambda: NTKRegressor(t=7.0, get="nngp"), Y_TRAIN),
     (lambda: NTKRegressor(_net("erf")), Y_TRAIN[:, 0]),
     (lambda: NNGPRegressor("linear(8)-relu-linear(1)", t=2.0), Y_TRAIN),
     (lambda: NTKClassifier(activation="gelu"),
@@ -299,6 +299,8 @@ def test_save_load_errors(tmp_path):
      r"activation='swish' is not a known activation name; use one of \[.*'relu'"),
     (NTKRegressor(kernel="rbf"), X_TRAIN, Y_TRAIN, ValueError,
      r"kernel must be 'ntk' .* or 'nngp' .*, got 'rbf'"),
+    (NTKRegressor(get="rbf"), X_TRAIN, Y_TRAIN, ValueError,
+     r"get must be 'ntk' .* or 'nngp' .*, got 'rbf'"),
     (NTKClassifier(t=-1.0), X_TRAIN, Y_TRAIN[:, 0] > 0, ValueError,
      r"t must be a number >= 0 \(inf for the converged solution\), got -1.0"),
     (NNGPRegressor(dtype="float16"), X_TRAIN, Y_TRAIN, ValueError,
@@ -307,7 +309,7 @@ def test_save_load_errors(tmp_path):
      "architecture must be None .*; got int"),
     (NTKRegressor(depth=-1), X_TRAIN, Y_TRAIN, ValueError, "depth must be an int >= 0"),
     (NTKRegressor(w_std=0.0), X_TRAIN, Y_TRAIN, ValueError, "w_std must be a finite number > 0"),
-], ids=["nan", "activation", "kernel", "time", "dtype", "architecture", "depth",
+], ids=["nan", "activation", "kernel", "get", "time", "dtype", "architecture", "depth",
         "w_std"])
 def test_bad_fit_input(est, x, y, error, message):
     with pytest.raises(error, match=message):
@@ -421,3 +423,68 @@ def test_input_shape_lets_convolutional_networks_fit_flattened_rows(tmp_path):
         NTKRegressor(arch, input_shape=(3, 5, 5)).fit(X, y)
     with pytest.raises(ValueError, match=r"input_shape must be None or a tuple of positive"):
         NTKRegressor(arch, input_shape=(2, 0, 25)).fit(X, y)
+
+
+# ------------------------------------------------------------------ one name: get
+def test_deprecated_kernel_keyword_warns_and_selects_like_get(tmp_path):
+    """``kernel=`` (the old name of ``get``) warns at fit and gives the predictions of
+    ``get=`` with the same value, not those of the default; get_params and clone keep
+    it; a file written with ``kernel`` in its parameters (an older version) loads as
+    ``get``."""
+    from sklearn.base import clone
+
+    new = NTKRegressor(get="nngp").fit(X_TRAIN, Y_TRAIN)
+    old = NTKRegressor(kernel="nngp")
+    assert old.get_params()["kernel"] == "nngp" and clone(old).kernel == "nngp"
+    with pytest.warns(DeprecationWarning, match=r"kernel=.*deprecated.*get='nngp'"):
+        old.fit(X_TRAIN, Y_TRAIN)
+    assert np.array_equal(old.predict(X_TEST), new.predict(X_TEST))
+    default = NTKRegressor().fit(X_TRAIN, Y_TRAIN)          # get="ntk": a different kernel
+    assert np.abs(default.predict(X_TEST) - new.predict(X_TEST)).max() > 1e-3
+    clf = NTKClassifier(kernel="nngp")
+    with pytest.warns(DeprecationWarning):
+        clf.fit(X_TRAIN, Y_TRAIN[:, 0] > 0)
+    assert np.array_equal(clf.decision_function(X_TEST),
+                          NTKClassifier(get="nngp").fit(X_TRAIN, Y_TRAIN[:, 0] > 0)
+                          .decision_function(X_TEST))
+    # a file of the previous version: params hold "kernel", not "get"
+    path = tmp_path / "new.npz"
+    save(new, path)
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    import json
+    meta = json.loads(str(arrays.pop("meta")))
+    meta["params"]["kernel"] = meta["params"].pop("get")
+    with open(tmp_path / "old.npz", "wb") as f:
+        np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+    back = load(tmp_path / "old.npz")
+    assert back.get == "nngp" and back.kernel is None
+    assert np.array_equal(back.predict(X_TEST), new.predict(X_TEST))
+
+
+def test_numpy_scalars_are_accepted_like_python_numbers():
+    """``depth=np.int64(2)`` (GridSearchCV over np.arange), ``w_std=np.float32(1.5)``,
+    ``memory_budget`` and ``n_centers`` as NumPy integers: the same predictions as with
+    Python numbers (witness: the same estimator with int/float)."""
+    x, y = _big(40, 200)
+    plain = NTKRegressor(depth=2, w_std=1.5, memory_budget=2**20, n_centers=50,
+                         solver="nystrom", diag_reg=1e-3, random_state=0).fit(x, y)
+    numpy = NTKRegressor(depth=np.int64(2), w_std=np.float32(1.5),
+                         memory_budget=np.int64(2**20), n_centers=np.int64(50),
+                         solver="nystrom", diag_reg=np.float64(1e-3),
+                         random_state=0).fit(x, y)
+    assert numpy.solver_ == "nystrom"
+    np.testing.assert_allclose(numpy.predict(x[:20]), plain.predict(x[:20]), rtol=1e-6)
+    search = GridSearchCV(NTKRegressor(diag_reg=1e-3), {"depth": np.arange(1, 3)}, cv=2)
+    assert search.fit(X_TRAIN, Y_TRAIN).best_params_["depth"] in (1, 2)
+
+
+def test_kernel_repr_names_its_hyperparameters():
+    """The scikit-learn kernels' repr shows w_std, b_std and depth by name (not the
+    logarithms in theta), also after a fit moved them."""
+    assert repr(NTKKernel(w_std=2.0, b_std=0.5, depth=2)) == \
+        "NTKKernel(w_std=2.0, b_std=0.5, depth=2)"
+    assert repr(NNGPKernel(w_std=np.float32(1.5), depth=np.int64(3), activation="erf")) == \
+        "NNGPKernel(w_std=1.5, b_std=0.1, depth=3, activation='erf')"
+    k = NTKKernel(w_std=2.0, b_std=0.5, depth=1).clone_with_theta(np.log([0.25, 3.0]))
+    assert repr(k) == "NTKKernel(w_std=3.0, b_std=0.25, depth=1)"

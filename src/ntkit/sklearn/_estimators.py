@@ -25,13 +25,13 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
 from .. import predict, solvers
-from ..compute import parse_memory
+from .._budget import parse_memory
+from ..kernel_function import KernelFunction, check_get
 from ..layers import Layer
+from ..solvers._common import SOLVERS, resolve_solver
 from ._architecture import resolve_network, torch_device, torch_dtype
 
 __all__ = ["NNGPRegressor", "NTKClassifier", "NTKRegressor", "dual_coefficients"]
-
-_SOLVERS = ("auto", "exact", "cg", "nystrom")
 
 
 # ------------------------------------------------------------------ the math, delegated
@@ -81,7 +81,7 @@ class _Settings:
     """The estimator's options, checked, in the types the computation uses."""
 
     network: Layer
-    field: str
+    get: str
     t: float
     learning_rate: float
     diag_reg: float
@@ -123,20 +123,25 @@ class _KernelModel(BaseEstimator):
 
     _with_covariance = False
 
-    def _settings(self, network: Layer | None = None) -> _Settings:
+    def _get(self, *, warn: bool) -> str:
+        """The kernel selector: ``get``, or the deprecated ``kernel`` when it is given."""
+        kernel = getattr(self, "kernel", None)
+        if kernel is None:
+            return check_get(getattr(self, "get", "nngp"))
+        if warn:
+            warnings.warn(
+                f"{type(self).__name__}(kernel=...) is deprecated and will be removed in the "
+                f"next release; use get={kernel!r} (the same selector as ntkit.predict).",
+                DeprecationWarning, stacklevel=5)      # the caller of fit
+        return check_get(kernel, name="kernel")
+
+    def _settings(self, network: Layer | None = None, *, warn: bool = False) -> _Settings:
         """The options, checked; the network is resolved unless given."""
-        field = getattr(self, "kernel", "nngp")
-        if field not in ("ntk", "nngp"):
-            raise ValueError(
-                f"kernel must be 'ntk' (all layers trained: the neural tangent kernel drives "
-                f"training) or 'nngp' (readout only trained), got {field!r}.")
+        get = self._get(warn=warn)
         if self.memory_budget is not None:
             parse_memory(self.memory_budget)
-        if self.solver not in _SOLVERS:
-            raise ValueError(
-                f"solver must be one of {', '.join(map(repr, _SOLVERS))}, got {self.solver!r}: "
-                f"'exact' (Cholesky / eigendecomposition of the N x N kernel), 'cg' "
-                f"(conjugate gradients on it), 'nystrom' (FALKON, never N x N), 'auto'.")
+        if self.solver not in SOLVERS:
+            resolve_solver(self.solver, 0, torch.float64, None)     # raises, naming them
         if self.n_centers is not None and not (
                 isinstance(self.n_centers, (int, np.integer)) and not isinstance(
                     self.n_centers, bool) and self.n_centers >= 1):
@@ -146,13 +151,14 @@ class _KernelModel(BaseEstimator):
                                   activation=self.activation, w_std=self.w_std,
                                   b_std=self.b_std)
         return _Settings(
-            network=network, field=field, input_shape=_shape(self.input_shape),
+            network=network, get=get, input_shape=_shape(self.input_shape),
             t=_number(self.t, "t", low=0.0, inclusive=True, inf=True),
             learning_rate=_number(self.learning_rate, "learning_rate", low=0.0,
                                   inclusive=False),
             diag_reg=_number(self.diag_reg, "diag_reg", low=0.0, inclusive=True),
             dtype=torch_dtype(self.dtype), device=torch_device(self.device),
-            memory_budget=self.memory_budget, solver=self.solver, n_centers=self.n_centers)
+            memory_budget=self.memory_budget, solver=self.solver,
+            n_centers=None if self.n_centers is None else int(self.n_centers))
 
     def _tensor(self, x: np.ndarray, s: _Settings) -> Tensor:
         return torch.tensor(x, dtype=s.dtype, device=s.device)
@@ -171,8 +177,8 @@ class _KernelModel(BaseEstimator):
 
     def _kernel(self, s: _Settings, x1: Tensor, x2: Tensor | None, *,
                 diagonal: bool = False) -> Tensor:
-        k = getattr(s.network.kernel(x1, x2, diagonal=diagonal, memory_budget=s.memory_budget),
-                    s.field)
+        kfn = KernelFunction(s.network, s.get, memory_budget=s.memory_budget, progress=None)
+        k = kfn.diagonal(x1) if diagonal else kfn(x1, x2)
         want = (x1.shape[0],) if diagonal else (x1.shape[0], x1.shape[0] if x2 is None
                                                  else x2.shape[0])
         if tuple(k.shape) != want:
@@ -185,16 +191,17 @@ class _KernelModel(BaseEstimator):
 
     def _fit_targets(self, X: np.ndarray, targets: np.ndarray) -> None:
         """Computes and stores the fitted state from checked inputs and 2-D targets."""
-        s = self._settings()
+        s = self._settings(warn=True)
         x = self._inputs(X, s)
         y = self._tensor(targets, s)
-        solver = self._resolve_solver(s, x.shape[0])
+        solver = resolve_solver(s.solver, x.shape[0], s.dtype, s.memory_budget,
+                                finite_time=math.isfinite(s.t))
         self.network_ = s.network
         self.solver_ = solver
         if solver != "exact":
             seed = int(check_random_state(self.random_state).randint(2**31 - 1))
             fitted = solvers.solve_krr(
-                solvers.kernel_function(s.network, s.field, memory_budget=s.memory_budget),
+                solvers.kernel_function(s.network, s.get, memory_budget=s.memory_budget),
                 x, y, solver=solver, diag_reg=s.diag_reg, n_centers=s.n_centers,
                 generator=torch.Generator().manual_seed(seed), memory_budget=s.memory_budget,
                 dtype=s.dtype)
@@ -210,20 +217,6 @@ class _KernelModel(BaseEstimator):
         self.dual_coef_ = dual.detach().cpu().numpy()
         if operator is not None:
             self.cov_coef_ = operator.detach().cpu().numpy()
-
-    def _resolve_solver(self, s: _Settings, n: int) -> str:
-        """The solver ``fit`` uses: ``"auto"`` is ``"exact"`` when two ``n x n`` kernels
-        fit in the memory budget (or ``t`` is finite), else ``"nystrom"``."""
-        solver = s.solver
-        if solver == "auto":
-            fits = 2 * n * n * torch.empty((), dtype=s.dtype).element_size() <= parse_memory(
-                s.memory_budget)
-            solver = "exact" if fits or math.isfinite(s.t) else "nystrom"
-        if solver != "exact" and math.isfinite(s.t):
-            raise ValueError(
-                f"solver={solver!r} solves the converged (t = inf) regression only, got "
-                f"t={s.t!r}; use solver='exact' (one eigendecomposition) for finite times.")
-        return solver
 
     def _outputs(self, X: Any) -> tuple[np.ndarray, _Settings, Tensor, Tensor]:
         """Mean outputs ``(n_samples, n_outputs)``, the settings, the test inputs and the
@@ -314,13 +307,16 @@ def _doc(cls):
 class NTKRegressor(_Regressor):
     """Regression by the infinite ensemble of infinitely wide networks trained by
     gradient flow on MSE: its mean at training time ``t`` (Jacot et al. 2018, Lee et al.
-    2019). With ``kernel="ntk"`` every layer is trained, so the mean is
-    ``Theta_td Theta^-1 (I - exp(-lr t Theta / |y|)) y``; with ``kernel="nngp"`` only
+    2019). With ``get="ntk"`` every layer is trained, so the mean is
+    ``Theta_td Theta^-1 (I - exp(-lr t Theta / |y|)) y``; with ``get="nngp"`` only
     the readout, and the NNGP takes Theta's place. At ``t = inf`` this is kernel
     regression with the NTK (or NNGP).
 
     {params}
-        kernel: ``"ntk"`` (all layers trained) or ``"nngp"`` (readout only).
+        get: ``"ntk"`` (all layers trained) or ``"nngp"`` (readout only), as in
+            `ntkit.predict`.
+        kernel: deprecated name of ``get`` (a DeprecationWarning at ``fit``); when given
+            it is used.
 
     Attributes:
         network_: the ntkit network used.
@@ -335,17 +331,18 @@ class NTKRegressor(_Regressor):
 
     def __init__(self, architecture: Layer | str | None = None, *, depth: int = 2,
                  activation: str = "relu", w_std: float = 1.5, b_std: float = 0.1,
-                 kernel: str = "ntk", t: float = math.inf, learning_rate: float = 1.0,
+                 get: str = "ntk", t: float = math.inf, learning_rate: float = 1.0,
                  diag_reg: float = 1e-6, dtype: str = "float64", device: str = "cpu",
                  memory_budget: int | str | None = None, solver: str = "auto",
                  n_centers: int | None = None, random_state: int | None = None,
-                 input_shape: tuple[int, ...] | None = None) -> None:
+                 input_shape: tuple[int, ...] | None = None,
+                 kernel: str | None = None) -> None:
         self.architecture = architecture
         self.depth = depth
         self.activation = activation
         self.w_std = w_std
         self.b_std = b_std
-        self.kernel = kernel
+        self.get = get
         self.t = t
         self.learning_rate = learning_rate
         self.diag_reg = diag_reg
@@ -356,6 +353,7 @@ class NTKRegressor(_Regressor):
         self.n_centers = n_centers
         self.random_state = random_state
         self.input_shape = input_shape
+        self.kernel = kernel
 
     def predict(self, X: Any) -> np.ndarray:
         """The ensemble's mean output at ``X`` ``(n_samples, n_features)``: shape
@@ -472,7 +470,10 @@ class NTKClassifier(ClassifierMixin, _KernelModel):
     `sklearn.gaussian_process.GaussianProcessClassifier` with `NNGPKernel`/`NTKKernel`.
 
     {params}
-        kernel: ``"ntk"`` (all layers trained) or ``"nngp"`` (readout only).
+        get: ``"ntk"`` (all layers trained) or ``"nngp"`` (readout only), as in
+            `ntkit.predict`.
+        kernel: deprecated name of ``get`` (a DeprecationWarning at ``fit``); when given
+            it is used.
 
     Attributes:
         classes_: the class labels, sorted (``LabelEncoder``'s order).
@@ -482,17 +483,18 @@ class NTKClassifier(ClassifierMixin, _KernelModel):
 
     def __init__(self, architecture: Layer | str | None = None, *, depth: int = 2,
                  activation: str = "relu", w_std: float = 1.5, b_std: float = 0.1,
-                 kernel: str = "ntk", t: float = math.inf, learning_rate: float = 1.0,
+                 get: str = "ntk", t: float = math.inf, learning_rate: float = 1.0,
                  diag_reg: float = 1e-6, dtype: str = "float64", device: str = "cpu",
                  memory_budget: int | str | None = None, solver: str = "auto",
                  n_centers: int | None = None, random_state: int | None = None,
-                 input_shape: tuple[int, ...] | None = None) -> None:
+                 input_shape: tuple[int, ...] | None = None,
+                 kernel: str | None = None) -> None:
         self.architecture = architecture
         self.depth = depth
         self.activation = activation
         self.w_std = w_std
         self.b_std = b_std
-        self.kernel = kernel
+        self.get = get
         self.t = t
         self.learning_rate = learning_rate
         self.diag_reg = diag_reg
@@ -503,6 +505,7 @@ class NTKClassifier(ClassifierMixin, _KernelModel):
         self.n_centers = n_centers
         self.random_state = random_state
         self.input_shape = input_shape
+        self.kernel = kernel
 
     def fit(self, X: Any, y: Any) -> NTKClassifier:
         """Fits to inputs ``(n_samples, n_features)`` and labels ``(n_samples,)`` (any

@@ -117,6 +117,9 @@ def load(path: str | os.PathLike) -> Estimator:
                          f"{meta.get('class')!r}; this version reads {FORMAT!r} files of "
                          f"{', '.join(_CLASSES)}.")
     params = dict(meta["params"])
+    if "kernel" in params and "get" not in params:
+        # files written before ``get`` replaced ``kernel`` (one release of both)
+        params["get"] = params.pop("kernel")
     if params.get("input_shape") is not None:
         params["input_shape"] = tuple(params["input_shape"])
     estimator = _CLASSES[meta["class"]](**params)

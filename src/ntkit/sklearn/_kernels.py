@@ -11,6 +11,7 @@ import torch
 from sklearn.gaussian_process.kernels import Hyperparameter, Kernel
 from torch import Tensor
 
+from ..kernel_function import KernelFunction
 from ..layers import Layer
 from ._architecture import check_depth, check_std, mlp
 
@@ -44,9 +45,9 @@ def _kernel_columns(k: Tensor, leaves: list[Tensor]) -> list[Tensor]:
 
 
 class _NetworkKernel(Kernel):
-    """A Kernel from an ntkit MLP (not public); ``_field`` picks ``nngp`` or ``ntk``."""
+    """A Kernel from an ntkit MLP (not public); ``_get`` picks ``nngp`` or ``ntk``."""
 
-    _field = "nngp"
+    _get = "nngp"
 
     def __init__(self, w_std: float = 1.5, b_std: float = 0.1, depth: int = 2,
                  activation: str = "relu", w_std_bounds: tuple[float, float] | str = (1e-2, 1e2),
@@ -73,6 +74,23 @@ class _NetworkKernel(Kernel):
         b = check_std(self.b_std, "b_std", positive=False) if b_std is None else b_std
         return mlp(check_depth(self.depth), self.activation, w, b)
 
+    def _function(self, network: Layer) -> KernelFunction:
+        """``network``'s NNGP or NTK (``_get``) through the one adapter."""
+        return KernelFunction(network, self._get, progress=None)
+
+    def __repr__(self) -> str:
+        """The hyperparameters by name, e.g. ``NTKKernel(w_std=2.0, b_std=0.5, depth=2)``
+        (scikit-learn's default shows only the logarithms in ``theta``)."""
+        def number(v: Any) -> str:
+            if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
+                return repr(float(f"{float(v):.12g}"))    # 3.0, not 3.0000000000000004
+            return repr(v)
+
+        depth = int(self.depth) if isinstance(self.depth, (int, np.integer)) else self.depth
+        extra = "" if self.activation == "relu" else f", activation={self.activation!r}"
+        return (f"{type(self).__name__}(w_std={number(self.w_std)}, "
+                f"b_std={number(self.b_std)}, depth={depth!r}{extra})")
+
     def __call__(self, X: Any, Y: Any = None, eval_gradient: bool = False):
         """The kernel matrix ``k(X, Y)`` and, optionally, its gradient.
 
@@ -90,7 +108,7 @@ class _NetworkKernel(Kernel):
         if not eval_gradient:
             y = None if Y is None else _inputs(Y, "Y")
             with torch.no_grad():
-                return getattr(self.network().kernel(x, y), self._field).numpy()
+                return self._function(self.network())(x, y).numpy()
         if Y is not None:
             raise ValueError("Gradient can only be evaluated when Y is None.")
         free = [h.name for h in self.hyperparameters if not h.fixed]
@@ -105,7 +123,7 @@ class _NetworkKernel(Kernel):
         params = {name: torch.tensor(v, dtype=_DTYPE, requires_grad=name in free)
                   for name, v in values.items()}
         with torch.enable_grad():
-            k = getattr(self.network(params["w_std"], params["b_std"]).kernel(x), self._field)
+            k = self._function(self.network(params["w_std"], params["b_std"]))(x)
             leaves = [params[name] for name in free]
             cols = _kernel_columns(k, leaves) if free else []
         # d k / d log(theta) = theta * d k / d theta
@@ -117,8 +135,7 @@ class _NetworkKernel(Kernel):
     def diag(self, X: Any) -> np.ndarray:
         """``k(x_i, x_i)`` for each row of ``X`` ``(n_samples, n_features)``: ``(n_samples,)``."""
         with torch.no_grad():
-            return getattr(self.network().kernel(_inputs(X, "X"), diagonal=True),
-                           self._field).numpy()
+            return self._function(self.network()).diagonal(_inputs(X, "X")).numpy()
 
     def is_stationary(self) -> bool:
         """False: the kernels depend on the inputs' norms and angles, not on differences."""
@@ -145,7 +162,7 @@ class NNGPKernel(_NetworkKernel):
         w_std_bounds, b_std_bounds: ``(low, high)`` for the optimizer, or ``"fixed"``.
     """
 
-    _field = "nngp"
+    _get = "nngp"
 
 
 class NTKKernel(_NetworkKernel):
@@ -154,4 +171,4 @@ class NTKKernel(_NetworkKernel):
     the "NTK-GP" of He et al. 2020; kernel regression with it is the converged mean of
     gradient-trained infinitely wide networks (`NTKRegressor` at ``t = inf``)."""
 
-    _field = "ntk"
+    _get = "ntk"
