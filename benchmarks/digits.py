@@ -8,7 +8,7 @@ of fit + predict on this machine.
 - NTK classifier: `ntkit.sklearn.NTKClassifier` with its defaults (ReLU MLP, 2 hidden
   layers, ``w_std=1.5``, ``b_std=0.1``, ``t=inf``, ``diag_reg=1e-6``): kernel
   regression on centred one-hot targets, the converged infinite ensemble.
-- NNGP classifier: the same with ``kernel="nngp"`` (readout-only training).
+- NNGP classifier: the same with ``get="nngp"`` (readout-only training).
 - RBF SVC: ``sklearn.svm.SVC`` tuned by ``GridSearchCV`` over ``C`` x ``gamma`` with
   5-fold CV on the training half (the time includes the search).
 - MLP: ``sklearn.neural_network.MLPClassifier``, two hidden layers of 512 ReLU units,
@@ -36,7 +36,7 @@ from ntkit.sklearn import NTKClassifier
 def _methods():
     return {
         "NTKClassifier (ReLU MLP, depth 2, t=inf)": lambda: NTKClassifier(),
-        "NTKClassifier(kernel='nngp') (NNGP, same MLP)": lambda: NTKClassifier(kernel="nngp"),
+        "NTKClassifier(get='nngp') (NNGP, same MLP)": lambda: NTKClassifier(get="nngp"),
         "RBF SVC, GridSearchCV 5-fold (C, gamma)": lambda: GridSearchCV(
             SVC(kernel="rbf"),
             {"C": [1, 10, 100, 1000], "gamma": [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3]}, cv=5),
