@@ -273,3 +273,39 @@ def test_criterion_rejects_a_wrong_kernel(x1):
     assert mc_violations(samples, head(hidden(nk.Erf())).kernel(x1))
     no_bias = head(hidden(nk.ReLU(), b_std=0.0))
     assert mc_violations(samples, no_bias.kernel(x1))
+
+
+# ------------------------------------------------------------------ the per-sample engine
+@pytest.mark.parametrize("dropout", [False, True], ids=["plain", "dropout-train"])
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_samples_are_the_empirical_kernels_of_the_sampled_networks(x1, x2, dropout, cross):
+    """Each sample is one network's ``f f^T / n_out`` and ``J J^T / n_out`` (through
+    ntkit.empirical). Witness: the same network rebuilt from the same seed, run once per
+    batch as the sampler does (so Dropout draws the same masks), its Jacobian taken by
+    plain autograd, one output entry at a time."""
+    layers = [nk.Linear(64, w_std=1.3, b_std=0.2), nk.Erf()]
+    net = head(*layers, *([nk.Dropout(0.4)] if dropout else []), out=3)
+    other = x2 if cross else None
+    ((nngp, ntk, cov1, cov2, n_out),) = list(nk.empirical_kernels(
+        net, x1, other, n_samples=1, generator=torch.Generator().manual_seed(5)))
+    model = net.build(tuple(x1.shape[1:]), generator=torch.Generator().manual_seed(5),
+                      dtype=x1.dtype)
+    params = list(model.parameters())
+
+    def outputs_and_jacobian(x):
+        out = model(x).flatten(1)
+        rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(o, params,
+                                                                       retain_graph=True)])
+                for o in out.reshape(-1)]
+        return out.detach(), torch.stack(rows).reshape(out.shape[0], out.shape[1], -1)
+
+    o1, j1 = outputs_and_jacobian(x1)
+    o2, j2 = outputs_and_jacobian(x2) if cross else (o1, j1)
+    assert n_out == 3
+    torch.testing.assert_close(nngp, o1 @ o2.T / 3, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ntk, torch.einsum("iap,jap->ij", j1, j2) / 3,
+                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cov1, o1.square().mean(1), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(cov2, o2.square().mean(1), rtol=1e-12, atol=1e-14)
+    if not cross:
+        assert torch.equal(nngp, nngp.T) and torch.equal(ntk, ntk.T)
