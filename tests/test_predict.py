@@ -406,3 +406,31 @@ def test_nearly_singular_float32_kernel_warns_and_names_the_remedies():
     with w.catch_warnings():
         w.simplefilter("error")
         predict.gradient_descent_mse(k, y, diag_reg=1e-2)(math.inf, k_test_train=k)
+
+
+def test_ensemble_returns_one_prediction_per_get_and_reuses_the_test_kernels():
+    """One call, one EnsemblePrediction: the two gets on the same test tensor need one
+    kernel evaluation (witness: a counting kernel function); a tuple get (deprecated)
+    warns and returns the dict of the single calls."""
+    net, x, xt, y = _problem()
+    calls = []
+
+    def counted(a, b):
+        calls.append((a.shape[0], None if b is None else b.shape[0]))
+        return net.kernel(a, b)
+
+    pred = predict.gradient_descent_mse_ensemble(counted, x, y, diag_reg=1e-3)
+    assert calls == [(12, None)]
+    ntk = pred(xt, [1.0, math.inf], get="ntk", compute_cov=True)
+    nngp = pred(xt, [1.0, math.inf], get="nngp", compute_cov=True)
+    assert isinstance(ntk, predict.EnsemblePrediction) and ntk.mean.shape == (2, 5, 2)
+    assert calls == [(12, None), (5, 12), (5, None)]
+    assert (ntk.mean - nngp.mean).abs().max() > 1e-3         # two different kernels
+    direct = predict.gradient_descent_mse_ensemble(net, x, y, diag_reg=1e-3)
+    assert torch.equal(direct(xt, [1.0, math.inf], get="ntk", compute_cov=True).cov, ntk.cov)
+    with pytest.warns(DeprecationWarning, match="one EnsemblePrediction per call"):
+        both = pred(xt, [1.0, math.inf], get=("nngp", "ntk"), compute_cov=True)
+    assert set(both) == {"nngp", "ntk"}
+    assert torch.equal(both["ntk"].mean, ntk.mean) and torch.equal(both["nngp"].cov, nngp.cov)
+    with pytest.raises(ValueError, match="get must be 'ntk'"):
+        pred(xt, 1.0, get="gp")

@@ -7,6 +7,7 @@ the same solve from an in-memory tensor, and plain CG on FALKON's own system.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -315,3 +316,89 @@ def test_gp_inference_cg_equals_exact(tmp_path):
     assert rel_err(disk.mean, exact["ntkgp"].mean) < 1e-6
     with pytest.raises(ValueError, match="covariances need the Cholesky factor"):
         predict.gp_inference(kdd.ntk, y, ktd.ntk, net.kernel(xt).ntk, solver="cg")
+
+
+# ------------------------------------------------------------------ one adapter, one rule
+def test_kernel_function_adapter_equals_net_kernel_for_networks_and_functions():
+    """The one adapter: for a network, f(a, b) and f.diagonal(a) equal net.kernel's NTK or
+    NNGP (witness: net.kernel itself and the diagonal of the full matrix); for a plain
+    function returning Kernels, the diagonal from 256-row blocks equals the full
+    diagonal; the old names are the same object; bad sources and selectors are refused."""
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(300, 5, generator=g, dtype=F64), torch.randn(7, 5, generator=g,
+                                                                    dtype=F64)
+    net = _net()
+    for get in ("nngp", "ntk"):
+        f = solvers.kernel_function(net, get)
+        assert torch.equal(f(a, b), getattr(net.kernel(a, b), get))
+        full = getattr(net.kernel(a), get)
+        assert torch.allclose(f.diagonal(a), torch.diagonal(full), rtol=1e-12, atol=0)
+        plain = nk.kernel_function.KernelFunction(lambda x1, x2: net.kernel(x1, x2), get)
+        assert torch.allclose(plain.diagonal(a), torch.diagonal(full), rtol=1e-12, atol=0)
+    whole = nk.kernel_function.KernelFunction(net, dtype=torch.float32)(a, b)
+    assert whole.ntk.dtype == torch.float32 and hasattr(whole, "nngp")
+    assert solvers.NetworkKernel is nk.kernel_function.KernelFunction
+    with pytest.raises(TypeError, match="ntkit network"):
+        solvers.kernel_function(torch.nn.Linear(5, 1))
+    with pytest.raises(ValueError, match=r"get must be 'ntk' .* or 'nngp' .*, got 'rbf'"):
+        solvers.kernel_function(net, "rbf")
+
+
+def test_diag_reg_is_relative_to_the_float64_mean_diagonal():
+    """s = diag_reg * mean(diag K), the mean accumulated in float64 (witness: NumPy's
+    float64 mean of the same numbers); absolute scale returns diag_reg; a tensor
+    diag_reg stays differentiable (witness: d s / d diag_reg = mean)."""
+    g = torch.Generator().manual_seed(8)
+    d = (1e4 + torch.rand(100_003, generator=g, dtype=F64) * 1e-3).float()
+    want = 1e-3 * float(np.mean(d.numpy().astype(np.float64)))
+    assert solvers.diag_reg_absolute(d, 1e-3) == pytest.approx(want, rel=1e-15)
+    assert solvers.diag_reg_absolute(d, 0.5, absolute=True) == 0.5
+    r = torch.tensor(0.1, dtype=F64, requires_grad=True)
+    s = solvers.diag_reg_absolute(d.double(), r)
+    (grad,) = torch.autograd.grad(s, r)
+    assert float(grad) == pytest.approx(want / 1e-3, rel=1e-12)
+
+
+def test_auto_solver_rule():
+    """'auto' is exact while two N x N kernels fit in the budget (8 bytes an entry in
+    float64, 4 in float32), FALKON beyond, and exact whenever finite times are asked
+    for; an iterative solver at finite times and unknown names are refused."""
+    budget = 2 * 100 * 100 * 8
+    assert solvers.resolve_solver("auto", 100, F64, budget) == "exact"
+    assert solvers.resolve_solver("auto", 101, F64, budget) == "nystrom"
+    assert solvers.resolve_solver("auto", 141, torch.float32, budget) == "exact"
+    assert solvers.resolve_solver("auto", 10**6, F64, budget, finite_time=True) == "exact"
+    assert solvers.resolve_solver("cg", 10**6, F64, budget) == "cg"
+    with pytest.raises(ValueError, match=r"t = inf.*solver='exact'"):
+        solvers.resolve_solver("nystrom", 10, F64, budget, finite_time=True)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        solvers.resolve_solver("lsqr", 10, F64, budget)
+
+
+def test_failures_are_typed_and_worded_from_one_table():
+    """A singular kernel raises NotPositiveDefiniteError (a ValueError) from every path
+    with the same cause and fixes; a stalled CG a ConvergenceError with them; each
+    message of the table names causes and fixes."""
+    from ntkit import errors
+
+    x = torch.randn(6, 3, dtype=F64)
+    x = torch.cat([x, x[:2]])                          # repeated points: singular kernel
+    net = nk.Sequential(nk.Linear(1))
+    y = torch.randn(8, 1, dtype=F64)
+    kfn = solvers.kernel_function(net, "nngp")
+    fixes = re.escape(errors.MESSAGES["not_positive_definite"]["fixes"])
+    with pytest.raises(errors.NotPositiveDefiniteError, match=fixes):
+        solvers.exact_krr(kfn, x, y, diag_reg=0.0)
+    with pytest.raises(errors.NotPositiveDefiniteError, match=fixes):
+        predict.gp_inference(kfn(x, x), y, kfn(x, x))
+    with pytest.raises(errors.NotPositiveDefiniteError, match=fixes):
+        predict.gradient_descent_mse(kfn(x, x), y)(math.inf, k_test_train=kfn(x, x))
+    for kind, m in errors.MESSAGES.items():
+        text = errors.message(kind, "X", "detail")
+        assert text.startswith("X ") and "(detail)" in text
+        assert m["causes"] in text and m["fixes"] in text
+    assert issubclass(errors.NotPositiveDefiniteError, ValueError)
+    assert issubclass(errors.ConvergenceError, RuntimeError)
+    assert issubclass(errors.MemoryBudgetError, MemoryError)
+    assert solvers.ConvergenceError is errors.ConvergenceError
+    assert isinstance(errors.out_of_memory("a 10 GB kernel"), errors.MemoryBudgetError)
