@@ -371,7 +371,7 @@ def test_fit_then_predict_regression(data, tmp_path):
     assert r.exit_code == 0, r.output
     assert "task: regression" in r.output
     mse, r2 = _metric(r.output, "MSE", "test"), _metric(r.output, "R2", "test")
-    direct = NTKRegressor(ARCH, kernel="nngp", t=100.0).fit(x[:90], y[:90]).predict(x[90:])
+    direct = NTKRegressor(ARCH, get="nngp", t=100.0).fit(x[:90], y[:90]).predict(x[90:])
     np.testing.assert_allclose(mse, np.mean((direct - y[90:]) ** 2), rtol=1e-3)
     assert 0.5 < r2 <= 1
     r = invoke("predict", str(model), str(tmp_path / "test.npz"), "-o",

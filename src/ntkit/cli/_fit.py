@@ -35,16 +35,6 @@ def _format_metrics(m: dict[str, float]) -> str:
                      for k, v in m.items())
 
 
-def _estimator(cls, architecture: str | None, *, get: str, **params):
-    """``cls(architecture, get=get, ...)``; estimators of the release before ``get=``
-    (when they took ``kernel=``) are given ``kernel=``."""
-    import inspect
-
-    if "get" in inspect.signature(cls).parameters:
-        return cls(architecture, get=get, **params)
-    return cls(architecture, kernel=get, **params)    # pragma: no cover - older estimators
-
-
 @click.command(context_settings=CONTEXT)
 @click.argument("data", type=click.Path(path_type=Path), required=False)
 @click.option("--dataset", type=click.Choice(DATASETS), default=None,
@@ -125,8 +115,8 @@ def fit(data: Path | None, dataset: str | None, key, labels_key, label_column, i
         x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_size, random_state=seed,
                                                   stratify=stratify)
     cls = NTKClassifier if task == "classify" else NTKRegressor
-    model = _estimator(cls, architecture, get=get, t=t, diag_reg=diag_reg, dtype=dtype,
-                       input_shape=example_shape)
+    model = cls(architecture, get=get, t=t, diag_reg=diag_reg, dtype=dtype,
+                input_shape=example_shape)
     t0 = time.perf_counter()
     with failing(f"fitting {name} failed"):
         model.fit(x_tr.reshape(len(x_tr), -1), y_tr)
