@@ -16,9 +16,9 @@ This module imports nothing of ntkit.
 from __future__ import annotations
 
 __all__ = [
-    "ConvergenceError", "ConvergenceWarning", "IllConditionedWarning", "MESSAGES",
-    "MemoryBudgetError", "NotPositiveDefiniteError", "did_not_converge",
-    "not_positive_definite", "out_of_memory", "StoreError",
+    "MESSAGES", "ConvergenceError", "ConvergenceWarning", "IllConditionedWarning",
+    "MemoryBudgetError", "NotPositiveDefiniteError", "StoreError", "did_not_converge",
+    "message", "not_positive_definite", "out_of_memory",
 ]
 
 

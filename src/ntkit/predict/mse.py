@@ -9,8 +9,16 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import Factor, check_finite, check_positive, check_square, decay, grown, \
-    targets, times_of
+from ._common import (
+    Factor,
+    check_finite,
+    check_positive,
+    check_square,
+    decay,
+    grown,
+    targets,
+    times_of,
+)
 from .ode import gradient_descent
 from .results import Trajectory
 

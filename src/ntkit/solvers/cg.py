@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -299,8 +300,9 @@ def cg_krr(k_train_train, y_train: Tensor, *, diag_reg: float,
             return inv[:, None] * r
     elif preconditioner == "nystrom":
         m = min(n, 500) if n_centers is None else n_centers
-        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= n:
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or not 1 <= m <= n:
             raise ValueError(f"n_centers must be an int between 1 and N = {n}, got {m!r}.")
+        m = int(m)
         if generator is not None:
             cols = torch.randperm(n, generator=generator, device=generator.device)[:m]
         else:

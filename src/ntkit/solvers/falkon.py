@@ -4,6 +4,7 @@ on the fly in row tiles, never the ``N x N`` matrix."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -95,8 +96,10 @@ def nystrom_krr(kernel_fn: KernelFn, x_train: Tensor, y_train: Tensor, *, n_cent
     n = x.shape[0]
     y, vector = check_targets(y_train, n)
     diag_reg = check_diag_reg(diag_reg)
-    if isinstance(n_centers, bool) or not isinstance(n_centers, int) or not 1 <= n_centers <= n:
+    if isinstance(n_centers, bool) or not isinstance(n_centers, numbers.Integral) or \
+            not 1 <= n_centers <= n:
         raise ValueError(f"n_centers must be an int between 1 and N = {n}, got {n_centers!r}.")
+    n_centers = int(n_centers)
     if diag_reg == 0:
         raise ValueError("nystrom_krr needs diag_reg > 0 (its preconditioner and the Nystrom "
                          "system are singular without it); e.g. diag_reg=1e-4, relative to "
