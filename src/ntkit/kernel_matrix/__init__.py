@@ -27,7 +27,14 @@ array's attributes record what it holds: a SHA-256 fingerprint of ``x1`` and
 ``x2`` (bytes, shape, dtype), the network's ``repr`` (or the function's
 qualified name and the user's ``key``), ``get``, the dtype and the tile size.
 A later call with the same ``out`` is a resume; one that differs in any of
-these is refused (``overwrite=True`` starts over).
+these is refused (``overwrite=True`` starts over; the refusal is an
+`ntkit.errors.StoreError` naming the store, what is wrong and the fix). ``x2``
+equal to ``x1`` is stored and resumed as ``x2=None``.
+
+The package's parts: ``_job`` (what to compute, and one tile), ``_store``
+(memory and zarr sinks), ``_cluster`` (in-process or Dask), ``_api`` (the two
+public calls). Networks are called through `ntkit.kernel_function`, so no
+layer module is imported here.
 """
 
 from ._api import kernel_matrix, write_kernel_matrix
