@@ -572,6 +572,34 @@ def test_failures_map_to_one_line_and_an_exit_status(error, code, message, data,
     assert not out.exists()
 
 
+def test_typed_library_failures(data, tmp_path, monkeypatch):
+    """ntkit.errors' typed failures keep the library's message (causes and fixes) and add
+    the command line's own fix: a memory budget error exits 3, a kernel that is not
+    positive definite 1, after what the command was doing."""
+    from ntkit import errors
+    from ntkit.sklearn import NTKRegressor
+
+    error = errors.out_of_memory("the kernel tiles", "2 GiB asked")
+    monkeypatch.setattr(_kernel, "architecture_arg", lambda spec: _FailingNet(error))
+    r = invoke("kernel", ARCH, str(data["x.npy"]), "-o", str(tmp_path / "k.npy"))
+    assert r.exit_code == 3, r.output
+    assert r.output.startswith(f"Error: {error} From the command line: a lower "
+                               f"--memory-budget."), r.output
+
+    def fail(self, x, y):
+        raise errors.not_positive_definite("k_train_train + s I", "90 x 90, float64")
+
+    monkeypatch.setattr(NTKRegressor, "fit", fail)
+    out = tmp_path / "m.npz"
+    r = invoke("fit", str(data["reg.npz"]), "--arch", ARCH, "-o", str(out))
+    assert r.exit_code == 1, r.output
+    assert ("Error: fitting reg.npz failed: k_train_train + s I is not positive definite"
+            in r.output)
+    assert "Fixes: add diag_reg" in r.output and r.output.rstrip().endswith(
+        "From the command line: a larger --diag-reg, or --dtype float64.")
+    assert "Traceback" not in r.output and not out.exists()
+
+
 def test_torch_out_of_memory_is_a_memory_failure(data, tmp_path, monkeypatch):
     """torch's OutOfMemoryError (a RuntimeError, not a MemoryError) maps like MemoryError,
     with torch's first line."""

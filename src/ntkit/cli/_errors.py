@@ -20,6 +20,10 @@ from dataclasses import dataclass
 
 import click
 
+from .._data_files import DataFileError
+from ..errors import (ConvergenceError, MemoryBudgetError, NotPositiveDefiniteError,
+                      StoreError)
+
 __all__ = ["FAILURES", "CommandError", "Commands", "Failure", "failing", "failure_of"]
 
 
@@ -59,62 +63,46 @@ _OUT_OF_MEMORY = Failure(
          "of float64.")
 
 
-def _library_errors() -> dict[str, type[BaseException]]:
-    """The typed errors of `ntkit.errors` that exist in this version, by name."""
-    try:
-        from .. import errors
-    except ImportError:     # pragma: no cover - older trees without ntkit.errors
-        return {}
-    return {name: getattr(errors, name) for name in dir(errors)
-            if isinstance(getattr(errors, name), type)
-            and issubclass(getattr(errors, name), BaseException)}
-
-
 def _torch_out_of_memory() -> tuple[type[BaseException], ...]:
-    torch = sys.modules.get("torch")     # not imported: it cannot have raised
+    """torch's OutOfMemoryError (a RuntimeError), if torch is imported: if it is not, it
+    cannot have raised one (and the command line does not import torch to find out)."""
+    torch = sys.modules.get("torch")
     oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
     return (oom,) if isinstance(oom, type) else ()
 
 
-def _rows() -> list[tuple[tuple[type[BaseException], ...], Failure]]:
-    """`FAILURES`, most specific type first (the first row that matches is used)."""
-    lib = _library_errors()
-    solve_hint = (" From the command line: a larger --diag-reg, or --dtype float64.")
-    rows: list[tuple[tuple[type[BaseException], ...], Failure]] = []
-    for name, failure in (
-        ("NotPositiveDefiniteError", Failure(1, hint=solve_hint)),
-        ("ConvergenceError", Failure(1, hint=solve_hint)),
-        ("MemoryBudgetError", Failure(3, hint=" From the command line: a lower "
-                                              "--memory-budget.")),
-    ):
-        if name in lib:
-            rows.append(((lib[name],), failure))
-    rows += [
-        ((KeyboardInterrupt,), Failure(130, text=lambda e: "interrupted.")),
-        ((MemoryError, *_torch_out_of_memory()), _OUT_OF_MEMORY),
-        ((FileNotFoundError,), Failure(1, text=_file_not_found)),
-        # an optional dependency that is not installed (ntkit's messages name the extra)
-        ((ImportError,), Failure(1)),
-        # DataFileError, ConversionError, spec errors and the rest of ntkit.errors are
-        # ValueError/TypeError subclasses: their messages are written for the user
-        ((ValueError, TypeError, FloatingPointError), Failure(1)),
-    ]
-    return rows
+_SOLVE_HINT = " From the command line: a larger --diag-reg, or --dtype float64."
 
-
-#: The table, as (exception types, `Failure`) rows, most specific first. Built when
-#: first asked for (`failure_of`), so that ``import ntkit.cli`` imports no torch.
-FAILURES: list[tuple[tuple[type[BaseException], ...], Failure]] = []
+#: The table, as (exception types, `Failure`) rows; the first row that matches is
+#: used, so the most specific types come first. torch's OutOfMemoryError is matched
+#: like `MemoryError` (`failure_of`).
+FAILURES: tuple[tuple[tuple[type[BaseException], ...], Failure], ...] = (
+    ((KeyboardInterrupt,), Failure(130, text=lambda e: "interrupted.")),
+    # the library's typed failures (ntkit.errors): their messages name causes and fixes
+    ((NotPositiveDefiniteError,), Failure(1, hint=_SOLVE_HINT)),
+    ((ConvergenceError,), Failure(1, hint=_SOLVE_HINT)),
+    ((MemoryBudgetError,), Failure(3, hint=" From the command line: a lower "
+                                          "--memory-budget.")),
+    ((MemoryError,), _OUT_OF_MEMORY),
+    ((FileNotFoundError,), Failure(1, text=_file_not_found)),
+    # an optional dependency that is not installed (ntkit's messages name the extra)
+    ((ImportError,), Failure(1)),
+    # what the user gave: DataFileError (files, labels), StoreError (a kernel store;
+    # `ntkit kernel` words it with its own options), ConversionError, spec errors and
+    # every other check at the library's boundary are ValueError/TypeError subclasses
+    # whose messages are written for the user
+    ((DataFileError, StoreError), Failure(1)),
+    ((ValueError, TypeError, FloatingPointError), Failure(1)),
+)
 
 
 def failure_of(exc: BaseException) -> Failure | None:
-    """The `Failure` row of ``exc``, or None when the command line does not handle it."""
-    if not FAILURES:
-        FAILURES.extend(_rows())
+    """The `Failure` row of ``exc``, or None when the command line does not handle it
+    (a bug: its traceback is shown)."""
     for types, failure in FAILURES:
         if isinstance(exc, types):
             return failure
-    oom = _torch_out_of_memory()       # torch imported after the table was built
+    oom = _torch_out_of_memory()
     if oom and isinstance(exc, oom):
         return _OUT_OF_MEMORY
     return None
