@@ -159,7 +159,7 @@ def _kernel_step(name: str, net, n: int, side: int, device, reps: int, emit, *,
 
 
 def step_myrtle(device, size, emit) -> None:
-    from run import myrtle5   # benchmarks/run.py
+    from run import myrtle5  # benchmarks/run.py
 
     n, reps = (8, 3) if size == "full" else (1, 1)
     _kernel_step("Myrtle-5", myrtle5(), n, 32, device, reps, emit, check=(2, 32))
@@ -183,8 +183,9 @@ def step_cnn_gap21(device, size, emit) -> None:
 
 
 def step_entk(device, size, emit) -> None:
+    from run import entk_models  # benchmarks/run.py
+
     import ntkit as nk
-    from run import entk_models   # benchmarks/run.py
 
     for case in ("entk", "entk_cnn") + (("entk_1024",) if size == "full" else ()):
         model, x, output = entk_models(case)
@@ -193,7 +194,8 @@ def step_entk(device, size, emit) -> None:
         reps = 3 if size == "full" else 1
         reference = copy.deepcopy(model).double()
         m, xd = model.to(device), x.to(device)
-        seconds, k = timed(lambda: nk.empirical_ntk(m, xd, output=output), device, reps)
+        seconds, k = timed(lambda m=m, xd=xd, output=output: nk.empirical_ntk(
+            m, xd, output=output), device, reps)
         err = rel_err(k[:4, :4], nk.empirical_ntk(reference, x[:4].double(), output=output))
         emit(_row(f"{case}: {type(model).__name__} on {tuple(x.shape)}, "
                   f"output={output!r}", seconds, x.shape[0] ** 2, err, device))
@@ -275,9 +277,10 @@ def _tests_section(out: Path) -> list[str]:
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    lines = [f"{counts['tests']} selected: {passed} passed, {counts['failures']} failed, "
-             f"{counts['errors']} errors, {counts['skipped']} skipped "
-             f"(raw output: {raw.name}).", "", "| test | outcome |", "|---|---|"]
+    summary = (f"{counts['tests']} selected: {passed} passed, {counts['failures']} failed, "
+               f"{counts['errors']} errors, {counts['skipped']} skipped "
+               f"(raw output: {raw.name}).")
+    lines = [summary, "", "| test | outcome |", "|---|---|"]
     for case in suite.iter("testcase"):
         outcome = "passed"
         for tag in ("failure", "error", "skipped"):
@@ -290,8 +293,8 @@ def _tests_section(out: Path) -> list[str]:
 
 
 def _rows_table(rows: list[dict]) -> list[str]:
-    lines = ["| workload | seconds | entries | ms per entry | rel. error vs CPU float64 "
-             "| peak GPU MB |", "|---|---|---|---|---|---|"]
+    lines = [("| workload | seconds | entries | ms per entry | rel. error vs CPU float64 "
+             "| peak GPU MB |"), "|---|---|---|---|---|---|"]
     for r in rows:
         peak = "-" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
         check = f"{r['rel_err_vs_cpu64']:.1e}" + ("" if r["agrees"] else " MISMATCH")
@@ -302,9 +305,9 @@ def _rows_table(rows: list[dict]) -> list[str]:
 
 def write_report(out: Path) -> Path:
     """``out/report.md`` from what the steps left in ``out``; returns its path."""
-    lines = ["# ntkit GPU check", "", f"Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} "
+    lines = ["# ntkit GPU check", "", (f"Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} "
              f"from {out}. A step that failed or timed out is marked in Steps, with the end "
-             f"of its log in its section.", "", "## Steps", "", *_steps_table(out)]
+             f"of its log in its section."), "", "## Steps", "", *_steps_table(out)]
     env = _load(out, "env")
     lines += ["", "## Environment", ""]
     if env and env["rows"]:
@@ -325,8 +328,8 @@ def write_report(out: Path) -> Path:
             lines += ["", f"Failed: {got['error']}", "", "```", got["traceback"].rstrip(),
                       "```"]
         elif not got["done"]:
-            lines += ["", f"Incomplete: the step {step} stopped (timed out or crashed) after "
-                          f"{len(got['rows'])} result(s)."] + _log_tail(out, step)
+            lines += ["", (f"Incomplete: the step {step} stopped (timed out or crashed) after "
+                          f"{len(got['rows'])} result(s).")] + _log_tail(out, step)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

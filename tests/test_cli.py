@@ -554,8 +554,8 @@ class _FailingNet:
 @pytest.mark.parametrize("error, code, message", [
     (MemoryError(), 3, "Error: out of memory: MemoryError Lower --memory-budget"),
     (KeyboardInterrupt(), 130, "Error: interrupted."),
-    (ValueError("width 0"), 1, "Error: the architecture does not fit the data (x.npy, "
-                               "examples of shape (5,)): width 0"),
+    (ValueError("width 0"), 1, ("Error: the architecture does not fit the data (x.npy, "
+                                "examples of shape (5,)): width 0")),
     (FileNotFoundError(2, "No such file or directory", "w.pt"), 1,
      "Error: 'w.pt' does not exist (No such file or directory)."),
 ], ids=["memory", "interrupt", "value", "file_not_found"])

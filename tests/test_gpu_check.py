@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import gpu_bench  # noqa: E402
+import gpu_bench
 
 BLOCKED = ("dask", "distributed", "zarr", "hypothesis", "yaml", "matplotlib")
 
@@ -44,7 +44,7 @@ def test_step_limits_fit_in_eight_minutes():
     """The steps' timeouts, plus the kill grace of each and the report's timeout, stay
     under 8 minutes."""
     text = SCRIPT.read_text()
-    limits = [int(v) for v in re.findall(r"^\s*(?:bench \w+|step \w+) (\d+)", text, re.M)]
+    limits = [int(v) for v in re.findall(r"^\s*(?:bench \w+|step \w+) (\d+)", text, re.MULTILINE)]
     assert len(limits) == 6                  # env, pytest_cuda, 4 benchmarks
     (grace,) = map(int, re.findall(r"timeout -k (\d+) ", text))
     (report,) = map(int, re.findall(r"timeout (\d+) \S+ benchmarks/gpu_bench.py report", text))

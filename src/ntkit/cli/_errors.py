@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import click
 
 from .._data_files import DataFileError
-from ..errors import (ConvergenceError, MemoryBudgetError, NotPositiveDefiniteError,
-                      StoreError)
+from ..errors import ConvergenceError, MemoryBudgetError, NotPositiveDefiniteError, StoreError
 
 __all__ = ["FAILURES", "CommandError", "Commands", "Failure", "failing", "failure_of"]
 

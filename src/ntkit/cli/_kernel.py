@@ -16,6 +16,7 @@ import click
 import numpy as np
 
 from .._data_files import load_data
+from ..errors import StoreError
 from ._errors import CommandError, failing
 from ._options import CONTEXT, architecture_arg, get_option, shape_callback
 
@@ -135,10 +136,8 @@ def kernel(architecture: str, data: Path, out: Path, data2: Path | None, get: st
 def _check_memory_budget(memory_budget: str | None) -> None:
     if memory_budget is None:
         return
-    try:
-        from .._budget import parse_memory
-    except ImportError:            # before the split of ntkit.compute
-        from ..compute import parse_memory
+    from .._budget import parse_memory
+
     try:
         parse_memory(memory_budget)
     except (ValueError, TypeError) as e:
@@ -209,10 +208,6 @@ STORE_FIXES = {
 def _store_error(e: BaseException, path: Path | None) -> CommandError | None:
     """The command line's message for kernel_matrix's typed error about the store
     ``path`` (its ``path``, ``reason`` and ``fix`` fields), or None for other errors."""
-    try:
-        from ..errors import StoreError
-    except ImportError:
-        return None
     if path is None or not isinstance(e, StoreError) or Path(e.path) != path:
         return None
     return CommandError(f"the store {path} {e.reason}. {STORE_FIXES[e.fix]}")

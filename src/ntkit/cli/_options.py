@@ -91,7 +91,7 @@ def get_option(*, choices: Sequence[str], default: str | None, help: str,
             return f(*args, get=get if get is not None else default, **kwargs)
 
         command = click.option(old, old_dest, type=click.Choice(list(choices)), default=None,
-                               hidden=True, help=f"deprecated name of --get")(command)
+                               hidden=True, help="deprecated name of --get")(command)
         shown = f"  [default: {default}]" if default is not None else ""
         return click.option("--get", "get", type=click.Choice(list(choices)), default=None,
                             help=help + shown)(command)
