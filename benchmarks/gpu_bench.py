@@ -322,13 +322,13 @@ def write_report(out: Path) -> Path:
             lines += [f"No result: the step {step} did not run or did not start."]
             lines += _log_tail(out, step)
             continue
-        if got["rows"]:
-            lines += _rows_table(got["rows"])
+        gap = [""] if got["rows"] else []     # a blank line after a table
+        lines += _rows_table(got["rows"]) if got["rows"] else []
         if "error" in got:
-            lines += ["", f"Failed: {got['error']}", "", "```", got["traceback"].rstrip(),
+            lines += [*gap, f"Failed: {got['error']}", "", "```", got["traceback"].rstrip(),
                       "```"]
         elif not got["done"]:
-            lines += ["", (f"Incomplete: the step {step} stopped (timed out or crashed) after "
+            lines += [*gap, (f"Incomplete: the step {step} stopped (timed out or crashed) after "
                           f"{len(got['rows'])} result(s).")] + _log_tail(out, step)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
