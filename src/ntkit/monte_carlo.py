@@ -6,12 +6,12 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.dropout import _DropoutNd
 
 from ._budget import parse_memory, progress_bar
 from ._checks import as_input_pair
 from .empirical import empirical_nngp, empirical_ntk
-from .kernel import Kernel
+from .empirical._problem import stochastic_modules
+from .kernel import Kernel, same_inputs
 from .layers.base import Layer
 
 __all__ = ["empirical_kernels", "monte_carlo_kernel"]
@@ -43,7 +43,10 @@ def monte_carlo_kernel(
         net: an ntkit network.
         x1: inputs ``(N1, *features)``; sets the dtype and device of the networks.
         x2: inputs ``(N2, *features)``, or None for ``k(x1, x1)`` (one forward
-            pass, so Dropout masks are shared as the kernel assumes).
+            pass, so Dropout masks are shared as the kernel assumes). ``x2`` that is
+            ``x1`` (`ntkit.kernel.same_inputs`) is taken as None, except that with
+            Dropout in training mode only ``x1`` itself is: a copy is a second
+            forward pass, with masks of its own.
         n_samples: number of networks.
         generator: the only source of randomness (`torch.Generator`).
         memory_budget: bytes (or e.g. ``"2GiB"``) for one chunk of Jacobians;
@@ -54,15 +57,13 @@ def monte_carlo_kernel(
         A `Kernel` with ``nngp`` and ``ntk`` of shape ``(N1, N2)``.
     """
     totals: list[Tensor] = []
-    n_out = 1
-    for *sample, n_out in empirical_kernels(
-        net, x1, x2, n_samples=n_samples, generator=generator, memory_budget=memory_budget,
-        progress=progress,
-    ):
+    n_out, symmetric = 1, x2 is None
+    for (*sample, n_out), symmetric in _samples(net, x1, x2, n_samples, generator,
+                                                memory_budget, progress):
         totals = sample if not totals else [t + s for t, s in zip(totals, sample)]
     nngp, ntk, cov1, cov2 = (t / n_samples for t in totals)
     return Kernel(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, shape=(n_out,),
-                  x1_is_x2=x2 is None)
+                  x1_is_x2=symmetric)
 
 
 def empirical_kernels(
@@ -77,10 +78,17 @@ def empirical_kernels(
 ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor, int]]:
     """Yields, per sampled network, ``(nngp, ntk, cov1, cov2, n_out)``.
 
-    The per-sample values behind `monte_carlo_kernel`, for error bars:
-    their standard deviation over samples divided by ``sqrt(n_samples)`` is
-    the standard error of the mean.
+    The per-sample values behind `monte_carlo_kernel` (same arguments), for
+    error bars: their standard deviation over samples divided by
+    ``sqrt(n_samples)`` is the standard error of the mean.
     """
+    for values, _ in _samples(net, x1, x2, n_samples, generator, memory_budget, progress):
+        yield values
+
+
+def _samples(net, x1, x2, n_samples, generator, memory_budget, progress):
+    """Checks the arguments, then yields per sampled network its values and whether
+    ``x2`` was taken as ``x1``."""
     if not isinstance(net, Layer):
         raise TypeError(
             f"net must be an ntkit layer or network, got {type(net).__name__}; convert torch "
@@ -99,7 +107,9 @@ def empirical_kernels(
     for _ in progress_bar(range(n_samples), desc="networks", unit="net", progress=progress):
         model = net.build(tuple(x1.shape[1:]), generator=generator, dtype=x1.dtype,
                           device=x1.device)
-        yield _one_network(model, x1, x2, budget)
+        if same_inputs(x1, x2) and (x2 is x1 or not stochastic_modules(model)):
+            x2 = None       # (the same for every sample: one architecture)
+        yield _one_network(model, x1, x2, budget), x2 is None
 
 
 def _one_network(model: nn.Module, x1: Tensor, x2: Tensor | None, budget: int):
@@ -142,8 +152,7 @@ class _Sample(nn.Module):
         self.x = x1 if x2 is None else torch.cat([x1, x2])
         self._index: Tensor | None = None
         self._calls: dict[int, int] = {}
-        random = [m for m in model.modules()
-                  if isinstance(m, _DropoutNd) and m.training and m.p > 0]
+        random = stochastic_modules(model)
         recorded: list[list[list[Tensor]]] = [[] for _ in random]   # module, pass, call
         for m, passes in zip(random, recorded):
             m.forward = _recorder(m, passes)

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from .._budget import parse_memory
-from ._problem import call_model, check_batch, same_inputs
+from ..kernel import same_inputs
+from ._problem import call_model, check_batch, stochastic_modules
 from ._tiles import mirrored
 
 
@@ -36,9 +37,10 @@ def empirical_nngp(
         model: any `torch.nn.Module`; it is run as it is (train or eval mode).
         x1, x2: input batches ``(N1, ...)``, ``(N2, ...)``; ``x2=None`` for
             ``K(x1, x1)``, which is computed from one pass over ``x1`` and is exactly
-            symmetric. ``x2`` that is ``x1`` (the same tensor or a view of the same
-            data, or equal values when the model has no Dropout in training mode)
-            is taken as None.
+            symmetric. ``x2`` that is ``x1`` (`ntkit.kernel.same_inputs`: the same
+            tensor, a view of the same data, or equal values) is taken as None,
+            except that with Dropout in training mode only ``x1`` itself is (a
+            copy is a second pass, with masks of its own).
         layer: the name of a submodule (as in ``model.named_modules()``) whose
             output is used; default the model's output.
         output: ``"mean"``, ``"full"`` or ``"diagonal"``.
@@ -54,7 +56,7 @@ def empirical_nngp(
         raise ValueError(f"output must be one of ('mean', 'full', 'diagonal'), got {output!r}.")
     x1 = check_batch(x1, "x1")
     x2 = None if x2 is None else check_batch(x2, "x2")
-    if same_inputs(x1, x2, values=not _is_random(model)):
+    if same_inputs(x1, x2) and (x2 is x1 or not stochastic_modules(model)):
         x2 = None
     modules = dict(model.named_modules())
     if layer is not None and layer not in modules:
@@ -106,11 +108,4 @@ def empirical_nngp(
     if x2 is None:  # the products need not round (i, j) and (j, i) alike
         k = (k + mirrored(k, full=output == "full")) / 2
     return k
-
-
-def _is_random(model: nn.Module) -> bool:
-    """Whether ``model`` has Dropout in training mode (two passes over the same inputs
-    then differ)."""
-    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
-               for m in model.modules())
 

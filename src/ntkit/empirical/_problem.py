@@ -11,25 +11,16 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .._budget import parse_memory
+from ..kernel import same_inputs
 
 OUTPUTS = ("trace", "full", "diagonal")
 
 
-def same_inputs(x1: Tensor, x2: Tensor | None, *, values: bool = True) -> bool:
-    """Whether ``x2`` is ``x1`` for a kernel's purposes: the same tensor, a view of the
-    same memory with the same shape and strides, or (with ``values``) equal entries.
-
-    Comparing values costs one pass over the inputs, far less than any kernel of them.
-    """
-    if x2 is None:
-        return False
-    if x2 is x1:
-        return True
-    if x1.shape != x2.shape or x1.dtype != x2.dtype or x1.device != x2.device:
-        return False
-    if x1.data_ptr() == x2.data_ptr() and x1.stride() == x2.stride():
-        return True
-    return values and bool(torch.equal(x1, x2))
+def stochastic_modules(model: nn.Module) -> list[nn.Module]:
+    """The Dropout modules of ``model`` in training mode (with ``p > 0``): those that draw
+    new masks at every call, so that two passes over the same inputs differ."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
 
 
 @dataclass
