@@ -75,25 +75,25 @@ Y_TRAIN = {name: torch.sin(3 * x.flatten(1).sum(1, keepdim=True) / x[0].numel() 
            for name, (_, x, _, _) in ARCHS.items()}
 
 
-def _objective(name: str, field: str, ws, bs, memory_budget=None) -> torch.Tensor:
+def _objective(name: str, get: str, ws, bs, memory_budget=None) -> torch.Tensor:
     """The GP log marginal likelihood of the training targets plus the sum of the
     posterior mean at the test inputs (so that k(x_test, x_train) matters too)."""
     make, x, x_test, _ = ARCHS[name]
     net = make(ws, bs)
-    k_train = getattr(net.kernel(x, memory_budget=memory_budget), field)
-    k_test_train = getattr(net.kernel(x_test, x, memory_budget=memory_budget), field)
+    k_train = getattr(net.kernel(x, memory_budget=memory_budget), get)
+    k_test_train = getattr(net.kernel(x_test, x, memory_budget=memory_budget), get)
     post = predict.gp_inference(k_train, Y_TRAIN[name], k_test_train, diag_reg=1e-2)
     return post.log_marginal_likelihood + post.mean.sum()
 
 
-def _autograd(name, field, memory_budget=None):
+def _autograd(name, get, memory_budget=None):
     ws = torch.tensor(W0, dtype=D, requires_grad=True)
     bs = torch.tensor(B0, dtype=D, requires_grad=True)
-    value = _objective(name, field, ws.unbind(), bs.unbind(), memory_budget)
+    value = _objective(name, get, ws.unbind(), bs.unbind(), memory_budget)
     return torch.autograd.grad(value, (ws, bs))
 
 
-def _finite_differences(name, field) -> tuple[torch.Tensor, torch.Tensor]:
+def _finite_differences(name, get) -> tuple[torch.Tensor, torch.Tensor]:
     """Central differences of `_objective`, every hyperparameter a Python float."""
     grads = []
     for which in range(2):
@@ -104,7 +104,7 @@ def _finite_differences(name, field) -> tuple[torch.Tensor, torch.Tensor]:
                 params = [list(W0), list(B0)]
                 params[which][i] += sign * FD_STEP
                 with torch.no_grad():
-                    values.append(float(_objective(name, field, *params)))
+                    values.append(float(_objective(name, get, *params)))
             g[i] = (values[0] - values[1]) / (2 * FD_STEP)
         grads.append(g)
     return grads[0], grads[1]
@@ -115,14 +115,14 @@ def _close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
     assert err < rtol, f"relative error {err:.2e}: got {got.tolist()}, want {want.tolist()}"
 
 
-@pytest.mark.parametrize("field", ["nngp", "ntk"])
+@pytest.mark.parametrize("get", ["nngp", "ntk"])
 @pytest.mark.parametrize("name", list(ARCHS))
-def test_gradient_matches_finite_differences(name, field):
+def test_gradient_matches_finite_differences(name, get):
     """The gradient in (w_std, b_std) of every layer of the LML plus the posterior mean,
     by autograd through the kernel rules, equals central differences of the same
     function computed with float hyperparameters."""
-    gw, gb = _autograd(name, field)
-    fw, fb = _finite_differences(name, field)
+    gw, gb = _autograd(name, get)
+    fw, fb = _finite_differences(name, get)
     assert torch.isfinite(gw).all() and torch.isfinite(gb).all()
     assert float(gw.abs().min()) > 1e-3  # every layer matters: the check can fail
     _close(gw, fw, FD_RTOL)
@@ -143,21 +143,21 @@ def tiles(monkeypatch) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.parametrize("field", ["nngp", "ntk"])
+@pytest.mark.parametrize("get", ["nngp", "ntk"])
 @pytest.mark.parametrize("name", list(ARCHS))
-def test_gradient_through_tiles(name, field, tiles):
+def test_gradient_through_tiles(name, get, tiles):
     """With a budget that forces several tiles of both kernels (concatenated, each
     recomputed in the backward pass), the gradient equals the single-tile one to
     rounding, and so the finite differences of the test above."""
     budget = ARCHS[name][3]
     ws = torch.tensor(W0, dtype=D, requires_grad=True)
     bs = torch.tensor(B0, dtype=D, requires_grad=True)
-    value = _objective(name, field, ws.unbind(), bs.unbind(), memory_budget=budget)
+    value = _objective(name, get, ws.unbind(), bs.unbind(), memory_budget=budget)
     forward = dict(tiles)
     gw, gb = torch.autograd.grad(value, (ws, bs))
     assert forward["k(x)"] >= 3 and forward["k(x', x)"] >= 3, forward
     assert tiles == {k: 2 * n for k, n in forward.items()}  # each recomputed once
-    ref_w, ref_b = _autograd(name, field)
+    ref_w, ref_b = _autograd(name, get)
     _close(gw, ref_w, TILE_RTOL)
     _close(gb, ref_b, TILE_RTOL)
 

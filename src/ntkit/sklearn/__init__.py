@@ -2,7 +2,8 @@
 
 - `NTKRegressor`, `NNGPRegressor`, `NTKClassifier`: the infinite ensemble of
   infinitely wide networks trained by gradient flow on MSE, as estimators that work
-  in `Pipeline` and `GridSearchCV`.
+  in `Pipeline` and `GridSearchCV`; ``get="ntk"`` or ``"nngp"`` picks the kernel
+  (``kernel=`` is its deprecated alias).
 - `NTKKernel`, `NNGPKernel`: `sklearn.gaussian_process.kernels.Kernel`\\ s with
   ``w_std`` and ``b_std`` as hyperparameters (gradients by autograd), for
   `GaussianProcessRegressor`, `GaussianProcessClassifier` and `SVC`.

@@ -1,8 +1,10 @@
 """scikit-learn estimators: the infinite ensemble of infinitely wide networks trained by
 gradient flow on the mean squared error, as regressors and a classifier.
 
-The estimators adapt and delegate: kernels come from ``network.kernel`` and the
-training dynamics from `ntkit.predict.gradient_descent_mse`. ``fit`` factorises the
+The estimators adapt and delegate: kernels come from the network through the one
+adapter `ntkit.kernel_function` (``get="ntk"`` or ``"nngp"``, the selector's one name),
+the ``"auto"`` solver from `ntkit.solvers.resolve_solver`, and the training dynamics
+from `ntkit.predict.gradient_descent_mse`. ``fit`` factorises the
 train-train kernel once and keeps the *dual coefficients* ``A(t) y`` with
 ``A(t) = K^-1 (I - exp(-lr t K / |y|))`` (``K^-1`` at ``t = inf``), so ``predict`` is
 one kernel evaluation and a matrix product.
