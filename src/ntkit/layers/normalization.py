@@ -59,7 +59,7 @@ class LayerNorm(Layer):
                 "it has a learnable per-feature scale and shift; their NTK through a "
                 "following nonlinearity has no layer-wise rule. Use nn.LayerNorm(..., "
                 "elementwise_affine=False), whose twin is nk.LayerNorm", supported=False)
-        return _TorchLayerNorm(tuple(module.normalized_shape), module.eps, ctx.where)
+        return TorchLayerNorm(tuple(module.normalized_shape), module.eps, ctx.where)
 
     def spec_call(self):
         kw = {k: v for k, v, d in (("axis", self.axis, "channels"), ("eps", self.eps, 1e-5))
@@ -234,7 +234,7 @@ class ShapeChecked:
         return super()._build(shape, ctx)
 
 
-class _TorchLayerNorm(ShapeChecked, LayerNorm):
+class TorchLayerNorm(ShapeChecked, LayerNorm):
     """`LayerNorm` over the axes `torch.nn.LayerNorm` normalises: the features of dense
     inputs, or all of ``(C, *S)`` (``axis="all"``) when ``normalized_shape`` is all of them."""
 

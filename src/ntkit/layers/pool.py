@@ -129,6 +129,8 @@ class _Pool(Spatial):
         extra = "" if self.stride == self.kernel_size else f", stride={self.stride}"
         if self.padding not in (0, (0,) * self.ndim):
             extra += f", padding={self.padding!r}"
+        if not self.count_include_pad:
+            extra += ", count_include_pad=False"
         return f"{type(self).__name__}({k}{extra})"
 
 

@@ -1,0 +1,1 @@
+"""The layer tests: the contract battery that every layer joins."""
