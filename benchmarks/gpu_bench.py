@@ -53,6 +53,8 @@ STEPS = {
 SECTIONS = ["Steps", "Environment", "CUDA tests", *list(STEPS.values())[1:]]
 #: Largest relative error of a device's float32 result against the CPU in float64.
 TOLERANCE = 1e-3
+#: Memory budget of the kernel tiles on a GPU (of its ~140 GB on an H200).
+KERNEL_BUDGET = "16GiB"
 #: Optional packages that gpu_check.sh must not need; ``env`` records which import.
 OPTIONAL = ("dask", "distributed", "zarr", "hypothesis", "yaml", "matplotlib")
 
@@ -144,18 +146,24 @@ def _kernel_step(name: str, net, n: int, side: int, device, reps: int, emit, *,
     """NTK of ``net`` on ``n x n`` pairs of 3 x side x side images on ``device`` (float32),
     as ``k(x1, x2)`` and as ``k(x1)``, timed. The check: ``k(x1, x2)`` on ``device`` in
     float32 against the CPU in float64 on 1 x 2 images of side ``check[1]``
-    (``check[0]`` of them): the CPU cannot afford the timed sizes of deep CNN-GAPs."""
+    (``check[0]`` of them): the CPU cannot afford the timed sizes of deep CNN-GAPs.
+    On a GPU the kernel tiles get `KERNEL_BUDGET`; on the CPU, ntkit's default."""
+    import torch
+
     x1, x2 = _images(n, side, 0), _images(n, side, 1)
     c1, c2 = _images(check[0], check[1], 2), _images(check[0], check[1], 3)
     got = net.kernel(c1.to(device), c2.to(device)).ntk
     err = rel_err(got, net.kernel(c1.double(), c2.double()).ntk)
     a, b = x1.to(device), x2.to(device)
-    seconds, _ = timed(lambda: net.kernel(a, b).ntk, device, reps)
+    budget = KERNEL_BUDGET if torch.device(device).type == "cuda" else None
+    name += f", memory_budget {budget}" if budget else ""
+    seconds, _ = timed(lambda: net.kernel(a, b, memory_budget=budget).ntk, device, reps)
     emit(_row(f"{name}, k(x1, x2), {n} x {n} images 3x{side}x{side}", seconds, n * n, err,
-              device, check=f"{check[0]} x {check[0]} images of side {check[1]}"))
-    seconds, _ = timed(lambda: net.kernel(a).ntk, device, reps)
+              device, check=f"{check[0]} x {check[0]} images of side {check[1]}",
+              memory_budget=budget))
+    seconds, _ = timed(lambda: net.kernel(a, memory_budget=budget).ntk, device, reps)
     emit(_row(f"{name}, k(x1) symmetric, {n} images 3x{side}x{side}", seconds, n * n, err,
-              device, check="through k(x1, x2)"))
+              device, check="through k(x1, x2)", memory_budget=budget))
 
 
 def step_myrtle(device, size, emit) -> None:
