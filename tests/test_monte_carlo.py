@@ -309,3 +309,27 @@ def test_samples_are_the_empirical_kernels_of_the_sampled_networks(x1, x2, dropo
     torch.testing.assert_close(cov2, o2.square().mean(1), rtol=1e-12, atol=1e-14)
     if not cross:
         assert torch.equal(nngp, nngp.T) and torch.equal(ntk, ntk.T)
+
+
+def test_same_inputs_twice_take_the_symmetric_path(x1):
+    """monte_carlo_kernel(net, x, x) (x itself, a view, a copy) is monte_carlo_kernel(net,
+    x) bit for bit, exactly symmetric; with Dropout in training mode only x itself shares
+    the masks: a copy is a second pass (witness: its diagonal differs from one pass's)."""
+    def mc(net, x2):
+        return nk.monte_carlo_kernel(net, x1, x2, n_samples=3,
+                                     generator=torch.Generator().manual_seed(3))
+
+    net = head(nk.Linear(32, b_std=0.2), nk.Erf(), out=2)
+    alone = mc(net, None)
+    assert torch.equal(alone.ntk, alone.ntk.T) and torch.equal(alone.nngp, alone.nngp.T)
+    for x2 in (x1, x1[:], x1.clone()):
+        k = mc(net, x2)
+        assert k.x1_is_x2
+        assert torch.equal(k.ntk, alone.ntk) and torch.equal(k.nngp, alone.nngp)
+    dropout = head(nk.Linear(32, b_std=0.2), nk.Erf(), nk.Dropout(0.5), out=2)
+    alone = mc(dropout, None)
+    same = mc(dropout, x1)
+    assert torch.equal(same.ntk, alone.ntk) and torch.equal(same.nngp, alone.nngp)
+    copy = mc(dropout, x1.clone())
+    assert same.x1_is_x2 and not copy.x1_is_x2
+    assert not torch.equal(copy.nngp.diagonal(), alone.nngp.diagonal())
