@@ -44,8 +44,9 @@ def _kernel_columns(k: Tensor, leaves: list[Tensor]) -> list[Tensor]:
     return cols
 
 
-class _NetworkKernel(Kernel):
-    """A Kernel from an ntkit MLP (not public); ``_get`` picks ``nngp`` or ``ntk``."""
+class _MLPKernel(Kernel):
+    """A scikit-learn Kernel of an ntkit MLP (not public); ``_get`` picks ``nngp`` or
+    ``ntk``. The network is evaluated through the one adapter, `ntkit.kernel_function`."""
 
     _get = "nngp"
 
@@ -142,7 +143,7 @@ class _NetworkKernel(Kernel):
         return False
 
 
-class NNGPKernel(_NetworkKernel):
+class NNGPKernel(_MLPKernel):
     """The NNGP kernel of an MLP (Lee et al. 2018, Matthews et al. 2018) as a
     scikit-learn kernel: ``depth`` hidden ``Linear -> activation`` layers and a linear
     readout, every affine layer in NTK parameterization with ``w_std`` and ``b_std``
@@ -165,7 +166,7 @@ class NNGPKernel(_NetworkKernel):
     _get = "nngp"
 
 
-class NTKKernel(_NetworkKernel):
+class NTKKernel(_MLPKernel):
     """The neural tangent kernel of an MLP (Jacot et al. 2018) as a scikit-learn
     kernel; options and hyperparameters as in `NNGPKernel`. As a GP covariance it is
     the "NTK-GP" of He et al. 2020; kernel regression with it is the converged mean of
