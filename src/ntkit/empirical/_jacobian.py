@@ -50,12 +50,10 @@ class Jacobians:
         with self.hooks:
             (_, inputs) = self.hooks.run(
                 lambda: self.problem.f(self.problem.params, self.problem.x1[0]), self.probes)
-        o = self.problem.n_out
         for s in self.sites:
             u, g = s.arrays([t.detach().unsqueeze(0) for t in inputs[s.name]],
                             [p.new_zeros((1, 1) + p.shape) for p in self.probes[s.name]])
             sizes[s.name] = (u.shape[1], u.shape[2], u.shape[3], g.shape[4])
-        del o
         return sizes
 
     def _gram_is_cheaper(self, s: Site, n1: int, n2: int) -> bool:
