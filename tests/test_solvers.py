@@ -402,3 +402,20 @@ def test_failures_are_typed_and_worded_from_one_table():
     assert issubclass(errors.MemoryBudgetError, MemoryError)
     assert solvers.ConvergenceError is errors.ConvergenceError
     assert isinstance(errors.out_of_memory("a 10 GB kernel"), errors.MemoryBudgetError)
+
+
+def test_running_out_of_memory_is_a_typed_error_with_the_fixes():
+    """A kernel function that runs out of memory (MemoryError) during the exact solve or
+    the ensemble's train-train kernels surfaces as MemoryBudgetError (a MemoryError)
+    naming the size and the fixes, chained to the original."""
+    from ntkit import errors
+
+    def oom(a, b=None):
+        raise MemoryError("no room")
+
+    x, y = torch.randn(10, 3, dtype=F64), torch.randn(10, 1, dtype=F64)
+    with pytest.raises(errors.MemoryBudgetError, match=r"10 x 10.*solver='nystrom'") as info:
+        solvers.exact_krr(oom, x, y, diag_reg=1e-3)
+    assert isinstance(info.value.__cause__, MemoryError)
+    with pytest.raises(MemoryError, match=r"train-train kernels.*memory_budget"):
+        predict.gradient_descent_mse_ensemble(oom, x, y)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import IllConditionedWarning, not_positive_definite
-from ..solvers._common import check_targets, diag_reg_absolute
+from ..solvers._common import check_targets, diag_reg_absolute, memory_guard
 
 __all__ = ["Factor", "check_finite", "check_positive", "check_square", "decay", "grown",
            "regularised_cholesky", "targets", "times_of"]
@@ -48,7 +48,9 @@ class Factor:
         """Eigenvalues (negative rounding clamped to 0) and eigenvectors."""
         if self._eig is None:
             self.factorisations += 1
-            evals, evecs = torch.linalg.eigh(self.k)
+            n = self.k.shape[0]
+            with memory_guard(f"the eigendecomposition of {self.name}", f"{n} x {n}"):
+                evals, evecs = torch.linalg.eigh(self.k)
             top = float(evals.abs().max()) if evals.numel() else 0.0
             low = float(evals.min()) if evals.numel() else 0.0
             if low < -1e3 * torch.finfo(self.k.dtype).eps * max(top, 1e-300) * self.k.shape[0]:
@@ -64,9 +66,10 @@ class Factor:
         """``K^-1 b`` by Cholesky, with a clear error when K is not positive definite."""
         if self._chol is None:
             self.factorisations += 1
-            chol, info = torch.linalg.cholesky_ex(self.k)
+            n = self.k.shape[0]
+            with memory_guard(f"the Cholesky factor of {self.name}", f"{n} x {n}"):
+                chol, info = torch.linalg.cholesky_ex(self.k)
             if int(info) != 0:
-                n = self.k.shape[0]
                 raise not_positive_definite(
                     self.name, f"{n} x {n}, {self.k.dtype}; the t = inf solution does not "
                                f"exist")

@@ -12,7 +12,7 @@ from torch import Tensor
 from .._budget import parse_memory
 from ..kernel_function import GETS, Get, KernelFunction, check_get
 from ..solvers import solve_krr
-from ..solvers._common import resolve_solver, row_ranges, rows_within
+from ..solvers._common import memory_guard, resolve_solver, row_ranges, rows_within
 from ._common import Factor, check_finite, check_positive, grown, targets, times_of
 from .results import EnsemblePrediction
 
@@ -43,7 +43,10 @@ class EnsemblePredictor:
                                      memory_budget=memory_budget, dtype=dtype)
             self._solved: dict[str, object] = {}
             return
-        k = self._kernels(x_train, None)
+        n = x_train.shape[0]
+        with memory_guard("the train-train kernels", f"two {n} x {n} matrices; "
+                                                     f"solver='nystrom' never forms them"):
+            k = self._kernels(x_train, None)
         self._k_dd = {"nngp": k.nngp, "ntk": k.ntk}
         self._factors = {g: Factor(self._k_dd[g], diag_reg, absolute, f"the train-train {g}")
                          for g in ("nngp", "ntk")}
@@ -224,7 +227,7 @@ def gradient_descent_mse_ensemble(net, x_train: Tensor, y_train: Tensor, *,
                         f"{type(net).__name__}.")
     kernel_fn = KernelFunction(net, memory_budget=memory_budget, progress=None)
     solver = resolve_solver(solver, x_train.shape[0], dtype or x_train.dtype, memory_budget)
-    options = {} if solver == "exact" else dict(n_centers=n_centers, generator=generator)
+    options = {} if solver == "exact" else {"n_centers": n_centers, "generator": generator}
     return EnsemblePredictor(kernel_fn, x_train, y_train, learning_rate, diag_reg,
                              diag_reg_absolute_scale, memory_budget, dtype, solver, options)
 

@@ -7,7 +7,8 @@ Imports nothing of ntkit but the memory budget parser (a leaf module).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .._budget import parse_memory
+from ..errors import MemoryBudgetError, out_of_memory
 
 __all__ = [
     "SOLVERS",
@@ -136,6 +138,21 @@ def tile_rows(m: int, element_size: int, budget: int) -> int:
     """Rows of an ``(rows, m)`` kernel tile: about an eighth of the budget, with room
     for the kernel function's copies (NNGP and NTK, a cast)."""
     return rows_within(budget, 8 * max(m, 1) * element_size)
+
+
+# ------------------------------------------------------------------ out of memory
+@contextmanager
+def memory_guard(what: str, detail: str = "") -> Iterator[None]:
+    """Re-raises running out of memory inside the block (``MemoryError``, torch's
+    ``OutOfMemoryError``) as `ntkit.errors.MemoryBudgetError` with the message of the
+    errors table (what did not fit, why, what to do), chained to the original."""
+    oom = getattr(torch, "OutOfMemoryError", MemoryError)
+    try:
+        yield
+    except MemoryBudgetError:
+        raise
+    except (MemoryError, oom) as e:
+        raise out_of_memory(what, detail) from e
 
 
 # ------------------------------------------------------------------ checks

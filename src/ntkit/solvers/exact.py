@@ -19,6 +19,7 @@ from ._common import (
     check_inputs,
     check_targets,
     diag_reg_absolute,
+    memory_guard,
     resolve_solver,
 )
 from .cg import cg_krr
@@ -36,11 +37,12 @@ def exact_krr(kernel_fn: KernelFn, x_train: Tensor, y_train: Tensor, *, diag_reg
     x = check_inputs(x_train)
     y, vector = check_targets(y_train, x.shape[0])
     diag_reg = check_diag_reg(diag_reg)
-    k = kernel_fn(x, x).to(dtype or x.dtype)
-    n = k.shape[0]
-    s = diag_reg_absolute(torch.diagonal(k), diag_reg, diag_reg_absolute_scale)
-    k.diagonal().add_(s)
-    chol, info = torch.linalg.cholesky_ex(k)
+    n = x.shape[0]
+    with memory_guard("the exact solve", f"an {n} x {n} kernel and its Cholesky factor"):
+        k = kernel_fn(x, x).to(dtype or x.dtype)
+        s = diag_reg_absolute(torch.diagonal(k), diag_reg, diag_reg_absolute_scale)
+        k.diagonal().add_(s)
+        chol, info = torch.linalg.cholesky_ex(k)
     if int(info) != 0:
         raise not_positive_definite("the train-train kernel + s I", f"{n} x {n}, {k.dtype}")
     del k
