@@ -38,7 +38,7 @@ def exact_krr(kernel_fn: KernelFn, x_train: Tensor, y_train: Tensor, *, diag_reg
     y, vector = check_targets(y_train, x.shape[0])
     diag_reg = check_diag_reg(diag_reg)
     n = x.shape[0]
-    with memory_guard("the exact solve", f"an {n} x {n} kernel and its Cholesky factor"):
+    with memory_guard("the exact solve", f"the {n} x {n} kernel and its Cholesky factor"):
         k = kernel_fn(x, x).to(dtype or x.dtype)
         s = diag_reg_absolute(torch.diagonal(k), diag_reg, diag_reg_absolute_scale)
         k.diagonal().add_(s)
