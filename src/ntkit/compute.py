@@ -22,7 +22,7 @@ _MOVED = {
 
 
 def __getattr__(name: str):
-    home = _MOVED.get(name, "ntkit.tiling")
+    home = _MOVED.get(name, "ntkit.tiling")  # private names (_tile, ...) went to tiling
     module = importlib.import_module(home)
     if not hasattr(module, name):
         raise AttributeError(f"module 'ntkit.compute' has no attribute {name!r}")

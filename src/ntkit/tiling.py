@@ -18,17 +18,10 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ._budget import (
-    DEFAULT_MEMORY_BUDGET,
-    TEMPORARIES_PER_ENTRY,
-    parse_memory,
-    progress_bar,
-    tile_sides,
-)
+from ._budget import TEMPORARIES_PER_ENTRY, parse_memory, progress_bar, tile_sides
 from .kernel import Kernel, SelfTrace, input_kernel, same_inputs
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "parse_memory", "peak_positions", "progress_bar",
-           "tile_sides", "tiled_kernel"]
+__all__ = ["Kernels", "peak_positions", "tiled_kernel"]
 
 #: What flows between layers: one kernel, or a tuple of them between FanOut and FanIn.
 Kernels = Kernel | tuple[Kernel, ...]
