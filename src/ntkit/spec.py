@@ -42,7 +42,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +55,30 @@ from .layers.registry import normal_name, spec_constructors
 __all__ = ["LAYERS", "parse_architecture", "to_spec"]
 
 
-#: Compact-spec name -> constructor, read from the layer registry: every layer class
-#: that declares ``spec_names`` (`ntkit.layers.registry`). Keys are lowercase
-#: without underscores.
-LAYERS: dict[str, Callable[..., Layer]] = {
-    normal_name(name): ctor for name, ctor in spec_constructors().items()}
+class _Layers(Mapping):
+    """Compact-spec name -> constructor, read from the layer registry at each use, so
+    that a layer class defined later (with ``spec_names``) is known at once. Keys are
+    lowercase without underscores."""
+
+    def _table(self) -> dict[str, Callable[..., Layer]]:
+        return {normal_name(name): ctor for name, ctor in spec_constructors().items()}
+
+    def __getitem__(self, key: str) -> Callable[..., Layer]:
+        return self._table()[key]
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+    def __repr__(self) -> str:
+        return f"LAYERS({sorted(self)})"
+
+
+#: Compact-spec name -> constructor: every layer class that declares ``spec_names``
+#: (`ntkit.layers.registry`), a live view.
+LAYERS: Mapping[str, Callable[..., Layer]] = _Layers()
 _CONSTANTS = {"true": True, "false": False, "none": None, "null": None}
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)(?![\w])",
                      re.IGNORECASE)

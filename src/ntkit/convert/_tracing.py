@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from ..layers import Layer
 from ..layers.elementwise import NUMERICAL_MODULES
+from ..layers.registry import torch_module_classes
 
 
 class ConversionError(TypeError, ValueError):
@@ -94,9 +95,15 @@ class _Tracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
 
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # A module class that a layer declares (`ntkit.layers.registry`) is one node,
+        # like torch.nn's own, even when it is defined outside torch.
+        return type(m) in torch_module_classes() or super().is_leaf_module(
+            m, module_qualified_name)
+
 
 def _is_leaf(module: nn.Module) -> bool:
-    return fx.Tracer().is_leaf_module(module, "")
+    return _Tracer().is_leaf_module(module, "")
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)

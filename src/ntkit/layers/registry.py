@@ -27,6 +27,7 @@ __all__ = [
     "normal_name",
     "register",
     "spec_constructors",
+    "torch_module_classes",
 ]
 
 #: Declared spec name -> constructor, in registration order.
@@ -91,6 +92,12 @@ def layer_classes() -> list[type]:
     """Every registered layer class (declaring a spec name or a torch module)."""
     _loaded()
     return list(_CLASSES)
+
+
+def torch_module_classes() -> frozenset[type]:
+    """Every torch module class that some layer class declares in ``torch_modules``."""
+    _loaded()
+    return frozenset(_TORCH)
 
 
 def module_rule(module: Any) -> type | None:
