@@ -16,7 +16,10 @@ Grammar (whitespace is allowed between tokens)::
 
 Layer names are case-insensitive and ignore underscores (``LayerNorm``,
 ``layer_norm`` and ``layernorm`` are one layer); arguments are those of the
-ntkit constructor of the same name, positional or by keyword. Bare names as
+ntkit constructor of the same name, positional or by keyword. The names are
+those the layer classes declare (``spec_names``, `ntkit.layers.registry`), so
+a layer class defined anywhere joins the grammar; `to_spec` writes what each
+layer's ``spec_call`` gives. Bare names as
 values are strings (``padding=same``), except ``true``/``false`` and
 ``none``/``null``. Numbers with a dot or an exponent are floats, others ints.
 
