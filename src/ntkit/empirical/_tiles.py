@@ -84,8 +84,8 @@ def tiled(problem: Problem, engine, group: Group | None,
     if symmetric:
         for kernel in result.values():
             for i0, i1 in chunks1:
-                block = kernel[i0:i1, i0:i1]
-                block.copy_((block + mirrored(block, full=output == "full")) / 2)
+                block = kernel[i0:i1, i0:i1]     # (a copy first: a transposed read is slow)
+                block.add_(mirrored(block, full=output == "full").contiguous()).mul_(0.5)
     return result
 
 
