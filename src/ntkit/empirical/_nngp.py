@@ -106,6 +106,7 @@ def empirical_nngp(
         k = torch.einsum("ipc,jpc->ijp", a, b) / c
         k = k.reshape(z1.shape[0], z2.shape[0], *z1.shape[2:])
     if x2 is None:  # the products need not round (i, j) and (j, i) alike
-        k = k.add_(mirrored(k, full=output == "full").contiguous()).mul_(0.5)
+        k = k.add_(mirrored(k, full=output == "full").clone(
+            memory_format=torch.contiguous_format)).mul_(0.5)
     return k
 

@@ -85,7 +85,8 @@ def tiled(problem: Problem, engine, group: Group | None,
         for kernel in result.values():
             for i0, i1 in chunks1:
                 block = kernel[i0:i1, i0:i1]     # (a copy first: a transposed read is slow)
-                block.add_(mirrored(block, full=output == "full").contiguous()).mul_(0.5)
+                block.add_(mirrored(block, full=output == "full").clone(
+                    memory_format=torch.contiguous_format)).mul_(0.5)
     return result
 
 
