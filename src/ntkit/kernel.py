@@ -383,11 +383,15 @@ def input_kernel(x1: Tensor, x2: Tensor | None, *, diagonal: bool = False,
 
 
 def same_inputs(x1: Tensor, x2: Tensor | None) -> bool:
-    """Whether ``x2`` is ``x1`` itself, a view of the same data, or equal values.
+    """Whether ``x2`` is ``x1`` itself or a view of the same memory read the same way.
 
     ``k(x, x)`` written with one tensor twice then takes the symmetric path of
-    ``k(x)`` (one triangle of tiles, mirrored; self-pairs exact). The value test
-    (`torch.equal`, O(N d)) is cheap against any kernel (O(N^2 d) or more).
+    ``k(x)`` (one triangle of tiles, mirrored; self-pairs exact). Equal values in
+    distinct memory are deliberately not merged: ``k(x, x.clone())`` stays a cross
+    kernel, so that a result never depends on whether a test batch happens to equal
+    the training batch (a shuffled copy would take the other path and differ by
+    rounding), and a copy stays a second batch where that matters (Dropout in
+    training mode draws new masks for it).
 
     Args:
         x1: inputs ``(N1, *features)``.
@@ -395,9 +399,8 @@ def same_inputs(x1: Tensor, x2: Tensor | None) -> bool:
 
     Returns:
         False for ``x2=None`` (nothing to merge) and for tensors of another
-        shape, dtype or device; True for the same tensor or the same memory
-        read alike, and when every element of ``x2`` equals ``x1``'s (for
-        distinct tensors NaN never equals itself).
+        shape, dtype, device or memory; True for the same tensor or the same
+        memory read alike.
     """
     if x2 is None or not isinstance(x1, Tensor) or not isinstance(x2, Tensor):
         return False
@@ -407,6 +410,5 @@ def same_inputs(x1: Tensor, x2: Tensor | None) -> bool:
         return False
     if x1.device.type == "meta":
         return False  # no data to compare (and every meta tensor has the same address)
-    if x1.data_ptr() == x2.data_ptr() and x1.stride() == x2.stride():
-        return True  # the same memory, read the same way
-    return bool(torch.equal(x1, x2))
+    return (x1.data_ptr() == x2.data_ptr() and x1.stride() == x2.stride()
+            and x1.storage_offset() == x2.storage_offset())

@@ -45,7 +45,7 @@ def tiled_kernel(
     """Applies a network's kernel rule tile by tile and assembles the result.
 
     For ``x2 is None`` only tiles on or above the diagonal are computed and the
-    rest is mirrored; ``x2`` equal to ``x1`` (see `ntkit.kernel.same_inputs`)
+    rest is mirrored; ``x2`` that is ``x1`` (itself or a view, see `ntkit.kernel.same_inputs`)
     is computed the same way, so ``k(x, x)`` costs what ``k(x)`` does and its
     self-pairs are exact. Tiles of any size are allowed: the last row or column
     of tiles is simply smaller.

@@ -38,7 +38,7 @@ def empirical_nngp(
         x1, x2: input batches ``(N1, ...)``, ``(N2, ...)``; ``x2=None`` for
             ``K(x1, x1)``, which is computed from one pass over ``x1`` and is exactly
             symmetric. ``x2`` that is ``x1`` (`ntkit.kernel.same_inputs`: the same
-            tensor, a view of the same data, or equal values) is taken as None,
+            tensor, or a view of the same data) is taken as None,
             except that with Dropout in training mode only ``x1`` itself is (a
             copy is a second pass, with masks of its own).
         layer: the name of a submodule (as in ``model.named_modules()``) whose

@@ -39,7 +39,7 @@ def empirical_ntk(
         x1, x2: input batches ``(N1, ...)``, ``(N2, ...)`` (any dtype the model
             takes, e.g. token ids); ``x2=None`` for ``Theta(x1, x1)``, computed once
             per pair of examples and exactly symmetric. ``x2`` that is ``x1`` (the
-            same tensor, a view of the same data, or equal values) is taken as None.
+            same tensor, or a view of the same data) is taken as None.
         output: ``"trace"``: ``sum_a Theta[i, j, a, a]`` over the flattened
             outputs ``a``, shape ``(N1, N2)`` (divide by the number of outputs
             for the per-output mean that approaches the infinite-width NTK);

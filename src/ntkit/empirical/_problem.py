@@ -43,8 +43,8 @@ class Problem:
     def make(cls, model, x1, x2, params, output, memory_budget) -> Problem:
         """Checks the arguments of a public call and gathers what the engines need.
 
-        ``x2`` equal to ``x1`` (the same tensor, a view of the same data, or equal
-        values) becomes None, so that ``Theta(x, x)`` takes the symmetric path.
+        ``x2`` that is ``x1`` (the same tensor, or a view of the same data) becomes
+        None, so that ``Theta(x, x)`` takes the symmetric path.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")

@@ -29,7 +29,7 @@ qualified name and the user's ``key``), ``get``, the dtype and the tile size.
 A later call with the same ``out`` is a resume; one that differs in any of
 these is refused (``overwrite=True`` starts over; the refusal is an
 `ntkit.errors.StoreError` naming the store, what is wrong and the fix). ``x2``
-equal to ``x1`` is stored and resumed as ``x2=None``.
+that is ``x1`` (itself or a view) is stored and resumed as ``x2=None``.
 
 The package's parts: ``_job`` (what to compute, and one tile), ``_store``
 (memory and zarr sinks), ``_cluster`` (in-process or Dask), ``_api`` (the two

@@ -52,8 +52,7 @@ def kernel_matrix(
         x1: inputs ``(N1, *features)``. For a network, float32 or float64.
         x2: inputs ``(N2, *features)``, or None for the symmetric ``k(x1, x1)``,
             of which only tiles on and above the diagonal are computed (and
-            mirrored). ``x2`` equal to ``x1`` (the same tensor, a view of it, or
-            equal values) is computed as None.
+            mirrored). ``x2`` equal to ``x1`` (the same tensor or a view of it) is computed as None.
         get: ``"ntk"`` (default) or ``"nngp"``, the kernel of a network; a
             ``kernel_fn`` returns one matrix and takes no ``get``.
         out: a directory for the matrix as a zarr group (see the module's
