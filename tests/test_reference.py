@@ -52,7 +52,14 @@ def test_matches_neural_tangents(case, dtype):
     Relative error = max abs error / max abs value <= 1e-6 (float64) or 1e-5 (float32)
     for closed forms, <= 1e-4 for the quadrature case.
     """
-    want = reference.arrays(case["name"])
+    want = dict(reference.arrays(case["name"]))
+    if case["name"] in NUMERICAL:
+        # ntkit makes k(x1, x1) exactly symmetric (each diagonal tile averaged with its
+        # transpose); the stored neural-tangents k(x1, x1) of the quadrature case is not
+        # (see below), so it is compared averaged the same way. k(x1, x2) is compared as
+        # stored. Against degree-300 quadrature both are 5.8e-2 off at degree 25.
+        for key in ("nngp_11", "ntk_11"):
+            want[key] = (want[key] + want[key].T) / 2
     got = _kernels(case, dtype)
     tol = _tolerance(case, dtype)
     errors = {key: rel_err(got[key], want[key]) for key in KEYS}
@@ -64,14 +71,15 @@ def test_matches_neural_tangents(case, dtype):
 #: alike) factors the covariance from the first variable's side, so its error (~1e-3 at
 #: degree 25 and pre-activation variance ~4) is not symmetric; the stored neural-tangents
 #: k(x1, x1) is itself asymmetric by 9e-4 (nngp) and 4e-3 (ntk).
-CLOSED_FORM_CASES = [c for c in CASES if c["name"] not in NUMERICAL]
 
 
-@pytest.mark.parametrize("case", CLOSED_FORM_CASES, ids=[c["name"] for c in CLOSED_FORM_CASES])
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_self_kernel_is_symmetric(case):
-    """k(x1, x1) is symmetric to rounding (witness: its own transpose)."""
+    """k(x1, x1) is exactly symmetric (witness: its own transpose), the quadrature case
+    included (ntkit symmetrises diagonal tiles; see ntkit.tiling)."""
     net = reference.network(case["layers"])
     k11 = net.kernel(reference.arrays(case["name"])["x1"])
     for field in ("nngp", "ntk"):
         m = getattr(k11, field)
-        assert rel_err(m, m.T) <= 1e-12, field
+        assert torch.equal(m, m.T), field

@@ -255,6 +255,10 @@ def _store(out: dict[str, Tensor], k: Kernel, r, c, *, mirror: bool) -> None:
         return
     j0, j1 = c
     out["cov2"][j0:j1] = k.cov2
+    if mirror and r == c:  # a tile on the diagonal of k(x, x): exactly symmetric
+        out["nngp"][i0:i1, j0:j1] = _symmetrised(k, k.nngp)
+        out["ntk"][i0:i1, j0:j1] = _symmetrised(k, k.ntk)
+        return
     out["nngp"][i0:i1, j0:j1] = k.nngp
     out["ntk"][i0:i1, j0:j1] = k.ntk
     if mirror and r != c:
@@ -275,6 +279,8 @@ def _assemble(done: dict[tuple, Kernel], facts: Kernel, *, diagonal: bool, mirro
     cols = sorted({c for _, c in done})
 
     def block(r, c, field: str) -> Tensor:
+        if mirror and r == c:
+            return _symmetrised(facts, getattr(done[r, c], field))
         if (r, c) in done:
             return getattr(done[r, c], field)
         return _swap(facts, getattr(done[c, r], field))  # mirrored: k(x_j, x_i)
@@ -295,6 +301,16 @@ def _assemble(done: dict[tuple, Kernel], facts: Kernel, *, diagonal: bool, mirro
 
 
 _FIELDS = ("nngp", "ntk", "cov1", "cov2")
+
+
+def _symmetrised(k: Kernel, t: Tensor) -> Tensor:
+    """A diagonal tile of ``k(x, x)`` made exactly symmetric: ``(t + t^T) / 2``.
+
+    The layer rules compute ``(i, j)`` and ``(j, i)`` separately, and vectorised and
+    scalar loops (or BLAS) may round them an ulp apart; the average is the same float
+    both ways (addition commutes) and moves no entry by more than that rounding. The
+    self-pairs ``(i, i)`` are unchanged (``(a + a) / 2 == a``)."""
+    return (t + _swap(k, t)) * 0.5
 
 
 def _swap(k: Kernel, t: Tensor) -> Tensor:
