@@ -52,11 +52,14 @@ from .layers import (
     Repeat,
     SelfAttention,
     Sequential,
+    Sigmoid,
     Sign,
     Sin,
+    Softplus,
     SumPool1d,
     SumPool2d,
     SumPool3d,
+    Tanh,
 )
 from .linearize import TaylorModel, linearize, taylor
 from .monte_carlo import empirical_kernels, monte_carlo_kernel
@@ -113,6 +116,9 @@ __all__ = [
     "SumPool1d",
     "SumPool2d",
     "SumPool3d",
+    "Sigmoid",
+    "Softplus",
+    "Tanh",
     "TaylorModel",
     "TileDone",
     "empirical_kernels",

@@ -367,7 +367,7 @@ def table(header: Sequence[str], rows: list[Sequence[str]]) -> str:
 def has_matplotlib() -> bool:
     """Whether matplotlib (``pip install 'ntkit[plot]'``) can be imported."""
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib
     except ImportError:
         return False
     return True

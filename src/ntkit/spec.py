@@ -288,7 +288,7 @@ def _from_item(item: Any, where: str) -> Layer:
     if isinstance(item, str):
         return _parse_string(item, f" ({where})")
     if not isinstance(item, dict):  # a malformed spec file is a ValueError, as a bad string
-        raise ValueError(  # noqa: TRY004
+        raise ValueError(
             f"{where}: a layer is a string such as 'relu', a mapping "
             f"{{'layer': NAME, 'args': [...], 'kwargs': {{...}}}} or "
             f"{{'repeat': N, 'layers': [...]}}; got {item!r}.")
@@ -309,7 +309,7 @@ def _from_item(item: Any, where: str) -> Layer:
         raise ValueError(f"{where}: unknown layer {name!r}; known layers: {_known()}")
     args, kwargs = item.get("args", []), item.get("kwargs", {})
     if not isinstance(args, list) or not isinstance(kwargs, dict):
-        raise ValueError(  # noqa: TRY004  (a malformed spec file)
+        raise ValueError(
             f"{where}: 'args' must be a list and 'kwargs' a mapping, got {args!r} and "
             f"{kwargs!r}.")
 

@@ -67,7 +67,7 @@ class ZarrSink(Sink):
         if is_zarr and not overwrite:
             try:
                 group = zarr.open_group(str(path), mode="r+")
-            except Exception as e:  # noqa: BLE001 - a zarr array, or a damaged store
+            except Exception as e:
                 raise StoreError(path, f"is not a kernel matrix written by ntkit ({e})",
                                  "overwrite") from None
             if "kernel" in group:

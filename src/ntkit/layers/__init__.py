@@ -6,12 +6,31 @@ estimators' activation names are read from there.
 """
 
 from .activations import (
-    ABReLU, Abs, Activation, Cos, Erf, Exp, Gaussian, GELU, LeakyReLU, ReLU, Rbf, Sign, Sin,
+    GELU,
+    ABReLU,
+    Abs,
+    Activation,
+    Cos,
+    Erf,
+    Exp,
+    Gaussian,
+    LeakyReLU,
+    Rbf,
+    ReLU,
+    Sign,
+    Sin,
 )
 from .attention import SelfAttention
 from .base import Layer, input_kernel
 from .containers import (
-    FanInConcat, FanInProd, FanInSum, FanOut, Identity, Parallel, Repeat, Sequential,
+    FanInConcat,
+    FanInProd,
+    FanInSum,
+    FanOut,
+    Identity,
+    Parallel,
+    Repeat,
+    Sequential,
 )
 from .conv import Conv1d, Conv2d, Conv3d
 from .elementwise import Elementwise, Sigmoid, Softplus, Tanh
@@ -19,7 +38,13 @@ from .linear import Flatten, Linear
 from .normalization import Dropout, LayerNorm
 from .polynomial import Monomial, RectifiedMonomial
 from .pool import (
-    AvgPool1d, AvgPool2d, AvgPool3d, GlobalAvgPool, GlobalSumPool, SumPool1d, SumPool2d,
+    AvgPool1d,
+    AvgPool2d,
+    AvgPool3d,
+    GlobalAvgPool,
+    GlobalSumPool,
+    SumPool1d,
+    SumPool2d,
     SumPool3d,
 )
 

@@ -18,9 +18,16 @@ from ..kernel import Kernel
 from ._spatial import Axis, Spatial, int_tuple, padding_spec, same_ints, shifted_sum
 from .base import BuildContext, Kernels, Shapes, affine_variances, number, single
 from .linear import Parameterization, affine_spec, uninitialised
-from .pool import (  # noqa: F401  (they lived here before pool.py)
-    AvgPool1d, AvgPool2d, AvgPool3d, GlobalAvgPool, GlobalSumPool, PoolModule, SumPool1d,
-    SumPool2d, SumPool3d,
+from .pool import (
+    AvgPool1d,
+    AvgPool2d,
+    AvgPool3d,
+    GlobalAvgPool,
+    GlobalSumPool,
+    PoolModule,
+    SumPool1d,
+    SumPool2d,
+    SumPool3d,
 )
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d", "NTKConv"]

@@ -84,7 +84,7 @@ class Elementwise(Activation):
         x = torch.linspace(-2, 2, 7, dtype=torch.float64)
         try:
             y = self._fn(x)
-        except Exception as e:  # noqa: BLE001 - re-raised with context
+        except Exception as e:
             raise TypeError(
                 f"Elementwise: fn={self.name} could not be applied to a float64 tensor ({e})."
             ) from e

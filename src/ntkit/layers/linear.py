@@ -11,7 +11,14 @@ from torch import Tensor, nn
 from .._checks import as_std, is_int
 from ..kernel import Kernel
 from .base import (
-    BuildContext, Kernels, Layer, Shapes, affine_variances, flat_width, number, single,
+    BuildContext,
+    Kernels,
+    Layer,
+    Shapes,
+    affine_variances,
+    flat_width,
+    number,
+    single,
 )
 
 __all__ = ["Linear", "Flatten", "NTKLinear"]

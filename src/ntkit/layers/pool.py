@@ -17,7 +17,13 @@ from torch.nn import functional as F
 
 from ..kernel import Kernel, position_diagonal
 from ._spatial import (
-    Axis, Spatial, int_tuple, padding_spec, require_pairs, same_ints, shifted_sum,
+    Axis,
+    Spatial,
+    int_tuple,
+    padding_spec,
+    require_pairs,
+    same_ints,
+    shifted_sum,
 )
 from .base import BuildContext, Kernels, Layer, Shapes, single
 from .normalization import ShapeChecked

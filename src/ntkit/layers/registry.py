@@ -79,7 +79,7 @@ def _owner(ctor: Callable[..., Any]) -> type:
 
 def _loaded() -> None:
     """Imports every layer module, so that all classes have registered."""
-    from .. import layers  # noqa: F401
+    from .. import layers
 
 
 def spec_constructors() -> dict[str, Callable[..., Any]]:
