@@ -17,7 +17,8 @@ from __future__ import annotations
 
 __all__ = [
     "MESSAGES", "ConvergenceError", "ConvergenceWarning", "IllConditionedWarning",
-    "MemoryBudgetError", "NotPositiveDefiniteError", "StoreError", "did_not_converge",
+    "MemoryBudgetError", "ModelFileError", "NotPositiveDefiniteError", "SpecError",
+    "StoreError", "did_not_converge",
     "message", "not_positive_definite", "out_of_memory",
 ]
 
@@ -40,6 +41,16 @@ class IllConditionedWarning(RuntimeWarning):
 
 class MemoryBudgetError(MemoryError):
     """A computation does not fit in the memory budget or the device's memory."""
+
+
+class SpecError(ValueError):
+    """An architecture spec (string, layer list, JSON/YAML file) that does not parse or
+    exceeds `ntkit.spec.SpecLimits`; the message says where and what to do."""
+
+
+class ModelFileError(ValueError):
+    """A model file (`ntkit.sklearn.load`) that is truncated, crafted, or not one that
+    `ntkit.sklearn.save` wrote; the message names the entry that is wrong."""
 
 
 #: The failure messages, by kind: ``what`` happened, likely ``causes``, the ``fixes``.
