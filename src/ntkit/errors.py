@@ -43,6 +43,15 @@ class MemoryBudgetError(MemoryError):
     """A computation does not fit in the memory budget or the device's memory."""
 
 
+class NonFiniteError(ValueError, FloatingPointError):
+    """A result (kernel, prediction, solver output) came out NaN or infinite.
+
+    Raised by `check_finite_output` instead of returning the result. A `ValueError`
+    (what ntkit's documented failures are) and a `FloatingPointError` (what the
+    predictors raised for this before), so callers of either keep working.
+    """
+
+
 class SpecError(ValueError):
     """An architecture spec (string, layer list, JSON/YAML file) that does not parse or
     exceeds `ntkit.spec.SpecLimits`; the message says where and what to do."""
@@ -80,6 +89,88 @@ MESSAGES: dict[str, dict[str, str]] = {
                   "or a device with more memory"),
     },
 }
+
+
+#: Likely causes of a non-finite result, by the kind of computation that made it
+#: (`check_finite_output`'s ``causes``); each names the fix.
+CAUSES: dict[str, str] = {
+    "kernel": (
+        "overflow: an input or a pre-activation variance too large for the dtype (inputs "
+        "of magnitude 1e20 in float32 or 1e160 in float64 square to infinity); rescale the "
+        "inputs (e.g. standardise each feature) or use float64 (x.double()); or a layer's "
+        "variance blowing up with depth: a weight scale above the critical one (w_std > "
+        "sqrt(2) for ReLU) over many layers, or stacked Exp / exponential activations; "
+        "lower w_std, the depth, or remove the stacked exponentials"),
+    "empirical": (
+        "overflow in the model's outputs or gradients (large inputs or parameters, float32) "
+        "or a NaN produced inside the model (0/0, log of 0, sqrt of a negative number); "
+        "rescale the inputs, use float64 (model.double(), x.double()), or check that "
+        "model(x) is finite"),
+    "monte_carlo": (
+        "overflow in a sampled network's outputs (inputs too large for the dtype, a weight "
+        "scale that explodes with depth, stacked Exp); rescale the inputs, use float64, or "
+        "lower w_std or the depth"),
+    "prediction": (
+        "a train-train kernel too ill-conditioned in its dtype, or kernels or targets of "
+        "huge magnitude; add diag_reg (e.g. 1e-4, relative to the mean diagonal), use "
+        "float64, or rescale the kernels and targets"),
+}
+
+
+def check_finite_output(value, what: str, *, causes: str = "kernel"):
+    """``value`` unchanged if it is finite, else a `NonFiniteError` naming ``what``.
+
+    The one finite-output check at the end of every public computation: one
+    ``isfinite().all()`` reduction per tensor (negligible next to computing it).
+
+    Args:
+        value: a tensor, or an object whose tensor fields are checked: a `Kernel`
+            (``nngp``, ``ntk``), a prediction (``mean``, ``cov``, ``train``, ``test``,
+            ``log_marginal_likelihood``), a tuple/list or dict of tensors. None fields
+            and non-tensors are skipped.
+        what: the result's name in the message, e.g. ``"net.kernel(x1, x2)"``.
+        causes: a key of `CAUSES` (or the causes' text itself), named in the message.
+
+    Returns:
+        ``value`` itself.
+
+    Raises:
+        NonFiniteError: a field has NaN or infinite entries; the message counts them,
+            names the field, the dtype and the likely causes with their fixes.
+    """
+    for field, t in _tensors(value):
+        if t.is_floating_point() or t.is_complex():
+            if bool(t.isfinite().all()):
+                continue
+            n_nan = int(t.isnan().sum())
+            n_inf = t.numel() - n_nan - int(t.isfinite().sum())
+            name = what + (field if field[:1] in ("", "[") else f".{field}")
+            text = CAUSES.get(causes, causes)
+            raise NonFiniteError(
+                f"{name} is not finite: {n_nan} NaN and {n_inf} infinite of {t.numel()} "
+                f"entries ({t.dtype}). Likely causes: {text}.")
+    return value
+
+
+_FIELDS = ("nngp", "ntk", "mean", "cov", "train", "test", "log_marginal_likelihood", "alpha")
+
+
+def _tensors(value, field: str = ""):
+    """``(field, tensor)`` pairs in ``value`` (see `check_finite_output`)."""
+    if value is None:
+        return
+    if hasattr(value, "isfinite") and hasattr(value, "is_floating_point"):   # a tensor
+        yield field, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _tensors(v, f"{field}[{k!r}]")
+    elif isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            yield from _tensors(v, f"{field}[{i}]")
+    else:
+        for name in _FIELDS:
+            if hasattr(value, name):
+                yield from _tensors(getattr(value, name), f"{field}.{name}" if field else name)
 
 
 def message(kind: str, what: str, detail: str = "", fix: str = "") -> str:
