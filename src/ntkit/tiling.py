@@ -13,12 +13,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ._budget import TEMPORARIES_PER_ENTRY, parse_memory, progress_bar, tile_sides
+from .errors import check_finite_output
 from .kernel import Kernel, SelfTrace, input_kernel, same_inputs
 
 __all__ = ["Kernels", "peak_positions", "tiled_kernel"]
@@ -76,6 +78,10 @@ def tiled_kernel(
         The assembled `Kernel`: ``nngp``/``ntk`` of shape ``(N1, N2, ...)``
         (``(N1, ...)`` when ``diagonal``), carrying no recording of the tiles
         (``self_trace`` is None) and no inputs.
+
+    Raises:
+        ntkit.errors.NonFiniteError: the assembled ``nngp`` or ``ntk`` has NaN or
+            infinite entries (overflow in the dtype, a variance growing with depth).
     """
     if x1.dtype not in (torch.float32, torch.float64):
         raise TypeError(
@@ -145,6 +151,9 @@ def tiled_kernel(
             out = _assemble(done, facts, diagonal=diagonal, mirror=x2 is None and not diagonal)
     bar.close()
     assert facts is not None
+    # One finite-output check of the assembled result, naming the likely causes.
+    what = "the kernel" if network is None else f"{type(network).__name__}.kernel(...)"
+    check_finite_output(SimpleNamespace(nngp=out["nngp"], ntk=out["ntk"]), what, causes="kernel")
     # The recording of the tiles (SelfTrace) served the tiles only; the result drops it.
     return facts.replace(**out, x1_is_x2=x2 is None, diagonal=diagonal, self_trace=None)
 
