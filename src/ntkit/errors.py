@@ -216,4 +216,9 @@ class StoreError(ValueError):
 
 #: `StoreError`'s fixes, in the Python API's terms.
 STORE_FIXES = {"overwrite": "Pass overwrite=True to discard it, or give another out=.",
-               "new_directory": "Give a new or empty directory."}
+               "new_directory": "Give a new or empty directory.",
+               "key": ("Pass key= (a string naming what the function computes, e.g. a "
+                       "checkpoint's name) to resume, or overwrite=True to start over."),
+               "lock": "Wait for that writer to finish, or give another out=.",
+               "resume": ("Call again with the same arguments to recompute the damaged "
+                          "tiles, or pass overwrite=True to start over.")}
