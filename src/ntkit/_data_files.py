@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DATASETS", "DataFileError", "bundled_dataset", "check_labels", "labelled_data",
-           "load_data", "read_csv", "task_of"]
+__all__ = ["DATASETS", "DataFileError", "bundled_dataset", "check_cast", "check_labels",
+           "labelled_data", "load_data", "read_csv", "task_of"]
 
 
 class DataFileError(ValueError):
@@ -96,6 +96,44 @@ def load_data(path: Path | str, *, key: str | None = None, label_column: str | N
     if y is not None and y.shape[0] != x.shape[0]:
         raise DataFileError(f"{path.name}: {x.shape[0]} inputs but {y.shape[0]} labels.")
     return x, y
+
+
+def check_cast(x: np.ndarray, dtype: str, source: str, option: str = "--dtype float64"
+               ) -> None:
+    """Refuse inputs whose cast to ``dtype`` would make finite values infinite.
+
+    `load_data` reads every file in float64 and refuses NaN and infinity there; a
+    command that computes in float32 casts afterwards, and a value beyond float32's
+    largest (about 3.4e38) becomes infinite in that cast. Without this check the
+    library would report "x1 contains infinite values" for a file that holds none.
+
+    Args:
+        x: the inputs as read (float64).
+        dtype: the dtype of the computation: ``"float32"``, ``"float64"`` (or a torch
+            dtype, by its name).
+        source: the file's name, for the message.
+        option: how to ask for float64 where the check is made.
+
+    Raises:
+        DataFileError: naming the first value that overflows, its position, and the fix.
+    """
+    dtype = str(dtype).rsplit(".", 1)[-1]          # "float32" or torch.float32
+    if dtype not in ("float16", "float32", "float64"):
+        return                                     # not a float dtype of ours: no cast here
+    limit = float(np.finfo(np.dtype(dtype)).max)
+    x = np.asarray(x)
+    if x.dtype.kind != "f" or np.finfo(x.dtype).max <= limit:
+        return
+    over = np.abs(x) > limit
+    if not over.any():
+        return
+    flat = over.reshape(x.shape[0], -1)
+    row, col = (int(i) for i in np.argwhere(flat)[0])
+    value = x.reshape(x.shape[0], -1)[row, col]
+    raise DataFileError(f"{source}: the inputs are finite, but {int(over.sum())} of them (first "
+                        f"{value:.6g} at row {row}, column {col}) exceed {dtype}'s largest value "
+                        f"({limit:.4g}), so the cast to {dtype} would make them infinite. Use "
+                        f"{option}, or rescale the inputs.")
 
 
 def read_csv(path: Path, label_column: str | None) -> tuple[np.ndarray, np.ndarray | None]:

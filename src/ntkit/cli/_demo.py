@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -113,9 +114,54 @@ def bench(args: tuple[str, ...]) -> None:
     shows them. benchmarks/gpu_check.sh runs the GPU checks and benchmarks.
     """
     script = bench_script()
+    _check_bench_cases(args, script)
     proc = subprocess.run([sys.executable, str(script), *args], check=False)
     if proc.returncode != 0:
         sys.exit(proc.returncode)
+
+
+def bench_vocabulary(script: Path) -> tuple[tuple[str, ...], frozenset[str]] | None:
+    """The case names (keys of ``CASES``) of benchmarks/run.py and its options that take
+    a value, read from its source without running it (it imports torch); None when the
+    script does not have that form."""
+    try:
+        tree = ast.parse(script.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    cases, valued = None, set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "CASES"
+                                                for t in node.targets) \
+                and isinstance(node.value, ast.Dict):
+            cases = tuple(k.value for k in node.value.keys
+                          if isinstance(k, ast.Constant) and isinstance(k.value, str))
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument" \
+                and node.args and isinstance(node.args[0], ast.Constant) \
+                and str(node.args[0].value).startswith("-") \
+                and not any(k.arg == "action" for k in node.keywords):
+            valued.update(str(a.value) for a in node.args if isinstance(a, ast.Constant))
+    return None if not cases else (cases, frozenset(valued))
+
+
+def _check_bench_cases(args: tuple[str, ...], script: Path) -> None:
+    """A usage error (exit 2, one line) naming the valid cases when ``args`` name a case
+    benchmarks/run.py does not have; its own --help is left to it."""
+    vocabulary = bench_vocabulary(script)
+    if vocabulary is None or "-h" in args or "--help" in args:
+        return
+    cases, valued = vocabulary
+    named, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a.startswith("-"):
+            skip = a in valued                 # --reps 2: the 2 is no case
+        else:
+            named.append(a)
+    unknown = [a for a in named if a not in cases]
+    if unknown:
+        raise CommandError(f"no benchmark case {', '.join(map(repr, unknown))}; the cases are "
+                           f"{', '.join(cases)} (options: ntkit bench -- --help).", exit_code=2)
 
 
 def bench_script(package_dir: Path | None = None) -> Path:

@@ -7,8 +7,9 @@ printed as the library wrote them; a command may put what it was doing in front
 (`failing`), and a row may add a fix that only makes sense on the command line
 (for example ``--memory-budget``). Nothing here rewrites a message's text.
 
-Exit statuses: 1 an input that cannot be used or a computation that failed, 2 a
-usage error (click's own), 3 out of memory, 130 interrupted (Ctrl-C).
+Exit statuses: 1 an input that cannot be used or a computation that failed (every
+typed error of `ntkit.errors`, whatever its builtin base, except the memory ones),
+2 a usage error (click's own), 3 out of memory, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from dataclasses import dataclass
 
 import click
 
+from .. import errors as _library_errors
 from .._data_files import DataFileError
-from ..errors import ConvergenceError, MemoryBudgetError, NotPositiveDefiniteError, StoreError
+from ..errors import (ConvergenceError, MemoryBudgetError, NonFiniteError,
+                      NotPositiveDefiniteError, StoreError)
 
-__all__ = ["FAILURES", "CommandError", "Commands", "Failure", "failing", "failure_of"]
+__all__ = ["FAILURES", "LIBRARY_ERRORS", "CommandError", "Commands", "Failure", "failing",
+           "failure_of", "library_errors"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,24 @@ def _torch_out_of_memory() -> tuple[type[BaseException], ...]:
 
 _SOLVE_HINT = " From the command line: a larger --diag-reg, or --dtype float64."
 
+
+def library_errors() -> tuple[type[Exception], ...]:
+    """Every exception class defined in `ntkit.errors` (warnings excluded), the ones the
+    other helpers add included: the library's typed failures, whatever their builtin
+    base (`ValueError`, `TypeError`, `RuntimeError`, ...)."""
+    found = []
+    for value in vars(_library_errors).values():
+        if (isinstance(value, type) and issubclass(value, Exception)
+                and not issubclass(value, Warning)
+                and value.__module__ == _library_errors.__name__):
+            found.append(value)
+    return tuple(found)
+
+
+#: `library_errors` when this module was imported, less the memory failures (they keep
+#: exit status 3 and are not about the input, see `failing`).
+LIBRARY_ERRORS = tuple(e for e in library_errors() if not issubclass(e, MemoryError))
+
 #: The table, as (exception types, `Failure`) rows; the first row that matches is
 #: used, so the most specific types come first. torch's OutOfMemoryError is matched
 #: like `MemoryError` (`failure_of`).
@@ -80,6 +102,8 @@ FAILURES: tuple[tuple[tuple[type[BaseException], ...], Failure], ...] = (
     # the library's typed failures (ntkit.errors): their messages name causes and fixes
     ((NotPositiveDefiniteError,), Failure(1, hint=_SOLVE_HINT)),
     ((ConvergenceError,), Failure(1, hint=_SOLVE_HINT)),
+    ((NonFiniteError,), Failure(1, hint=" From the command line: --dtype float64, or "
+                                        "rescale the inputs.")),
     ((MemoryBudgetError,), Failure(3, hint=" From the command line: a lower "
                                           "--memory-budget.")),
     ((MemoryError,), _OUT_OF_MEMORY),
@@ -92,6 +116,8 @@ FAILURES: tuple[tuple[tuple[type[BaseException], ...], Failure], ...] = (
     # whose messages are written for the user
     ((DataFileError, StoreError), Failure(1)),
     ((ValueError, TypeError, FloatingPointError), Failure(1)),
+    # every other typed failure of ntkit.errors (a RuntimeError subclass, say): one line
+    (LIBRARY_ERRORS, Failure(1)),
 )
 
 
@@ -135,7 +161,7 @@ def report(exc: BaseException, context: str = "") -> CommandError:
 
 @contextlib.contextmanager
 def failing(context: str, *, types: tuple[type[BaseException], ...] = (
-        ValueError, TypeError, FloatingPointError)) -> Iterator[None]:
+        ValueError, TypeError, FloatingPointError, *LIBRARY_ERRORS)) -> Iterator[None]:
     """Inside this block, an exception of ``types`` is reported after ``context``
     (``Error: <context>: <message>``), e.g. ``failing(f"fitting {name} failed")``.
 

@@ -13,9 +13,11 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .._data_files import DATASETS, bundled_dataset, check_labels, load_data, task_of
+from .._data_files import DATASETS, bundled_dataset, check_cast, check_labels, load_data, task_of
 from ._errors import CommandError, failing
-from ._options import CONTEXT, architecture_arg, data_options, get_option, labelled_data_arg
+from ._options import (CONTEXT, architecture_arg, data_options, force_option, get_option,
+                       labelled_data_arg)
+from ._output import check_finite, check_outputs, file_or_none, write_atomically
 
 __all__ = ["fit", "predict_cmd"]
 
@@ -66,15 +68,19 @@ def _format_metrics(m: dict[str, float]) -> str:
 @click.option("-o", "--out", "out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("ntkit-model.npz"), show_default=True,
               help="the fitted model (.npz, no pickle)")
+@force_option()
 def fit(data: Path | None, dataset: str | None, key, labels_key, label_column, input_shape,
         architecture: str | None, task: str, get: str, t: float, diag_reg: float,
         dtype: str, test_data: Path | None, test_size: float, seed: int,
-        save_test: Path | None, out: Path) -> None:
+        save_test: Path | None, out: Path, force: bool) -> None:
     """Fit an infinite-width network to DATA (or --dataset) and evaluate it.
 
     Trains the infinite ensemble of infinitely wide networks by gradient flow on MSE
     (ntkit.sklearn: NTKClassifier or NTKRegressor), prints accuracy (classification) or
     MSE and R2 (regression) on held-out data, and saves the model.
+
+    No output file (-o, --save-test) may be an input; an existing one is replaced only
+    with --force; a model with NaN or infinite coefficients is not saved.
 
     \b
     Examples:
@@ -85,6 +91,9 @@ def fit(data: Path | None, dataset: str | None, key, labels_key, label_column, i
 
     from ..sklearn import NTKClassifier, NTKRegressor, save
 
+    check_outputs({"-o/--out": out, "--save-test": save_test},
+                  {"DATA": data, "--test": test_data, "--arch": file_or_none(architecture)},
+                  force=force)
     if architecture is not None:
         architecture_arg(architecture)            # a clear error before any work
     x, y, name, data_task = labelled_data_arg(data, dataset, key=key, label_column=label_column,
@@ -95,6 +104,7 @@ def fit(data: Path | None, dataset: str | None, key, labels_key, label_column, i
         click.echo(f"task: {'classification' if task == 'classify' else 'regression'} "
                    f"(from the labels; set --task to change)")
     y = check_labels(y, task, name)
+    check_cast(x, dtype, name)
     # the estimators take flattened rows; the example shape travels as input_shape
     example_shape = tuple(int(d) for d in x.shape[1:]) if x.ndim > 2 else None
     if test_data is not None:
@@ -108,6 +118,7 @@ def fit(data: Path | None, dataset: str | None, key, labels_key, label_column, i
             raise CommandError(f"{test_data.name} has examples of shape {x_te.shape[1:]} but "
                                f"{name} has {x.shape[1:]}.")
         y_te = check_labels(y_te, task, test_data.name)
+        check_cast(x_te, dtype, test_data.name)
         x_tr, y_tr = x, y
     else:
         stratify = y if task == "classify" and np.min(np.unique(y, return_counts=True)[1]) >= 2 \
@@ -120,7 +131,9 @@ def fit(data: Path | None, dataset: str | None, key, labels_key, label_column, i
     t0 = time.perf_counter()
     with failing(f"fitting {name} failed"):
         model.fit(x_tr.reshape(len(x_tr), -1), y_tr)
-        test_m = _metrics(task, y_te, model.predict(x_te.reshape(len(x_te), -1)))
+        test_pred = model.predict(x_te.reshape(len(x_te), -1))
+    _check_model(model, f"fitting {name}", test_pred)
+    test_m = _metrics(task, y_te, test_pred)
     elapsed = time.perf_counter() - t0
     from ..spec import to_spec
 
@@ -132,12 +145,10 @@ def fit(data: Path | None, dataset: str | None, key, labels_key, label_column, i
                f"{len(y_tr)} training examples of {name}, {elapsed:.2f} s")
     click.echo(f"architecture: {arch}")
     click.echo(f"test ({len(y_te)} examples): {_format_metrics(test_m)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save(model, out)
+    write_atomically(out, lambda tmp: save(model, tmp))
     click.echo(f"saved the model to {out}")
     if save_test is not None:
-        save_test.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(save_test, x=x_te, y=y_te)
+        write_atomically(save_test, lambda tmp: np.savez(tmp, x=x_te, y=y_te))
         click.echo(f"saved the held-out data to {save_test}")
 
 
@@ -149,15 +160,23 @@ def fit(data: Path | None, dataset: str | None, key, labels_key, label_column, i
 @data_options
 @click.option("-o", "--out", "out", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="write the predictions to .npy or .csv")
+@force_option()
 def predict_cmd(model_path: Path, data: Path | None, dataset: str | None, key, labels_key,
-                label_column, input_shape, out: Path | None) -> None:
+                label_column, input_shape, out: Path | None, force: bool) -> None:
     """Predict with a MODEL saved by `ntkit fit` on DATA; metrics when DATA has labels.
 
     \b
     Example:
       ntkit predict digits.npz digits-test.npz -o predictions.csv
+
+    The -o file may not be the model or the data, replaces an existing file only with
+    --force, and is not written when a prediction is NaN or infinite.
     """
     from ..sklearn import NTKClassifier, load
+
+    if out is not None:
+        _check_prediction_suffix(out)
+    check_outputs({"-o/--out": out}, {"MODEL": model_path, "DATA": data}, force=force)
 
     if not model_path.is_file():
         raise CommandError(f"model file {str(model_path)!r} does not exist.")
@@ -177,14 +196,18 @@ def predict_cmd(model_path: Path, data: Path | None, dataset: str | None, key, l
         x, y = load_data(data, key=key, label_column=label_column, labels_key=labels_key,
                          input_shape=input_shape)
         name = data.name
+    check_cast(x, str(getattr(model, "dtype", "float64")), name,
+               option="a model fitted with --dtype float64")
     x = x.reshape(len(x), -1)                 # examples as rows; the model knows their shape
     if x.shape[1] != model.n_features_in_:
         raise CommandError(f"{name}: the model was fitted on {model.n_features_in_} features "
                            f"per example, the data has examples of shape {x.shape[1:]}.")
     task = "classify" if isinstance(model, NTKClassifier) else "regress"
     t0 = time.perf_counter()
+    _check_model(model, f"the model {model_path.name}")
     with failing(f"predicting on {name} failed"):
         pred = model.predict(x)
+    _check_model(model, f"predicting on {name}", pred)
     click.echo(f"predicted {len(pred)} examples of {name} with {type(model).__name__} in "
                f"{time.perf_counter() - t0:.2f} s")
     if y is not None:
@@ -207,14 +230,32 @@ def _check_targets(model, task: str, y: np.ndarray, name: str) -> None:
                            f"model predicts {model.n_outputs_}.")
 
 
-def _write_predictions(out: Path, pred) -> None:
-    suffix = out.suffix.lower()
-    if suffix not in (".npy", ".csv"):
+_NON_FINITE_FIX = ("Likely causes: a train kernel too ill-conditioned for its dtype, or "
+                   "inputs or targets of huge magnitude. Refit with a larger --diag-reg or "
+                   "--dtype float64, or rescale the data.")
+
+
+def _check_model(model, what: str, pred=None) -> None:
+    """Refuse a model whose fitted coefficients, or predictions ``pred``, are not finite."""
+    arrays = {name: np.asarray(getattr(model, name)) for name in ("dual_coef_", "cov_coef_")
+              if getattr(model, name, None) is not None}
+    if pred is not None:
+        arrays["the predictions"] = np.asarray(pred)
+    check_finite(arrays, what, _NON_FINITE_FIX)
+
+
+def _check_prediction_suffix(out: Path) -> None:
+    if out.suffix.lower() not in (".npy", ".csv"):
         raise click.BadParameter(f"predictions are written to .npy or .csv, got "
                                  f"{out.name!r}.", param_hint="-o/--out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".npy":
-        np.save(out, pred)
+
+
+def _write_predictions(out: Path, pred) -> None:
+    _check_prediction_suffix(out)
+    pred = np.asarray(pred)
+    if out.suffix.lower() == ".npy":
+        write_atomically(out, lambda tmp: np.save(tmp, pred))
     else:
-        np.savetxt(out, np.asarray(pred).reshape(len(pred), -1), delimiter=",",
-                   fmt="%s" if np.asarray(pred).dtype.kind in "US" else "%.10g")
+        write_atomically(out, lambda tmp: np.savetxt(
+            tmp, pred.reshape(len(pred), -1), delimiter=",",
+            fmt="%s" if pred.dtype.kind in "US" else "%.10g"))

@@ -15,10 +15,11 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .._data_files import load_data
+from .._data_files import check_cast, load_data
 from ..errors import StoreError
 from ._errors import CommandError, failing
-from ._options import CONTEXT, architecture_arg, get_option, shape_callback
+from ._options import CONTEXT, architecture_arg, force_option, get_option, shape_callback
+from ._output import check_finite, check_outputs, file_or_none, write_atomically
 
 __all__ = ["SCHEDULER_TIMEOUT_S", "kernel"]
 
@@ -62,11 +63,12 @@ SCHEDULER_TIMEOUT_S = 5
                    "store's when resuming]")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="progress bar over kernel tiles (on stderr)")
+@force_option(" (--resume and --overwrite, reruns of a --store, replace it too)")
 def kernel(architecture: str, data: Path, out: Path, data2: Path | None, get: str | None,
            dtype: str, memory_budget: str | None, key: str | None, label_column: str | None,
            input_shape: tuple[int, ...] | None, store: Path | None, resume: bool,
            overwrite: bool, workers: int | None, scheduler: str | None,
-           tile_size: int | None, progress: bool) -> None:
+           tile_size: int | None, progress: bool, force: bool) -> None:
     """The infinite-width NNGP/NTK of ARCHITECTURE on the inputs in DATA.
 
     ARCHITECTURE is a spec string such as 'linear(512)-relu-linear(1)' or
@@ -77,6 +79,10 @@ def kernel(architecture: str, data: Path, out: Path, data2: Path | None, get: st
     With --store, --workers, --scheduler or --tile-size the matrix is computed tile
     by tile with ntkit.kernel_matrix (with --get both, once per kernel): on a Dask
     cluster, and with --store saved as it goes; the -o file is written at the end.
+
+    The -o file is never one of the inputs, is written whole or not at all, and
+    replaces an existing file only with --force; a kernel with NaN or infinite
+    entries is not written (exit status 1).
 
     \b
     Examples:
@@ -97,6 +103,10 @@ def kernel(architecture: str, data: Path, out: Path, data2: Path | None, get: st
     _check_memory_budget(memory_budget)
     gets = ("nngp", "ntk") if get == "both" else (get,)
     tiled = _check_tiling(gets, store, resume, overwrite, workers, scheduler, tile_size)
+    check_outputs({"-o/--out": out},
+                  {"DATA": data, "--x2": data2, "ARCHITECTURE": file_or_none(architecture)},
+                  force=force or resume or overwrite,
+                  stores={"--store": [] if store is None else [store / g for g in gets]})
     net = architecture_arg(architecture)
     torch_dtype = getattr(torch, dtype)
     x1, _ = load_data(data, key=key, label_column=label_column, input_shape=input_shape)
@@ -108,6 +118,9 @@ def kernel(architecture: str, data: Path, out: Path, data2: Path | None, get: st
         if x2.shape[1:] != x1.shape[1:]:
             raise CommandError(f"{data2.name} has examples of shape {x2.shape[1:]} but "
                                f"{data.name} has {x1.shape[1:]}.")
+    check_cast(x1, dtype, data.name)
+    if x2 is not None:
+        check_cast(x2, dtype, data2.name)
     a = torch.as_tensor(x1, dtype=torch_dtype)
     b = None if x2 is None else torch.as_tensor(x2, dtype=torch_dtype)
     t0 = time.perf_counter()
@@ -124,11 +137,14 @@ def kernel(architecture: str, data: Path, out: Path, data2: Path | None, get: st
     else:
         arrays = {g: getattr(k, g).detach().cpu().numpy() for g in gets}
     elapsed = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_finite(arrays, f"the kernel of {architecture} on {data.name}",
+                 "Likely causes: inputs too large for the dtype, or a variance that grows "
+                 "with depth (large w_std). Rescale the inputs, use --dtype float64, or a "
+                 "smaller w_std.")
     if suffix == ".npy":
-        np.save(out, arrays[get])
+        write_atomically(out, lambda tmp: np.save(tmp, arrays[get]))
     else:
-        np.savez(out, **arrays)
+        write_atomically(out, lambda tmp: np.savez(tmp, **arrays))
     shape = " x ".join(map(str, arrays[gets[0]].shape))
     click.echo(f"wrote {' and '.join(gets)} ({shape}, {dtype}) to {out} in {elapsed:.2f} s")
 

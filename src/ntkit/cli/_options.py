@@ -17,8 +17,8 @@ import numpy as np
 
 from .._data_files import DATASETS, bundled_dataset, labelled_data
 
-__all__ = ["CONTEXT", "architecture_arg", "data_options", "get_option", "labelled_data_arg",
-           "shape_callback", "widths_callback"]
+__all__ = ["CONTEXT", "architecture_arg", "data_options", "force_option", "get_option",
+           "labelled_data_arg", "shape_callback", "widths_callback"]
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -65,6 +65,13 @@ def architecture_arg(spec: str):
     from ..spec import parse_architecture
 
     return parse_architecture(spec)
+
+
+def force_option(more: str = "") -> Callable:
+    """``--force``: replace output files that exist already (never an input file; see
+    `ntkit.cli._output.check_outputs`). The command receives ``force``."""
+    return click.option("--force", is_flag=True,
+                        help="replace output files that already exist" + more)
 
 
 def get_option(*, choices: Sequence[str], default: str | None, help: str,
