@@ -218,13 +218,19 @@ def _tiled_kernels(net, x1, x2, gets, *, store, overwrite, workers, scheduler, t
 STORE_FIXES = {
     "overwrite": "Pass --overwrite to discard it, or give another --store.",
     "new_directory": "Give a new or empty --store directory.",
+    "key": "Pass --overwrite to start over, or give another --store.",
+    "lock": "Wait for that run to finish, or give another --store.",
+    "resume": ("Run the same command again with --resume to recompute the damaged tiles, "
+               "or pass --overwrite to start over."),
 }
 
 
 def _store_error(e: BaseException, path: Path | None) -> CommandError | None:
     """The command line's message for kernel_matrix's typed error about the store
-    ``path`` (its ``path``, ``reason`` and ``fix`` fields), or None for other errors."""
-    if path is None or not isinstance(e, StoreError) or Path(e.path) != path:
+    ``path`` (its ``path``, ``reason`` and ``fix`` fields), or None for other errors
+    (and for a fix the command line has no words for: the library's message stands)."""
+    if path is None or not isinstance(e, StoreError) or Path(e.path) != path \
+            or e.fix not in STORE_FIXES:
         return None
     return CommandError(f"the store {path} {e.reason}. {STORE_FIXES[e.fix]}")
 
