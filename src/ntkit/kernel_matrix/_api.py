@@ -115,9 +115,12 @@ def kernel_matrix(
         sink: Sink = MemorySink(job)
     else:
         sink = ZarrSink.open(Path(out), job, overwrite=overwrite)
-    run_tiles(sink.job, sink, client=client, n_workers=n_workers, devices=devices,
-              progress=progress, on_tile=on_tile)
-    return sink.load()
+    try:
+        run_tiles(sink.job, sink, client=client, n_workers=n_workers, devices=devices,
+                  progress=progress, on_tile=on_tile)
+        return sink.load()
+    finally:
+        sink.close()
 
 
 def write_kernel_matrix(
@@ -147,6 +150,9 @@ def write_kernel_matrix(
     job = Job.make(kernel, x1, x2, get=get, key=key, tile_size=tile_size,
                    memory_budget=memory_budget, dtype=dtype)
     sink = ZarrSink.open(Path(out), job, overwrite=overwrite)
-    run_tiles(sink.job, sink, client=client, n_workers=n_workers, devices=devices,
-              progress=progress, on_tile=on_tile)
+    try:
+        run_tiles(sink.job, sink, client=client, n_workers=n_workers, devices=devices,
+                  progress=progress, on_tile=on_tile)
+    finally:
+        sink.close()
     return sink.kernel

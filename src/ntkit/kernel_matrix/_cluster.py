@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .._budget import progress_bar
+from ..errors import check_finite_output
 from ._job import DEVICE_ENV, Job, TileDone, compute_tile
 from ._store import Sink, import_optional
 
@@ -50,6 +51,7 @@ def run_tiles(job: Job, sink: Sink, *, client, n_workers, devices, progress,
         finished = contextlib.closing(_run(job, tasks, client, n_workers, devices))
         with finished as tiles:
             for (i, j), tile, seconds, where in tiles:
+                _check_finite(job, i, j, tile)
                 sink.write(i, j, tile)
                 computed += 1
                 bar.update(1)
@@ -60,6 +62,19 @@ def run_tiles(job: Job, sink: Sink, *, client, n_workers, devices, progress,
         bar.close()
         logger.info("kernel_matrix: computed %d tiles, reused %d, %d left", computed, len(done),
                     len(tasks) - computed)
+
+
+def _check_finite(job: Job, i: int, j: int, tile: Tensor) -> None:
+    """Raises `ntkit.errors.NonFiniteError` naming tile ``(i, j)`` if it holds NaN or
+    infinite values: such a tile is never stored, marked done or returned."""
+    (r0, r1), (c0, c1) = job.bounds(i, j)
+    what = (f"kernel_matrix's tile {(i, j)} (rows {r0}:{r1} of x1, columns {c0}:{c1} of "
+            f"{'x1' if job.x2 is None else 'x2'}; not stored)")
+    causes = "kernel" if job.get is not None else (
+        "the kernel function returned them for these rows and columns: inputs with NaN or "
+        "huge values, an overflow in float32, a division by zero; check the function on "
+        "them, rescale the inputs or use float64")
+    check_finite_output(tile, what, causes=causes)
 
 
 def _run(job: Job, tasks: list[tuple[int, int]], client, n_workers, devices

@@ -22,6 +22,7 @@ from .._checks import as_input_pair
 from ..kernel import same_inputs
 from ..kernel_function import KernelFunction, check_get
 from ..tiling import peak_positions
+from ._identity import fingerprint
 
 __all__ = ["DEVICE_ENV", "Job", "KernelFn", "TileDone", "compute_tile"]
 
@@ -34,8 +35,9 @@ KernelFn = Callable[[Tensor, Tensor], Tensor]
 MIN_NETWORK_TILE = 16
 #: Where a GPU worker runs its tiles (set in each worker's environment by ``devices=``).
 DEVICE_ENV = "NTKIT_KERNEL_DEVICE"
-#: The version of the on-disk layout, recorded in a store's identity.
-FORMAT = 1
+#: The version of the on-disk layout, recorded in a store's identity (2: content
+#: fingerprints, per-tile checksums, the group's marker).
+FORMAT = 2
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -99,7 +101,6 @@ class Job:
         if is_net:
             get = "ntk" if get is None else check_get(get)
             x1, x2 = as_input_pair(x1, x2)
-            name = repr(kernel)
         elif callable(kernel):
             if get is not None:
                 raise ValueError(
@@ -108,7 +109,6 @@ class Job:
                 )
             x1 = _batch(x1, "x1")
             x2 = None if x2 is None else _batch(x2, "x2")
-            name = getattr(kernel, "__qualname__", type(kernel).__qualname__)
         else:
             raise TypeError(
                 f"kernel must be an ntkit network or a function kernel_fn(a, b) -> Tensor "
@@ -128,9 +128,11 @@ class Job:
         if is_net:
             _check_network(kernel, x1, x2, get)
         rows, cols = _tile_shape(kernel, is_net, x1, n1, n2, x2 is None, budget, tile_size)
+        described, callables = _describe_kernel(kernel, is_net)
         identity = {
             "format": FORMAT, "x1": _describe(x1), "x2": None if x2 is None else _describe(x2),
-            "kernel": name, "key": key, "get": get, "dtype": str(dtype).removeprefix("torch."),
+            "kernel": described, "callables": callables, "key": key, "get": get,
+            "dtype": str(dtype).removeprefix("torch."),
         }
         fn = KernelFunction(kernel, get, memory_budget=budget, progress=False)
         return Job(fn, x1, x2, get, dtype, rows, cols, identity, tile_size is not None, budget)
@@ -218,6 +220,20 @@ def _tile_shape(kernel, is_net: bool, x1: Tensor, n1: int, n2: int, symmetric: b
     if symmetric:
         rows = cols = min(rows, cols)
     return rows, cols
+
+
+def _describe_kernel(kernel, is_net: bool) -> tuple[dict[str, Any], list[str]]:
+    """A network's repr (for the reader) and content fingerprint, or a function's
+    qualified name; and the Python functions whose code the identity cannot see (a
+    ``kernel_fn`` itself, or those a network holds), which make ``key=`` necessary."""
+    if is_net:
+        found = fingerprint(kernel)
+        text = repr(kernel)
+        if len(text) > 2000:
+            text = text[:2000] + "..."
+        return {"name": text, "sha256": found.sha256}, list(found.callables)
+    name = getattr(kernel, "__qualname__", None) or type(kernel).__qualname__
+    return {"name": name, "sha256": None}, [name]
 
 
 def _describe(x: Tensor) -> dict[str, Any]:
