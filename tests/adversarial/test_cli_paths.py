@@ -299,3 +299,29 @@ def test_every_library_error_is_one_line(cls, files, monkeypatch):
     r = invoke("kernel", ARCH, "x.npy", "-o", "k.npy", "--no-progress")
     assert "boom" in one_error_line(r, 3 if issubclass(cls, MemoryError) else 1)
     assert not Path("k.npy").exists()
+
+
+@pytest.mark.parametrize("budget", ["1e400GB", "-1GB", "nan", "inf", "GB", "0", "1" * 400])
+def test_hostile_memory_budget_is_a_usage_error(budget, files):
+    """--memory-budget goes through ntkit.parse_memory: an overflowing, negative, NaN,
+    infinite, unitless-empty or zero size is a usage error (exit 2) before any work, and
+    parse_memory itself raises ValueError for it (2GiB, the witness, is 2 * 1024**3)."""
+    from ntkit import parse_memory
+
+    assert parse_memory("2GiB") == 2 * 1024 ** 3
+    with pytest.raises(ValueError, match="memory_budget"):
+        parse_memory(budget)
+    r = invoke("kernel", ARCH, "x.npy", "-o", "k.npy", "--memory-budget", budget)
+    assert r.exit_code == 2 and "--memory-budget" in r.output, r.output
+    assert "Traceback" not in r.output and not Path("k.npy").exists()
+
+
+def test_demo_refuses_a_file_as_its_folder(files):
+    """`ntkit demo --out x.npy` (a data file, where the figures' folder goes) is a usage
+    error and the file keeps its bytes; so is a width that is no number."""
+    before = digest(files["x"])
+    r = invoke("demo", "--quick", "--out", "x.npy")
+    assert r.exit_code == 2 and "x.npy" in r.output and "is a file" in r.output, r.output
+    assert digest(files["x"]) == before
+    r = invoke("demo", "--widths", "64,1e999")
+    assert r.exit_code == 2 and "'1e999' is not an integer width" in r.output, r.output

@@ -1,0 +1,175 @@
+"""The adversarial suite's table: every public entry point -> its hostile-input tests.
+
+`ADVERSARIAL_CASES` maps each public entry point of ntkit to the tests that feed it
+hostile input (shapes, dtypes, values, files, stores, concurrency, parser limits,
+command-line paths), as ``"<file>::<test function>"`` under tests/adversarial/, or
+to an `Exempt` with the reason it needs none of its own. tests/adversarial/
+test_coverage.py fails when a public entry point is missing here, when an entry
+here is no longer public, when a named test does not exist, and when a file of
+the suite is named by no entry: a new public function, class or command joins the
+suite by getting a row.
+
+Entry points, by name:
+- ``ntkit.<name>``: every callable in ``ntkit.__all__``;
+- ``ntkit.predict.<name>``, ``ntkit.solvers.<name>``, ``ntkit.spec.<name>``,
+  ``ntkit.sklearn.<name>``: every callable in those modules' ``__all__``;
+- ``ntkit <command>``: every command of the ``ntkit`` command line.
+
+A `Pending` row names the file whose tests are still being written (issue 14's
+areas land in parallel); the coverage test then checks membership only. Replace
+it with test ids once they exist.
+
+The files, by area of issue 14: test_stores.py (kernel stores), test_outputs.py
+(finite outputs and predictions), test_parser.py (spec parser and model files),
+test_numerics.py (numerics and conversion), test_cli_paths.py (the command line).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: The suite's files, one per area of issue 14.
+SUITE_FILES = ("test_stores.py", "test_outputs.py", "test_parser.py", "test_numerics.py",
+               "test_cli_paths.py")
+
+
+@dataclass(frozen=True)
+class Exempt:
+    """An entry point with no hostile-input test of its own, and why (which other
+    tests reach it, or why it takes no input to be hostile with)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An entry point whose tests are being written in ``file`` (membership only)."""
+
+    file: str
+
+
+_LAYER = Exempt(
+    "a layer constructor: its hyperparameters are checked where it is built, and the "
+    "contract battery (tests/layers/test_contract.py) runs every public layer, failing "
+    "for one left out; hostile inputs reach it through net.kernel (test_numerics.py)")
+_ERROR = Exempt("an exception type of ntkit.errors: raised, never called with user input; "
+                "test_cli_paths.py::test_every_library_error_is_one_line maps each to one "
+                "line of the command line")
+_RESULT = Exempt("a result value returned by a checked computation (its fields are the "
+                 "checked outputs); users read it, they do not feed it input")
+
+_LAYERS = (
+    "ABReLU", "Abs", "Activation", "AvgPool1d", "AvgPool2d", "AvgPool3d", "Conv1d", "Conv2d",
+    "Conv3d", "Cos", "Dropout", "Elementwise", "Erf", "Exp", "FanInConcat", "FanInProd",
+    "FanInSum", "FanOut", "Flatten", "GELU", "Gaussian", "GlobalAvgPool", "GlobalSumPool",
+    "Identity", "Layer", "LayerNorm", "LeakyReLU", "Linear", "Monomial", "Parallel", "Rbf",
+    "ReLU", "RectifiedMonomial", "Repeat", "SelfAttention", "Sequential", "Sigmoid", "Sign",
+    "Sin", "Softplus", "SumPool1d", "SumPool2d", "SumPool3d", "Tanh",
+)
+
+_CLI = "test_cli_paths.py::"
+_STORES = "test_stores.py::"
+_PARSER = "test_parser.py::"
+
+#: entry point -> hostile-input test ids, an `Exempt` or a `Pending`.
+ADVERSARIAL_CASES: dict[str, tuple[str, ...] | Exempt | Pending] = {
+    **{f"ntkit.{name}": _LAYER for name in _LAYERS},
+    "ntkit.ConversionError": _ERROR,
+    "ntkit.Kernel": _RESULT,
+    "ntkit.TileDone": _RESULT,
+    "ntkit.TaylorModel": Exempt("returned by ntkit.taylor, whose hostile inputs are "
+                                "test_numerics.py's; not constructed by users"),
+    # kernel stores (area S)
+    "ntkit.kernel_matrix": (
+        _STORES + "test_users_zarr_group_is_never_deleted",
+        _STORES + "test_networks_differing_in_content_are_not_resumed",
+        _STORES + "test_second_writer_in_this_process_is_refused",
+        _STORES + "test_damaged_chunk_is_recomputed_on_resume",
+        _STORES + "test_non_finite_tile_is_never_stored",
+    ),
+    "ntkit.write_kernel_matrix": Pending("test_stores.py"),
+    "ntkit.parse_memory": (_CLI + "test_hostile_memory_budget_is_a_usage_error",),
+    # numerics and conversion (area N)
+    "ntkit.from_torch": Pending("test_numerics.py"),
+    "ntkit.linearize": Pending("test_numerics.py"),
+    "ntkit.taylor": Pending("test_numerics.py"),
+    # finite outputs (area F)
+    "ntkit.empirical_kernels": Pending("test_outputs.py"),
+    "ntkit.empirical_nngp": Pending("test_outputs.py"),
+    "ntkit.empirical_ntk": Pending("test_outputs.py"),
+    "ntkit.empirical_ntk_by_layer": Pending("test_outputs.py"),
+    "ntkit.monte_carlo_kernel": Pending("test_outputs.py"),
+    **{f"ntkit.predict.{name}": Pending("test_outputs.py") for name in (
+        "gp_inference", "gradient_descent", "gradient_descent_mse",
+        "gradient_descent_mse_ensemble", "max_learning_rate")},
+    **{f"ntkit.predict.{name}": _RESULT for name in (
+        "EnsemblePrediction", "GPPosterior", "Trajectory")},
+    **{f"ntkit.predict.{name}": Exempt(
+        "a predictor returned by its ntkit.predict function (factor once, evaluate many); "
+        "that function's hostile inputs are test_outputs.py's") for name in (
+        "EnsemblePredictor", "MSEPredictor", "ODEPredictor")},
+    **{f"ntkit.solvers.{name}": Pending("test_outputs.py") for name in (
+        "cg_krr", "conjugate_gradient", "diag_reg_absolute", "exact_krr", "kernel_function",
+        "nystrom_krr", "resolve_solver", "solve_krr")},
+    "ntkit.solvers.CGInfo": _RESULT,
+    "ntkit.solvers.ConvergenceError": _ERROR,
+    "ntkit.solvers.ConvergenceWarning": Exempt(
+        "a warning type of ntkit.errors, issued by the solvers (on_failure='warn'), never "
+        "called with user input"),
+    "ntkit.solvers.NotPositiveDefiniteError": _ERROR,
+    "ntkit.solvers.KernelFunction": Exempt(
+        "the protocol of a kernel function (a type for annotations); its one adapter, "
+        "ntkit.solvers.kernel_function, has the hostile-input tests"),
+    "ntkit.solvers.NetworkKernel": Exempt(
+        "made by ntkit.solvers.kernel_function from a network; tested through it"),
+    "ntkit.solvers.KernelRidgePredictor": Exempt(
+        "returned by the ntkit.solvers *_krr functions; tested through them"),
+    # spec parser and model files (area P)
+    "ntkit.spec.parse_architecture": (
+        _PARSER + "test_truncated_spec_is_a_spec_error_with_position_and_caret",
+        _PARSER + "test_5000_nested_parentheses_are_refused_not_recursion",
+        _PARSER + "test_repeat_bomb_is_refused_before_expansion",
+        _PARSER + "test_yaml_alias_bomb_and_deep_yaml_are_refused",
+    ),
+    "ntkit.spec.load_json": (
+        _PARSER + "test_deep_json_and_python_lists_are_refused_not_recursion",
+        _PARSER + "test_json_repeat_bomb_and_truncated_json",
+    ),
+    "ntkit.spec.SpecLimits": (_PARSER + "test_limits_are_checked",),
+    "ntkit.spec.SpecError": _ERROR,
+    "ntkit.spec.to_spec": Exempt(
+        "writes the spec of a network ntkit built (no user text to parse); what it writes "
+        "is read back by parse_architecture under the parser's limits "
+        "(test_parser.py::test_model_file_round_trip_is_unchanged)"),
+    "ntkit.sklearn.load": (
+        _PARSER + "test_truncated_model_file_is_a_model_file_error",
+        _PARSER + "test_crafted_meta_is_refused_by_name",
+        _PARSER + "test_crafted_arrays_are_refused",
+        _PARSER + "test_load_limits_apply_to_the_stored_spec",
+    ),
+    "ntkit.sklearn.save": (_PARSER + "test_save_refuses_nan_and_keeps_the_previous_file",),
+    **{f"ntkit.sklearn.{name}": Pending("test_outputs.py") for name in (
+        "NNGPRegressor", "NTKClassifier", "NTKRegressor", "NNGPKernel", "NTKKernel")},
+    # the command line (area C)
+    "ntkit kernel": (
+        _CLI + "test_kernel_output_that_is_its_data_is_refused",
+        _CLI + "test_kernel_output_that_is_another_input_is_refused",
+        _CLI + "test_store_that_holds_an_input_is_refused",
+        _CLI + "test_existing_output_needs_force",
+        _CLI + "test_interrupted_write_leaves_the_old_file",
+        _CLI + "test_overflowing_kernel_is_not_written",
+        _CLI + "test_nan_kernel_is_not_written",
+        _CLI + "test_values_that_overflow_float32_are_named",
+        _CLI + "test_every_library_error_is_one_line",
+    ),
+    "ntkit fit": (
+        _CLI + "test_fit_output_that_is_its_training_data_is_refused",
+        _CLI + "test_values_that_overflow_float32_are_named",
+    ),
+    "ntkit predict": (
+        _CLI + "test_predict_output_that_is_the_model_or_the_data_is_refused",
+        _CLI + "test_model_with_nan_coefficients_predicts_nothing",
+    ),
+    "ntkit bench": (_CLI + "test_bench_unknown_case_is_one_line",),
+    "ntkit demo": (_CLI + "test_demo_refuses_a_file_as_its_folder",),
+}
