@@ -11,6 +11,7 @@ from ._budget import parse_memory, progress_bar
 from ._checks import as_input_pair
 from .empirical import empirical_nngp, empirical_ntk
 from .empirical._problem import stochastic_modules
+from .errors import check_finite_output
 from .kernel import Kernel, same_inputs
 from .layers.base import Layer
 
@@ -55,6 +56,9 @@ def monte_carlo_kernel(
 
     Returns:
         A `Kernel` with ``nngp`` and ``ntk`` of shape ``(N1, N2)``.
+
+    Raises:
+        ntkit.errors.NonFiniteError: the mean kernel came out NaN or infinite.
     """
     totals: list[Tensor] = []
     n_out, symmetric = 1, x2 is None
@@ -62,8 +66,8 @@ def monte_carlo_kernel(
                                                 memory_budget, progress):
         totals = sample if not totals else [t + s for t, s in zip(totals, sample)]
     nngp, ntk, cov1, cov2 = (t / n_samples for t in totals)
-    return Kernel(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, shape=(n_out,),
-                  x1_is_x2=symmetric)
+    k = Kernel(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, shape=(n_out,), x1_is_x2=symmetric)
+    return check_finite_output(k, "monte_carlo_kernel(...)", causes="monte_carlo")
 
 
 def empirical_kernels(

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .._budget import parse_memory
+from ..errors import check_finite_output
 from ..kernel import same_inputs
 from ._problem import call_model, check_batch, stochastic_modules
 from ._tiles import mirrored
@@ -108,5 +109,5 @@ def empirical_nngp(
     if x2 is None:  # the products need not round (i, j) and (j, i) alike
         k = k.add_(mirrored(k, full=output == "full").clone(
             memory_format=torch.contiguous_format)).mul_(0.5)
-    return k
+    return check_finite_output(k, "empirical_nngp(...)", causes="empirical")
 

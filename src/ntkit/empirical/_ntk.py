@@ -7,6 +7,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from ..errors import check_finite_output
 from ._jacobian import Jacobians
 from ._problem import Problem
 from ._structured import structured_sites
@@ -60,6 +61,10 @@ def empirical_ntk(
     Returns:
         The kernel in the parameters' dtype, on their device.
 
+    Raises:
+        ValueError: NaN or infinite entries in ``x1`` or ``x2`` (refused before any work).
+        ntkit.errors.NonFiniteError: the kernel came out NaN or infinite (overflow).
+
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.ReLU(),
         ...                             torch.nn.Linear(64, 2))
@@ -79,7 +84,8 @@ def empirical_ntk(
         return empirical_ntk_by_layer(model, x1, x2, by=by_layer, output=output,
                                       method=method, params=params,
                                       memory_budget=memory_budget, progress=progress)
-    return _run(model, x1, x2, None, output, method, params, memory_budget, progress)[""]
+    k = _run(model, x1, x2, None, output, method, params, memory_budget, progress)[""]
+    return check_finite_output(k, "empirical_ntk(...)", causes="empirical")
 
 
 def empirical_ntk_by_layer(
@@ -117,7 +123,8 @@ def empirical_ntk_by_layer(
     """
     if by not in ("parameter", "module"):
         raise ValueError(f"by must be 'parameter' or 'module', got {by!r}.")
-    return _run(model, x1, x2, by, output, method, params, memory_budget, progress)
+    parts = _run(model, x1, x2, by, output, method, params, memory_budget, progress)
+    return check_finite_output(parts, "empirical_ntk_by_layer(...)", causes="empirical")
 
 
 def _run(model, x1, x2, group: Group | None, output, method, params, memory_budget,

@@ -136,6 +136,8 @@ def _parameters(model: nn.Module, params: dict[str, Tensor] | None) -> dict[str,
 
 
 def check_batch(x: Tensor, name: str) -> Tensor:
+    """``x`` checked: a non-empty real batch ``(N, ...)``, finite if floating-point
+    (integer inputs such as token ids pass as they are)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
     if x.ndim < 1 or x.shape[0] == 0:
@@ -143,6 +145,14 @@ def check_batch(x: Tensor, name: str) -> Tensor:
                          f"{tuple(x.shape)}.")
     if x.is_complex():
         raise TypeError(f"{name} has complex dtype {x.dtype}; use real inputs.")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        n_nan = int(torch.isnan(x).sum())
+        rows = torch.nonzero(~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)).flatten()
+        raise ValueError(
+            f"{name} has {n_nan} NaN and {int((~torch.isfinite(x)).sum()) - n_nan} infinite "
+            f"entries (in examples {rows[:5].tolist()}{', ...' if rows.numel() > 5 else ''}); "
+            f"the empirical kernel of non-finite inputs is not finite. Remove or impute "
+            f"those examples.")
     return x
 
 
