@@ -19,20 +19,46 @@ NTK (``lambda a, b: nk.empirical_ntk(model, a, b)``), a Monte Carlo estimate
 generator=torch.Generator().manual_seed(0)).ntk``; seed inside the function so
 that every tile sees the same networks), or any other kernel.
 
-On disk, ``out`` is a zarr group with two arrays: ``kernel`` ``(N1, N2)``
-(chunks are tiles; never-computed tiles read as NaN) and ``done``
-``(tile rows, tile columns)`` (bool, one chunk per tile; for ``x2=None`` only
-tiles on and above the diagonal are marked, each also filling its mirror). The ``kernel``
-array's attributes record what it holds: a SHA-256 fingerprint of ``x1`` and
-``x2`` (bytes, shape, dtype), the network's ``repr`` (or the function's
-qualified name and the user's ``key``), ``get``, the dtype and the tile size.
-A later call with the same ``out`` is a resume; one that differs in any of
-these is refused (``overwrite=True`` starts over; the refusal is an
-`ntkit.errors.StoreError` naming the store, what is wrong and the fix). ``x2``
+On disk, ``out`` is a zarr group marked as ntkit's (group attribute
+``ntkit_kernel_store``) with three arrays: ``kernel`` ``(N1, N2)`` (chunks are
+tiles; never-computed tiles read as NaN), ``checksum`` (the SHA-256 of each
+stored tile's bytes) and ``done`` ``(tile rows, tile columns)`` (bool, one chunk
+per tile; for ``x2=None`` only tiles on and above the diagonal are marked, each
+also filling its mirror). The ``kernel`` array's attributes record what it holds:
+a SHA-256 fingerprint of ``x1`` and ``x2`` (bytes, shape, dtype), the kernel's
+content fingerprint (a network's layer types and attributes at full precision,
+tensors by bytes; a function's qualified name), the user's ``key``, ``get``, the
+dtype and the tile size. A later call with the same ``out`` is a resume; one that
+differs in any of these is refused (``overwrite=True`` starts over; the refusal is
+an `ntkit.errors.StoreError` naming the store, what is wrong and the fix). ``x2``
 that is ``x1`` (itself or a view) is stored and resumed as ``x2=None``.
 
-The package's parts: ``_job`` (what to compute, and one tile), ``_store``
-(memory and zarr sinks), ``_cluster`` (in-process or Dask), ``_api`` (the two
+What a store guarantees:
+
+- ntkit never deletes or writes into a folder it did not write: an existing file,
+  a non-empty folder without a store, or a zarr group without the marker is
+  refused, with or without ``overwrite=True``; ``overwrite=True`` deletes only the
+  store's own entries (``zarr.json``, ``kernel``, ``checksum``, ``done``) and
+  leaves anything else in the folder.
+- The code of a Python function is not part of any fingerprint: a ``kernel_fn``,
+  or a network holding one (``Elementwise(lambda z: ...)``), may start a new store
+  without ``key=``, but a store is resumed for it only with the same explicit
+  ``key=`` (a name for what it computes, e.g. a checkpoint's). Otherwise the
+  resume is refused, never guessed.
+- One writer at a time: the writer holds the lock file ``out/ntkit.lock`` (created
+  with ``O_CREAT | O_EXCL``, holding its process id, host and start time) until the
+  call returns or raises; a second writer is refused, naming the holder. A lock
+  whose process no longer runs on this host (``kill -9``) is taken over; one of
+  another host must be deleted by hand once its writer is gone.
+- Tiles are verified when read back: on resume a tile marked done whose values do
+  not match its checksum (a chunk deleted or changed on disk) is computed again;
+  on the final read a damaged tile raises a StoreError naming it.
+- A tile with NaN or infinite values is never stored: the call raises
+  `ntkit.errors.NonFiniteError` naming the tile and the likely cause.
+
+The package's parts: ``_job`` (what to compute, and one tile), ``_identity``
+(content fingerprints), ``_lock`` (the writer's lock), ``_store`` (memory and zarr
+sinks, checksums), ``_cluster`` (in-process or Dask), ``_api`` (the two
 public calls). Networks are called through `ntkit.kernel_function`, so no
 layer module is imported here.
 """

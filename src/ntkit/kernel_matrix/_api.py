@@ -59,11 +59,13 @@ def kernel_matrix(
             docstring). Tiles are written as they finish; a directory from an
             earlier call with the same inputs, kernel and options is resumed.
             None keeps the matrix in memory only.
-        key: for a ``kernel_fn``, a string that tells its kernels apart (e.g. a
-            checkpoint's name); recorded with ``out`` next to the function's
-            qualified name, which alone cannot tell two models apart.
-        overwrite: discard what ``out`` holds instead of refusing a directory
-            written for other inputs or another kernel.
+        key: a string naming what the kernel computes (e.g. a checkpoint's
+            name), recorded with ``out``. Required to resume a store for a
+            ``kernel_fn`` or a network holding a Python function (whose code no
+            fingerprint sees); a store written with another key is refused.
+        overwrite: discard the ntkit store ``out`` instead of refusing one written
+            for other inputs or another kernel. Never deletes a folder ntkit did
+            not write, nor anything but the store's own entries in it.
         tile_size: rows and columns per tile (an int, or ``(rows, cols)``; a
             symmetric matrix takes square tiles); need not divide N1 or N2.
             Default: from ``memory_budget`` as `ntkit.tiling.tiled_kernel`
@@ -90,8 +92,15 @@ def kernel_matrix(
 
     Returns:
         The matrix, shape ``(N1, N2)`` (``N2 = N1`` for ``x2=None``), on the
-        CPU; with ``out``, read back from disk (`write_kernel_matrix` returns
-        the zarr array without reading it).
+        CPU; with ``out``, read back from disk and checked against the tiles'
+        checksums (`write_kernel_matrix` returns the zarr array without reading
+        it).
+
+    Raises:
+        ntkit.errors.StoreError: ``out`` is not an ntkit store, holds another
+            matrix, needs ``key=``, is locked by another writer, or has a damaged
+            tile on the final read (see the module's docstring).
+        ntkit.errors.NonFiniteError: a tile came out NaN or infinite (not stored).
 
     Each Dask worker sets torch's intra-op threads to its own thread count, so
     that a single-threaded worker process uses one core. Workers started here
