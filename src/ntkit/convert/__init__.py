@@ -31,7 +31,7 @@ def from_torch(
     parameterization: Literal["ntk", "standard"] = "standard",
     w_std: float | None = None,
     b_std: float | None = None,
-    degree: int = 64,
+    degree: int | str = "auto",
 ) -> Sequential:
     """The infinite-width twin of a PyTorch model.
 
@@ -78,7 +78,8 @@ def from_torch(
             Linear and Conv, instead of PyTorch's default.
         b_std: bias standard deviation for every Linear and Conv with a bias,
             instead of PyTorch's default.
-        degree: quadrature nodes per axis for activations without closed form.
+        degree: quadrature nodes per axis for activations without closed form, or
+            ``"auto"`` (adapted to the pre-activation variance; see `Elementwise`).
 
     Raises:
         ConversionError: (a `TypeError` and a `ValueError`) for a model that

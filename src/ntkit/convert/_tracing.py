@@ -67,7 +67,7 @@ class _Options:
     parameterization: str
     w_std: float | None
     b_std: float | None
-    degree: int
+    degree: int | str
 
 
 # ------------------------------------------------------------------------ tracing
