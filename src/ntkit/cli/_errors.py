@@ -23,8 +23,13 @@ import click
 
 from .. import errors as _library_errors
 from .._data_files import DataFileError
-from ..errors import (ConvergenceError, MemoryBudgetError, NonFiniteError,
-                      NotPositiveDefiniteError, StoreError)
+from ..errors import (
+    ConvergenceError,
+    MemoryBudgetError,
+    NonFiniteError,
+    NotPositiveDefiniteError,
+    StoreError,
+)
 
 __all__ = ["FAILURES", "LIBRARY_ERRORS", "CommandError", "Commands", "Failure", "failing",
            "failure_of", "library_errors"]

@@ -15,8 +15,14 @@ import numpy as np
 
 from .._data_files import DATASETS, bundled_dataset, check_cast, check_labels, load_data, task_of
 from ._errors import CommandError, failing
-from ._options import (CONTEXT, architecture_arg, data_options, force_option, get_option,
-                       labelled_data_arg)
+from ._options import (
+    CONTEXT,
+    architecture_arg,
+    data_options,
+    force_option,
+    get_option,
+    labelled_data_arg,
+)
 from ._output import check_finite, check_outputs, file_or_none, write_atomically
 
 __all__ = ["fit", "predict_cmd"]
