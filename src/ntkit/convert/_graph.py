@@ -107,6 +107,8 @@ class _Converter(_NodeRules):
         tracer.record_stack_traces = True
         try:
             return tracer.trace(self.root)
+        except ConversionError:
+            raise
         except Exception as e:
             raise ConversionError(
                 f"from_torch traces {type(self.root).__name__}.forward with torch.fx, which "

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from ..layers import Dropout, Flatten, Identity, Layer
 from ..layers.pool import TorchGlobalAvgPool, torch_global_pool
-from ..layers.registry import TorchContext, module_rule
+from ..layers.registry import TorchContext, layer_classes, module_rule
 from ._tracing import (
     _ACTIVATION_FUNCTIONS,
     _ACTIVATION_METHODS,
@@ -35,6 +35,7 @@ from ._tracing import (
     _fn_name,
     _location,
     _Op,
+    torch_base,
 )
 
 
@@ -94,6 +95,15 @@ class _NodeRules:
                                        f"{_EMPIRICAL}")
         for a in node.all_input_nodes:
             if a.op == "get_attr":
+                owner = self.modules.get(a.target.rpartition(".")[0])
+                base = None if owner is None else torch_base(type(owner))
+                if base is not None and type(owner).forward is not base.forward:
+                    raise self._fail(node, (
+                        f"{type(owner).__name__} subclasses nn.{base.__name__} and overrides "
+                        f"forward, which uses its parameter '{a.target}' directly; from_torch "
+                        f"converts a subclass of a torch layer only when it inherits forward. "
+                        f"Write the change as separate modules or functions in the model's "
+                        f"forward"))
                 raise self._fail(node, (
                     f"it uses the parameter or buffer '{a.target}' directly. from_torch takes "
                     f"parameters only from modules whose initialisation it knows (nn.Linear, "
@@ -114,6 +124,9 @@ class _NodeRules:
     def _module_layer(self, m: nn.Module, node: fx.Node) -> Layer:
         """The layer of module ``m``: the rule of the layer class that declares its
         torch class (`ntkit.layers.registry`), or an error naming what is missing."""
+        base = torch_base(type(m))
+        if base is not None and type(m).forward is base.forward:
+            return self._subclass_layer(m, base, node)
         cls = module_rule(m)
         if cls is not None:
             return cls.from_torch_module(m, self._context(node))
@@ -125,6 +138,20 @@ class _NodeRules:
                 " (or replace it with nn.AvgPool)" if key_hint == "MaxPool" else
                 " (or remove it, or use nn.LayerNorm(elementwise_affine=False))")
         raise self._fail(node, why)
+
+    def _subclass_layer(self, m: nn.Module, base: type, node: fx.Node) -> Layer:
+        """A user subclass of torch layer ``base`` that inherits ``forward`` (a leaf of
+        `_Tracer`; it computes what the base does): converted by the base's rule, or
+        refused naming the base."""
+        cls = next((c for c in layer_classes() if base in getattr(c, "torch_modules", ())),
+                   None)
+        if cls is None:
+            reason = next((r for key, r in _NO_KERNEL.items() if key in base.__name__),
+                          "has no infinite-width kernel rule in ntkit")
+            raise self._fail(node, (
+                f"{type(m).__name__} is a subclass of nn.{base.__name__}; {base.__name__} "
+                f"{reason}. {_EMPIRICAL}"))
+        return cls.from_torch_module(m, self._context(node))
 
     def _context(self, node: fx.Node) -> TorchContext:
         o = self.options

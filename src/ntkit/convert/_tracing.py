@@ -91,15 +91,64 @@ class _Proxy(fx.Proxy):
         return self._inplace(operator.itruediv, other)
 
 
+#: torch.nn classes that hold other modules: their subclasses are traced through.
+_CONTAINERS = (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def torch_base(cls: type) -> type | None:
+    """The nearest base of a user-defined module class that is a torch.nn layer (or a
+    registered module class), e.g. ``nn.GroupNorm`` for ``class MyGN(nn.GroupNorm)``;
+    None for torch's own classes and for plain ``nn.Module``/container subclasses."""
+    if cls in torch_module_classes() or cls.__module__.startswith("torch."):
+        return None
+    for base in cls.__mro__[1:]:
+        if base in _CONTAINERS:
+            return None
+        if base in torch_module_classes() or base.__module__.startswith("torch.nn.modules"):
+            return base
+    return None
+
+
 class _Tracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         # A module class that a layer declares (`ntkit.layers.registry`) is one node,
-        # like torch.nn's own, even when it is defined outside torch.
-        return type(m) in torch_module_classes() or super().is_leaf_module(
-            m, module_qualified_name)
+        # like torch.nn's own, even when it is defined outside torch; so is a user
+        # subclass of a torch layer that inherits forward (class MyGN(nn.GroupNorm)): it
+        # converts as its base or is refused by its base's name. One that overrides
+        # forward is traced through (it is converted only if its forward is made of
+        # supported operations; using the base's parameters is refused by name).
+        base = torch_base(type(m))
+        return (type(m) in torch_module_classes()
+                or (base is not None and type(m).forward is base.forward)
+                or super().is_leaf_module(m, module_qualified_name))
+
+    def trace(self, root, concrete_args=None):
+        """`fx.Tracer.trace`, refusing a custom `torch.autograd.Function` on a traced
+        tensor: fx would record only its forward (a straight-through estimator would
+        convert as the plain function it wraps), but its backward is what training
+        sees, and the kernel has no rule for a custom backward."""
+        function = torch.autograd.Function
+        original = function.__dict__["apply"]
+
+        def apply(cls, *args, **kwargs):
+            if any(isinstance(a, fx.Proxy) for a in (*args, *kwargs.values())):
+                raise ConversionError(
+                    f"{cls.__module__}.{cls.__qualname__} is a custom torch.autograd."
+                    f"Function (applied in forward); from_torch converts torch functions "
+                    f"and modules only, since a custom backward (e.g. a straight-through "
+                    f"estimator) is not the derivative of its forward and has no kernel "
+                    f"rule. Replace it by the torch function it computes, or use the "
+                    f"empirical NTK of the finite model, nk.empirical_ntk(model, x1, x2).")
+            return original.__func__(cls, *args, **kwargs)
+
+        function.apply = classmethod(apply)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            function.apply = original
 
 
 def _is_leaf(module: nn.Module) -> bool:
