@@ -10,6 +10,7 @@ once, the tiles a call computed (``on_tile``), and the lock file on disk.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -369,3 +370,33 @@ def test_non_finite_tile_is_never_stored(tmp_path, value):
     k = nk.kernel_matrix(broken, x, out=out, key="rbf", on_tile=seen.append)
     assert (0, 1) in {t.index for t in seen}
     torch.testing.assert_close(k, rbf(x, x), **F64)
+
+
+# ------------------------------------------------------ write_kernel_matrix
+@pytest.mark.parametrize("case", ["foreign", "lock", "damaged", "non-finite"])
+def test_write_kernel_matrix_keeps_the_guarantees(tmp_path, case):
+    """The disk-only call refuses a user's group and a held lock, recomputes a damaged
+    chunk on resume, never stores a non-finite tile, and releases its lock."""
+    out, x = tmp_path / "k.zarr", inputs(8)
+    if case == "foreign":
+        zarr.open_group(str(out), mode="w").create_array("mine", data=np.arange(3.0))
+        with pytest.raises(StoreError, match="without ntkit's marker"):
+            nk.write_kernel_matrix(net(), x, out=out, overwrite=True)
+        np.testing.assert_array_equal(zarr.open_array(str(out / "mine"))[...], np.arange(3.0))
+        return
+    if case == "non-finite":
+        with pytest.raises(NonFiniteError, match=r"tile \(\d, \d\)"):
+            nk.write_kernel_matrix(lambda a, b: rbf(a, b) / 0.0, x, out=out, tile_size=4)
+        assert done_tiles(out) == set() and not (out / LOCK).exists()
+        return
+    nk.write_kernel_matrix(net(), x, out=out, tile_size=4)
+    if case == "lock":
+        _write_lock(out, os.getppid(), socket.gethostname())  # a live process: the parent
+        with pytest.raises(StoreError, match="ntkit.lock"):
+            nk.write_kernel_matrix(net(), x, out=out)
+        return
+    _chunk(out, 1, 1).unlink()
+    seen = []
+    stored = nk.write_kernel_matrix(net(), x, out=out, on_tile=seen.append)
+    assert [t.index for t in seen] == [(1, 1)] and not (out / LOCK).exists()
+    torch.testing.assert_close(torch.from_numpy(stored[...]), net().kernel(x).ntk, **F64)
