@@ -87,7 +87,7 @@ ADVERSARIAL_CASES: dict[str, tuple[str, ...] | Exempt | Pending] = {
         _STORES + "test_damaged_chunk_is_recomputed_on_resume",
         _STORES + "test_non_finite_tile_is_never_stored",
     ),
-    "ntkit.write_kernel_matrix": Pending("test_stores.py"),
+    "ntkit.write_kernel_matrix": (_STORES + "test_write_kernel_matrix_keeps_the_guarantees",),
     "ntkit.parse_memory": (_CLI + "test_hostile_memory_budget_is_a_usage_error",),
     # numerics and conversion (area N)
     "ntkit.from_torch": Pending("test_numerics.py"),
