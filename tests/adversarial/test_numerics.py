@@ -100,3 +100,84 @@ def test_rule_and_degree_are_validated():
         nk.Elementwise(torch.tanh, rule="qr")
     with pytest.raises(ValueError, match="positive int or 'auto'"):
         nk.Elementwise(torch.tanh, degree=0)
+
+
+# ----------------------------------------------------------------------------- from_torch
+class _StraightThrough(torch.autograd.Function):
+    """tanh forward, identity backward: a straight-through estimator."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _STEModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = torch.nn.Linear(3, 4), torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.out(_StraightThrough.apply(self.inp(x)))
+
+
+class _STEActivation(torch.nn.Module):
+    def forward(self, x):
+        return _StraightThrough.apply(x)
+
+
+@pytest.mark.parametrize("model", [
+    _STEModel(),
+    torch.nn.Sequential(torch.nn.Linear(3, 4), _STEActivation(), torch.nn.Linear(4, 1)),
+], ids=["in-forward", "in-a-module"])
+def test_custom_autograd_function_is_refused_by_name(model):
+    """Was converted as Elementwise(tanh), which is not what its backward trains."""
+    with pytest.raises(nk.ConversionError, match=r"_StraightThrough is a custom torch\.autograd"):
+        nk.from_torch(model)
+
+
+def test_plain_autograd_functions_outside_the_trace_still_work():
+    """The trace-time guard is removed afterwards: the model still runs and trains."""
+    model = _STEModel()
+    with pytest.raises(nk.ConversionError):
+        nk.from_torch(model)
+    model(torch.randn(2, 3)).sum().backward()
+    assert model.inp.weight.grad is not None
+
+
+class _MyGroupNorm(torch.nn.GroupNorm):
+    pass
+
+
+class _MyLinear(torch.nn.Linear):
+    pass
+
+
+class _MyLinearTwice(torch.nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_subclass_of_a_layer_without_kernel_rule_names_the_base():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), _MyGroupNorm(2, 4), torch.nn.Linear(4, 1))
+    with pytest.raises(nk.ConversionError,
+                       match="_MyGroupNorm is a subclass of nn.GroupNorm; GroupNorm has no"):
+        nk.from_torch(model)
+
+
+def test_subclass_inheriting_forward_converts_as_its_base():
+    """Witness: the same model written with the base class."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, generator=g)
+    sub = nk.from_torch(torch.nn.Sequential(_MyLinear(3, 5), torch.nn.ReLU(), _MyLinear(5, 1)))
+    base = nk.from_torch(torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(),
+                                             torch.nn.Linear(5, 1)))
+    assert torch.equal(sub.kernel(x).ntk, base.kernel(x).ntk)
+
+
+def test_subclass_overriding_forward_is_refused_by_name():
+    with pytest.raises(nk.ConversionError, match="_MyLinearTwice subclasses nn.Linear and overrides"):
+        nk.from_torch(torch.nn.Sequential(_MyLinearTwice(3, 4), torch.nn.ReLU()))
