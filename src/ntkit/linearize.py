@@ -29,9 +29,10 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
-from torch.utils._pytree import tree_map
+from torch.func import functional_call, jvp, vjp
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ._nested_forward_ad import WrongNestedJVP, exact_nested_forward_ad
 
@@ -206,6 +207,8 @@ class TaylorModel(nn.Module):
         # _nested_forward_ad): from degree 2 on, normalisations run as composites.
         exact = exact_nested_forward_ad() if self.degree >= 2 else contextlib.nullcontext()
         try:
+            if self.degree == 1 and _vjp_backward_applies(self.theta, args, kwargs):
+                return linear_term_with_vjp_backward(f, theta0, tangent)
             with exact:
                 terms = directional_derivatives(f, theta0, tangent, self.degree)
         except WrongNestedJVP:
@@ -272,6 +275,70 @@ def directional_derivatives(f: Callable[..., Any], primals: tuple[Tensor, ...],
         return h
 
     return order(degree)(*primals)
+
+
+class _AffineInTheta(torch.autograd.Function):
+    """``f(p0) + J(p0) v`` whose backward is the vector-Jacobian product at ``p0``.
+
+    The output is affine in ``v``, so its gradient is ``J(p0)^T g``: one reverse pass
+    of ``f`` at ``p0`` (`torch.func.vjp`), no derivative of the forward-mode product.
+    Autograd through `torch.func.jvp` would differentiate the JVP itself, which needs
+    second derivatives that some operations lack (``hardsigmoid_backward``, used by
+    torchvision's MobileNetV3). Old-style (no ``setup_context``): used only outside
+    torch.func transforms (see `_vjp_backward_applies`).
+    """
+
+    @staticmethod
+    def forward(ctx, f, primals, structure, *tangents):
+        values, derivatives = jvp(f, primals, tangents)
+        flat_values, spec = tree_flatten(values)
+        structure.append(spec)
+        ctx.f, ctx.primals = f, primals
+        return tuple(a + b for a, b in zip(flat_values, tree_flatten(derivatives)[0]))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        f, primals = ctx.f, ctx.primals
+        with torch.enable_grad():
+            outputs, vjp_fn = vjp(lambda *p: tuple(tree_flatten(f(*p))[0]), *primals)
+            cotangents = tuple(torch.zeros_like(o) if g is None else g
+                               for g, o in zip(grads, outputs))
+            return (None, None, None, *vjp_fn(cotangents))
+
+
+def linear_term_with_vjp_backward(f: Callable[..., Any], primals: tuple[Tensor, ...],
+                                  tangents: tuple[Tensor, ...]) -> Any:
+    """``f(p) + D f(p)[v]`` (Lee et al. 2019, eq. 6), equal to ``taylor_sum`` of
+    ``directional_derivatives(f, p, v, 1)``, differentiable in ``v`` by
+    ``v_grad = J(p)^T g`` (`_AffineInTheta`): trainable for models whose operations
+    have no double backward.
+
+    Args:
+        f: a function of ``len(primals)`` tensors returning a tensor or pytree of
+            floating-point tensors.
+        primals: the expansion point ``p``.
+        tangents: the direction ``v``, shaped like ``primals``.
+
+    Returns:
+        ``f``'s structure, each leaf ``f(p) + J(p) v``.
+    """
+    structure: list = []
+    flat = _AffineInTheta.apply(f, primals, structure, *tangents)
+    return tree_unflatten(list(flat), structure[0])
+
+
+def _vjp_backward_applies(theta, args, kwargs) -> bool:
+    """Whether `linear_term_with_vjp_backward` may serve degree 1: gradients are
+    wanted for ``theta`` only (no input requires grad: its gradient would need the
+    forward-mode product's own derivative), outside torch.func transforms (the
+    old-style `_AffineInTheta` has no rules for them)."""
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in theta):
+        return False
+    transforms = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+    if transforms():
+        return False
+    leaves = tree_flatten((args, kwargs))[0]
+    return not any(isinstance(a, Tensor) and a.requires_grad for a in leaves)
 
 
 def taylor_sum(terms: tuple[Any, ...]) -> Any:
