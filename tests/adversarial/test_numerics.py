@@ -181,3 +181,41 @@ def test_subclass_inheriting_forward_converts_as_its_base():
 def test_subclass_overriding_forward_is_refused_by_name():
     with pytest.raises(nk.ConversionError, match="_MyLinearTwice subclasses nn.Linear and overrides"):
         nk.from_torch(torch.nn.Sequential(_MyLinearTwice(3, 4), torch.nn.ReLU()))
+
+
+# ----------------------------------------------------------------------------- linearize
+class _HardModel(torch.nn.Module):
+    """hardswish and hardsigmoid (torchvision's MobileNetV3): no double backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(3, 5), torch.nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(torch.nn.functional.hardswish(h)) * torch.nn.functional.hardsigmoid(h)[:, :2]
+
+
+def test_linearized_model_without_double_backward_trains():
+    """loss.backward() works (it failed: no derivative for hardsigmoid_backward), and the
+    gradient is J(theta0)^T dL/df with J the explicit Jacobian (torch.func.jacrev)."""
+    g = torch.Generator().manual_seed(0)
+    model = _HardModel().double()
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    lin = nk.linearize(model)
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    out = lin(x)
+    (out ** 2).sum().backward()
+
+    theta0 = {n: p.detach() for n, p in model.named_parameters()}
+    jac = torch.func.jacrev(lambda p: torch.func.functional_call(model, p, (x,)))(theta0)
+    delta = {n: p.detach() - theta0[n] for n, p in lin.params_dict().items()}
+    f0 = model(x).detach()
+    want_out = f0 + sum((jac[n].flatten(2) @ delta[n].flatten()) for n in theta0)
+    torch.testing.assert_close(out.detach(), want_out, rtol=1e-12, atol=1e-12)
+    dl_dout = 2 * want_out
+    for name, p in lin.params_dict().items():
+        want_grad = torch.einsum("ij,ij...->...", dl_dout, jac[name])
+        torch.testing.assert_close(p.grad, want_grad, rtol=1e-10, atol=1e-12)
