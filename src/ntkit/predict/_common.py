@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import IllConditionedWarning, not_positive_definite
+from ..errors import IllConditionedWarning, check_finite_output, not_positive_definite
 from ..solvers._common import check_targets, diag_reg_absolute, memory_guard
 
-__all__ = ["Factor", "check_finite", "check_positive", "check_square", "decay", "grown",
-           "regularised_cholesky", "targets", "times_of"]
+__all__ = ["Factor", "check_diag_reg_value", "check_finite", "check_kernel", "check_positive",
+           "check_square", "check_symmetric", "decay", "grown", "initial_outputs",
+           "regularised_cholesky", "symmetry_tolerance", "targets", "times_of"]
 
 
 class Factor:
@@ -32,8 +33,7 @@ class Factor:
 
     def __init__(self, k: Tensor, diag_reg: float, absolute: bool, name: str):
         k = check_square(k, name)
-        if not (math.isfinite(diag_reg) and diag_reg >= 0):
-            raise ValueError(f"diag_reg must be a finite number >= 0, got {diag_reg!r}.")
+        check_diag_reg_value(diag_reg)
         n = k.shape[0]
         # s is a constant of the factorisation (a number, as neural-tangents adds it)
         s = diag_reg_absolute(torch.diagonal(k).detach(), diag_reg, absolute)
@@ -94,9 +94,36 @@ class Factor:
         return out.reshape(n, t, m).permute(1, 0, 2).reshape((t,) + b.shape)
 
 
+def check_diag_reg_value(diag_reg: Any) -> None:
+    """Refuses a ``diag_reg`` (number or 0-dim tensor) that is negative, NaN or infinite:
+    it is a noise variance (or its ratio to the mean diagonal), never below 0."""
+    if isinstance(diag_reg, Tensor):
+        if diag_reg.numel() != 1 or diag_reg.is_complex():
+            raise ValueError(f"diag_reg must be a number or a one-element tensor, got a tensor "
+                             f"of shape {tuple(diag_reg.shape)} and dtype {diag_reg.dtype}.")
+        value = float(diag_reg.detach())
+    elif isinstance(diag_reg, (int, float, np.integer, np.floating)) and not isinstance(
+            diag_reg, bool):
+        value = float(diag_reg)
+    else:
+        raise TypeError(f"diag_reg must be a number >= 0 (or a 0-dim tensor), got "
+                        f"{type(diag_reg).__name__}.")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(
+            f"diag_reg must be a finite number >= 0, got {value!r}: it is added to the "
+            f"diagonal of the train-train kernel (the noise variance of a GP), so a negative "
+            f"value would make a posterior with negative noise. Use 0 or a small positive "
+            f"value such as 1e-4 (relative to the mean diagonal).")
+
+
 def regularised_cholesky(k: Tensor, diag_reg, absolute: bool, name: str) -> Tensor:
     """The lower Cholesky factor of ``k + s I`` (``s`` differentiable in ``k`` and a
-    tensor ``diag_reg``), warning when it is ill-conditioned."""
+    tensor ``diag_reg``), warning when it is ill-conditioned.
+
+    Raises:
+        ValueError: ``diag_reg`` is negative or not finite.
+    """
+    check_diag_reg_value(diag_reg)
     n = k.shape[0]
     s = diag_reg_absolute(torch.diagonal(k), diag_reg, absolute)
     chol, info = torch.linalg.cholesky_ex(k + s * torch.eye(n, dtype=k.dtype, device=k.device))
@@ -121,26 +148,114 @@ def warn_if_ill_conditioned(chol: Tensor, name: str) -> None:
             f"use float64.", IllConditionedWarning, stacklevel=4)
 
 
-def check_square(k: Tensor, name: str) -> Tensor:
-    """``k`` checked: a finite floating-point ``(N, N)`` tensor."""
+def check_square(k: Tensor, name: str, *, symmetric: bool = True) -> Tensor:
+    """``k`` checked: a finite floating-point ``(N, N)`` tensor, symmetric to rounding
+    (`check_symmetric`) unless ``symmetric=False``."""
     if not isinstance(k, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(k).__name__}.")
     if k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape[0] == 0:
         raise ValueError(f"{name} must be a square (N, N) matrix, got shape {tuple(k.shape)}.")
     if not k.is_floating_point():
-        raise TypeError(f"{name} must be floating-point, got {k.dtype}.")
+        raise TypeError(f"{name} must be floating-point (float32 or float64), got {k.dtype}; "
+                        f"convert it with .float() or .double().")
     if not bool(torch.isfinite(k).all()):
-        raise ValueError(f"{name} has NaN or infinite entries.")
+        raise ValueError(f"{name} has NaN or infinite entries; a kernel matrix must be "
+                         f"finite (compute it in float64, or rescale the inputs).")
+    if symmetric:
+        check_symmetric(k, name)
     return k
 
 
-def check_finite(x: Tensor, what: str) -> None:
-    """Raises `FloatingPointError` naming ``what`` when a prediction is not finite."""
-    if not bool(torch.isfinite(x).all()):
-        raise FloatingPointError(
-            f"the prediction from {what} is not finite: the kernel is too ill-conditioned in "
-            f"{x.dtype}; add diag_reg or use float64."
-        )
+def symmetry_tolerance(dtype: torch.dtype) -> float:
+    """How far, relative to ``max |K|``, a train-train kernel may be from symmetric and
+    still count as symmetric to rounding: ``max(100 eps, 1e-12)`` (1.2e-5 in float32,
+    1e-12 in float64)."""
+    return max(100 * torch.finfo(dtype).eps, 1e-12)
+
+
+def check_symmetric(k: Tensor, name: str) -> None:
+    """Refuses a square ``k`` with ``max |K - K^T| > symmetry_tolerance * max |K|``.
+
+    The factorisations (Cholesky, ``eigh``) read one triangle only, so a non-symmetric
+    train-train kernel would be used as its lower triangle, silently.
+    """
+    kd = k.detach()
+    scale = float(kd.abs().max())
+    if scale == 0.0:
+        return
+    gap = float((kd - kd.T).abs().max())
+    tol = symmetry_tolerance(k.dtype)
+    if gap > tol * scale:
+        raise ValueError(
+            f"{name} is not symmetric: max |K - K^T| = {gap:.3g}, {gap / scale:.2g} of "
+            f"max |K| = {scale:.3g}, above the rounding tolerance {tol:.1g} for {k.dtype}. "
+            f"A train-train kernel k(x_train, x_train) is symmetric, and only its lower "
+            f"triangle would be read. Pass the kernel of the training inputs with "
+            f"themselves (e.g. net.kernel(x_train).ntk), not a test-train kernel; or "
+            f"symmetrise it, (k + k.T) / 2, if it is only a little off.")
+
+
+def check_kernel(k: Any, name: str, shape: tuple, like: Tensor) -> Tensor:
+    """A kernel argument other than the train-train one, checked and cast.
+
+    Args:
+        k: the kernel matrix given.
+        name: its argument name (``"k_test_train"``), used in messages.
+        shape: the expected shape; ``None`` entries take any size (``N_test``).
+        like: the train-train kernel, whose dtype and device ``k`` is cast to.
+
+    Raises:
+        TypeError: ``k`` is not a floating-point tensor.
+        ValueError: its shape does not match, or it has NaN or infinite entries.
+    """
+    want = "(" + ", ".join("N_test" if d is None else str(d) for d in shape) + ")"
+    if not isinstance(k, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {want}, got "
+                        f"{type(k).__name__}.")
+    if not k.is_floating_point():
+        raise TypeError(f"{name} must be floating-point, got {k.dtype}; it is cast to the "
+                        f"train-train kernel's dtype ({like.dtype}): pass .to({like.dtype}).")
+    if k.ndim != len(shape) or any(d is not None and d != g for d, g in zip(shape, k.shape)):
+        raise ValueError(f"{name} must have shape {want} (N = {like.shape[0]} training "
+                         f"points), got {tuple(k.shape)}.")
+    if not bool(torch.isfinite(k).all()):
+        raise ValueError(f"{name} has NaN or infinite entries; kernels must be finite "
+                         f"(compute them in float64, or rescale the inputs).")
+    return k.to(dtype=like.dtype, device=like.device)
+
+
+def initial_outputs(value: Any, shape: tuple[int, ...], name: str, like: Tensor) -> Tensor:
+    """Outputs at ``t = 0``: a number or a tensor broadcastable to ``shape``
+    (``(N, O)``), finite, as a tensor of that shape in ``like``'s dtype and device.
+
+    Raises:
+        TypeError: ``value`` is neither a number nor a tensor.
+        ValueError: its shape does not broadcast to ``shape``, or it is not finite.
+    """
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        t = torch.tensor(float(value), dtype=like.dtype, device=like.device)
+    elif isinstance(value, Tensor):
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be real, got dtype {value.dtype}.")
+        t = value.to(dtype=like.dtype, device=like.device)
+    else:
+        raise TypeError(f"{name} must be a number or a tensor of shape {tuple(shape)}, got "
+                        f"{type(value).__name__}.")
+    try:
+        out = t.expand(shape)
+    except RuntimeError:
+        raise ValueError(f"{name} must be a number or a tensor of shape {tuple(shape)} "
+                         f"(training or test points x outputs, the shape of y_train's "
+                         f"outputs), got shape {tuple(t.shape)}.") from None
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"{name} has NaN or infinite entries.")
+    return out
+
+
+def check_finite(x: Any, what: str) -> None:
+    """Raises `ntkit.errors.NonFiniteError` (a `ValueError` and a `FloatingPointError`)
+    naming ``what`` when a prediction (a tensor or a result object) is not finite."""
+    check_finite_output(x, f"the prediction of {what}", causes="prediction")
 
 
 def check_positive(x: Any, name: str) -> float:

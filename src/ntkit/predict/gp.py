@@ -10,7 +10,14 @@ import torch
 from torch import Tensor
 
 from ..solvers.cg import cg_krr
-from ._common import check_finite, check_square, regularised_cholesky, targets
+from ._common import (
+    check_diag_reg_value,
+    check_finite,
+    check_kernel,
+    check_square,
+    regularised_cholesky,
+    targets,
+)
 from .results import GPPosterior
 
 __all__ = ["gp_inference"]
@@ -62,9 +69,18 @@ def gp_inference(k_train_train, y_train: Tensor, k_test_train, k_test_test=None,
 
     Returns:
         One `GPPosterior`.
+
+    Raises:
+        ValueError: a negative or non-finite ``diag_reg``; a train-train kernel that is
+            not symmetric (to rounding, `ntkit.predict._common.symmetry_tolerance`);
+            NaN or infinite entries in a kernel or the targets; kernels of the wrong
+            shape (each named).
+        TypeError: a kernel that is not a floating-point tensor.
+        ntkit.errors.NonFiniteError: the posterior came out NaN or infinite.
     """
     if solver not in ("exact", "cg"):
         raise ValueError(f"solver must be 'exact' or 'cg', got {solver!r}.")
+    check_diag_reg_value(diag_reg)
     if _is_kernel(k_train_train):
         if get is None or not isinstance(get, str):
             gets = POSTERIORS if get is None else tuple(_posterior_kind(g) for g in get)
@@ -105,32 +121,43 @@ def _gp_posterior(k_train_train, y_train, k_test_train, k_test_test, diag_reg, a
     k = check_square(k_train_train, "k_train_train")
     y = targets(y_train, k.shape[0], k)
     chol = regularised_cholesky(k, diag_reg, absolute, "k_train_train + noise")
+    kt = check_kernel(k_test_train, "k_test_train", (None, k.shape[0]), k)
+    ktt = None if k_test_test is None else check_kernel(
+        k_test_test, "k_test_test", (kt.shape[0], kt.shape[0]), k)
     alpha = torch.cholesky_solve(y, chol)
-    kt = k_test_train.to(dtype=k.dtype)
     mean = kt @ alpha
     cov = None
-    if k_test_test is not None:
+    if ktt is not None:
         v = torch.linalg.solve_triangular(chol, kt.T, upper=False)
-        cov = k_test_test.to(dtype=k.dtype) - v.T @ v
+        cov = ktt - v.T @ v
     lml = (-0.5 * (y * alpha).sum() - y.shape[1] * torch.log(torch.diagonal(chol)).sum()
            - 0.5 * y.numel() * math.log(2 * math.pi))
-    check_finite(mean, "gp_inference")
-    return GPPosterior(mean, cov, lml)
+    out = GPPosterior(mean, cov, lml)
+    check_finite(out, "gp_inference")
+    return out
 
 
 def _trained_posterior(k_dd, y_train, k_td, k_tt, diag_reg, absolute):
-    theta = check_square(k_dd.ntk, "the train-train NTK")
-    y = targets(y_train, theta.shape[0], theta)
+    theta = check_square(k_dd.ntk, "k_train_train.ntk")
+    n = theta.shape[0]
+    y = targets(y_train, n, theta)
+    theta_td = check_kernel(k_td.ntk, "k_test_train.ntk", (None, n), theta)
     chol = regularised_cholesky(theta, diag_reg, absolute, "k_train_train + noise")
-    mean = k_td.ntk @ torch.cholesky_solve(y, chol)
+    mean = theta_td @ torch.cholesky_solve(y, chol)
     cov = None
     if k_tt is not None:
-        a_dt = torch.cholesky_solve(k_td.ntk.T.contiguous(), chol)          # Theta^-1 Theta_dt
-        cross = k_td.nngp @ a_dt
-        cov = k_tt.nngp + a_dt.T @ k_dd.nngp @ a_dt - cross - cross.T
+        n_test = theta_td.shape[0]
+        k_dd_nngp = check_kernel(check_square(k_dd.nngp, "k_train_train.nngp"),
+                                 "k_train_train.nngp", (n, n), theta)
+        k_td_nngp = check_kernel(k_td.nngp, "k_test_train.nngp", (n_test, n), theta)
+        k_tt_nngp = check_kernel(k_tt.nngp, "k_test_test.nngp", (n_test, n_test), theta)
+        a_dt = torch.cholesky_solve(theta_td.T.contiguous(), chol)          # Theta^-1 Theta_dt
+        cross = k_td_nngp @ a_dt
+        cov = k_tt_nngp + a_dt.T @ k_dd_nngp @ a_dt - cross - cross.T
         cov = 0.5 * (cov + cov.T)
-    check_finite(mean, "gp_inference")
-    return GPPosterior(mean, cov, None)
+    out = GPPosterior(mean, cov, None)
+    check_finite(out, "gp_inference")
+    return out
 
 
 def _cg_posterior(k_dd, y_train, k_td, k_tt, diag_reg, absolute) -> GPPosterior:
@@ -144,7 +171,8 @@ def _cg_posterior(k_dd, y_train, k_td, k_tt, diag_reg, absolute) -> GPPosterior:
                             "solver='exact' to fit hyperparameters.")
         diag_reg = float(diag_reg)
     alpha, _ = cg_krr(k_dd, y_train, diag_reg=diag_reg, diag_reg_absolute_scale=absolute)
-    kt = k_td.to(alpha) if isinstance(k_td, Tensor) else torch.as_tensor(k_td).to(alpha)
-    out = kt @ alpha
+    kt = torch.as_tensor(k_td) if not isinstance(k_td, Tensor) else k_td
+    kt = check_kernel(kt, "k_test_train", (None, alpha.shape[0]), alpha)
+    out = GPPosterior(kt @ alpha, None, None)
     check_finite(out, "gp_inference")
-    return GPPosterior(out, None, None)
+    return out

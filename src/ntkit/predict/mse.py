@@ -12,10 +12,12 @@ from torch import Tensor
 from ._common import (
     Factor,
     check_finite,
+    check_kernel,
     check_positive,
     check_square,
     decay,
     grown,
+    initial_outputs,
     targets,
     times_of,
 )
@@ -59,7 +61,7 @@ class MSEPredictor:
         f = self._factor
         y = self.y_train
         times, scalar = times_of(t, f.k)
-        f0 = torch.as_tensor(fx_train_0, dtype=y.dtype, device=y.device).expand_as(y)
+        f0 = initial_outputs(fx_train_0, tuple(y.shape), "fx_train_0", y)
         resid = y - f0
         finite = torch.isfinite(times)
         train = y.expand((times.shape[0],) + y.shape).clone()
@@ -68,14 +70,9 @@ class MSEPredictor:
             train[finite] = y - f.spectral(decay(self._rate, tf), resid)
         test = None
         if k_test_train is not None:
-            kt = k_test_train.to(dtype=y.dtype, device=y.device)
-            if kt.ndim != 2 or kt.shape[1] != y.shape[0]:
-                raise ValueError(f"k_test_train must be (N_test, {y.shape[0]}), got "
-                                 f"{tuple(kt.shape)}.")
-            t0 = torch.zeros(kt.shape[0], y.shape[1], dtype=y.dtype, device=y.device) \
-                if fx_test_0 is None else torch.as_tensor(fx_test_0, dtype=y.dtype,
-                                                          device=y.device).expand(
-                    kt.shape[0], y.shape[1])
+            kt = check_kernel(k_test_train, "k_test_train", (None, y.shape[0]), f.k)
+            t0 = initial_outputs(0.0 if fx_test_0 is None else fx_test_0,
+                                 (kt.shape[0], y.shape[1]), "fx_test_0", y)
             test = t0.expand((times.shape[0],) + t0.shape).clone()
             if bool(finite.any()):
                 a_y = f.spectral(grown(self._rate, times[finite]), resid)  # (T, N, O)
@@ -149,7 +146,7 @@ class _MomentumMSEPredictor(MSEPredictor):
         times, scalar = times_of(t, y)
         if not bool(torch.isfinite(times).any()):
             return super().__call__(t, fx_train_0, fx_test_0, k_test_train)
-        f0 = torch.as_tensor(fx_train_0, dtype=y.dtype, device=y.device).expand_as(y)
+        f0 = initial_outputs(fx_train_0, tuple(y.shape), "fx_train_0", y)
         finite = torch.isfinite(times)
         got = self._ode(times[finite], f0.clone(), fx_test_0, k_test_train)
         train, test = got.train, got.test

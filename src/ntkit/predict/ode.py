@@ -8,7 +8,14 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import check_finite, check_positive, check_square, times_of
+from ._common import (
+    check_finite,
+    check_kernel,
+    check_positive,
+    check_square,
+    initial_outputs,
+    times_of,
+)
 from .results import Trajectory
 
 __all__ = ["ODEPredictor", "gradient_descent"]
@@ -53,21 +60,20 @@ class ODEPredictor:
         if not isinstance(fx_train_0, Tensor) or fx_train_0.ndim != 2 or \
                 fx_train_0.shape[0] != k.shape[0]:
             raise ValueError(f"fx_train_0 must be the outputs at t = 0 as an (N, outputs) "
-                             f"tensor with N = {k.shape[0]} (e.g. torch.zeros(N, classes)).")
-        f0 = fx_train_0.to(dtype=k.dtype, device=k.device)
+                             f"tensor with N = {k.shape[0]} (e.g. torch.zeros(N, classes)), "
+                             f"got " + (f"shape {tuple(fx_train_0.shape)}."
+                                        if isinstance(fx_train_0, Tensor)
+                                        else f"{type(fx_train_0).__name__}."))
+        f0 = initial_outputs(fx_train_0, tuple(fx_train_0.shape), "fx_train_0", k)
         times, scalar = times_of(t, k)
         if not bool(torch.isfinite(times).all()):
             raise ValueError("gradient_descent integrates an ODE: give finite times (for the "
                              "MSE loss at t = inf use gradient_descent_mse).")
         kt, g0 = None, None
         if k_test_train is not None:
-            kt = k_test_train.to(dtype=k.dtype, device=k.device)
-            if kt.ndim != 2 or kt.shape[1] != k.shape[0]:
-                raise ValueError(f"k_test_train must be (N_test, {k.shape[0]}), got "
-                                 f"{tuple(kt.shape)}.")
-            shape = (kt.shape[0], f0.shape[1])
-            g0 = torch.zeros(shape, dtype=k.dtype, device=k.device) if fx_test_0 is None \
-                else torch.as_tensor(fx_test_0, dtype=k.dtype, device=k.device).expand(shape)
+            kt = check_kernel(k_test_train, "k_test_train", (None, k.shape[0]), k)
+            g0 = initial_outputs(0.0 if fx_test_0 is None else fx_test_0,
+                                 (kt.shape[0], f0.shape[1]), "fx_test_0", k)
         lr, m = self.learning_rate, self.momentum
         sizes = [f0.numel()] + ([] if kt is None else [g0.numel()])
         n_pos = sum(sizes)
