@@ -16,7 +16,13 @@ import torch
 from torch import Tensor
 
 from ..errors import IllConditionedWarning, check_finite_output, not_positive_definite
-from ..solvers._common import check_targets, diag_reg_absolute, memory_guard
+from ..solvers._common import (
+    check_symmetric,
+    check_targets,
+    diag_reg_absolute,
+    memory_guard,
+    symmetry_tolerance,
+)
 
 __all__ = ["Factor", "check_diag_reg_value", "check_finite", "check_kernel", "check_positive",
            "check_square", "check_symmetric", "decay", "grown", "initial_outputs",
@@ -164,35 +170,6 @@ def check_square(k: Tensor, name: str, *, symmetric: bool = True) -> Tensor:
     if symmetric:
         check_symmetric(k, name)
     return k
-
-
-def symmetry_tolerance(dtype: torch.dtype) -> float:
-    """How far, relative to ``max |K|``, a train-train kernel may be from symmetric and
-    still count as symmetric to rounding: ``max(100 eps, 1e-12)`` (1.2e-5 in float32,
-    1e-12 in float64)."""
-    return max(100 * torch.finfo(dtype).eps, 1e-12)
-
-
-def check_symmetric(k: Tensor, name: str) -> None:
-    """Refuses a square ``k`` with ``max |K - K^T| > symmetry_tolerance * max |K|``.
-
-    The factorisations (Cholesky, ``eigh``) read one triangle only, so a non-symmetric
-    train-train kernel would be used as its lower triangle, silently.
-    """
-    kd = k.detach()
-    scale = float(kd.abs().max())
-    if scale == 0.0:
-        return
-    gap = float((kd - kd.T).abs().max())
-    tol = symmetry_tolerance(k.dtype)
-    if gap > tol * scale:
-        raise ValueError(
-            f"{name} is not symmetric: max |K - K^T| = {gap:.3g}, {gap / scale:.2g} of "
-            f"max |K| = {scale:.3g}, above the rounding tolerance {tol:.1g} for {k.dtype}. "
-            f"A train-train kernel k(x_train, x_train) is symmetric, and only its lower "
-            f"triangle would be read. Pass the kernel of the training inputs with "
-            f"themselves (e.g. net.kernel(x_train).ntk), not a test-train kernel; or "
-            f"symmetrise it, (k + k.T) / 2, if it is only a little off.")
 
 
 def check_kernel(k: Any, name: str, shape: tuple, like: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ __all__ = [
     "Solver",
     "check_diag_reg",
     "check_inputs",
+    "check_symmetric",
     "check_targets",
     "default_tol",
     "diag_reg_absolute",
@@ -32,6 +33,7 @@ __all__ = [
     "resolve_solver",
     "row_ranges",
     "rows_within",
+    "symmetry_tolerance",
 ]
 
 KernelFn = Callable[[Tensor, Tensor], Tensor]
@@ -173,6 +175,35 @@ def check_targets(y: Any, n: int) -> tuple[Tensor, bool]:
     if not bool(torch.isfinite(y2).all()):
         raise ValueError("y_train has NaN or infinite entries.")
     return y2, vector
+
+
+def symmetry_tolerance(dtype: torch.dtype) -> float:
+    """How far, relative to ``max |K|``, a train-train kernel may be from symmetric and
+    still count as symmetric to rounding: ``max(100 eps, 1e-12)`` (1.2e-5 in float32,
+    1e-12 in float64)."""
+    return max(100 * torch.finfo(dtype).eps, 1e-12)
+
+
+def check_symmetric(k: Tensor, name: str) -> None:
+    """Refuses a square ``k`` with ``max |K - K^T| > symmetry_tolerance * max |K|``.
+
+    The factorisations (Cholesky, ``eigh``) read one triangle only, so a non-symmetric
+    train-train kernel would be used as its lower triangle, silently.
+    """
+    kd = k.detach()
+    scale = float(kd.abs().max())
+    if scale == 0.0:
+        return
+    gap = float((kd - kd.T).abs().max())
+    tol = symmetry_tolerance(k.dtype)
+    if gap > tol * scale:
+        raise ValueError(
+            f"{name} is not symmetric: max |K - K^T| = {gap:.3g}, {gap / scale:.2g} of "
+            f"max |K| = {scale:.3g}, above the rounding tolerance {tol:.1g} for {k.dtype}. "
+            f"A train-train kernel k(x_train, x_train) is symmetric, and only its lower "
+            f"triangle would be read. Pass the kernel of the training inputs with "
+            f"themselves (e.g. net.kernel(x_train).ntk), not a test-train kernel; or "
+            f"symmetrise it, (k + k.T) / 2, if it is only a little off.")
 
 
 def check_inputs(x: Any) -> Tensor:

@@ -25,6 +25,7 @@ from ..errors import ConvergenceWarning, did_not_converge, message, not_positive
 from ._common import (
     OnFailure,
     check_diag_reg,
+    check_symmetric,
     check_targets,
     default_tol,
     diag_reg_absolute,
@@ -264,6 +265,14 @@ def cg_krr(k_train_train, y_train: Tensor, *, diag_reg: float,
     n = shape[0]
     y, vector = check_targets(y_train, n)
     diag_reg = check_diag_reg(diag_reg)
+    if isinstance(k_train_train, Tensor):     # in memory: checked whole (arrays on disk are
+        if not k_train_train.is_floating_point():     # streamed, their diagonal checked)
+            raise TypeError(f"k_train_train must be floating-point, got "
+                            f"{k_train_train.dtype}.")
+        if not bool(torch.isfinite(k_train_train).all()):
+            raise ValueError("k_train_train has NaN or infinite entries; a kernel matrix "
+                             "must be finite (compute it in float64, or rescale the inputs).")
+        check_symmetric(k_train_train, "k_train_train")
     if preconditioner not in ("nystrom", "jacobi", None):
         raise ValueError(f"preconditioner must be 'nystrom', 'jacobi' or None, got "
                          f"{preconditioner!r}.")

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .._budget import parse_memory
+from ..errors import check_finite_output
 from ._common import KernelFn, row_ranges, tile_rows
 from .cg import CGInfo
 
@@ -32,7 +33,8 @@ class KernelRidgePredictor:
                  memory_budget: int | str | None = None, vector: bool = False):
         self.kernel_fn = kernel_fn
         self.centers = centers
-        self.alpha = alpha
+        self.alpha = check_finite_output(alpha, f"the {solver} kernel regression's "
+                                                f"coefficients (alpha)", causes="prediction")
         self.info = info
         self.solver = solver
         self.diag_reg_absolute = diag_reg_absolute
@@ -51,9 +53,7 @@ class KernelRidgePredictor:
         out = torch.cat([self.kernel_fn(x[i0:i1], self.centers).to(self.alpha) @ self.alpha
                          for i0, i1 in row_ranges(x.shape[0], rows)]) if x.shape[0] else \
             self.alpha.new_zeros((0, self.alpha.shape[1]))
-        if not bool(torch.isfinite(out).all()):
-            raise FloatingPointError("the kernel regression's prediction is not finite; "
-                                     "check the inputs and the kernel for NaN.")
+        check_finite_output(out, "the kernel regression's prediction", causes="prediction")
         return out[:, 0] if self._vector else out
 
     __call__ = predict
