@@ -201,7 +201,9 @@ class _KernelModel(BaseEstimator):
         self.network_ = s.network
         self.solver_ = solver
         if solver != "exact":
-            seed = int(check_random_state(self.random_state).randint(2**31 - 1))
+            # None draws with a fixed seed: identical fits give identical results
+            state = 0 if self.random_state is None else self.random_state
+            seed = int(check_random_state(state).randint(2**31 - 1))
             fitted = solvers.solve_krr(
                 solvers.kernel_function(s.network, s.get, memory_budget=s.memory_budget),
                 x, y, solver=solver, diag_reg=s.diag_reg, n_centers=s.n_centers,
@@ -293,7 +295,11 @@ _PARAMS = """
             converged (``t = inf``) mean only.
         n_centers: Nystrom centres (default ``min(N, max(500, 2 sqrt(N)))``), also the
             rank of the ``"cg"`` preconditioner.
-        random_state: seed (int) or None, for drawing the Nystrom centres.
+        random_state: seed (int), ``numpy.random.RandomState`` or None, for drawing the
+            Nystrom centres. None draws them with the fixed seed 0, so two identical
+            fits give identical results (as ``solver="auto"``, which switches to
+            ``"nystrom"`` past ``memory_budget`` with a `UserWarning`, needs); pass
+            another int for another draw.
         input_shape: None for dense inputs, or one example's shape, e.g. ``(3, 32, 32)``:
             rows of ``X`` (flattened examples, as scikit-learn wants them) are reshaped
             to ``(n_samples, *input_shape)`` for convolutional or attention networks.

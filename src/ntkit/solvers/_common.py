@@ -7,6 +7,7 @@ Imports nothing of ntkit but the memory budget parser (a leaf module).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -102,7 +103,7 @@ def resolve_solver(solver: str, n: int, dtype: torch.dtype,
     """The solver a call uses: ``solver`` itself, or for ``"auto"``: ``"exact"`` when two
     ``N x N`` kernels in ``dtype`` fit in ``memory_budget`` (default 1 GiB) or finite
     training times are asked for (only the eigendecomposition gives them), else
-    ``"nystrom"``.
+    ``"nystrom"``, with a `UserWarning` saying so (and how to pin the solver).
 
     Raises:
         ValueError: ``solver`` is not among ``allowed``, or an iterative solver is asked
@@ -115,8 +116,17 @@ def resolve_solver(solver: str, n: int, dtype: torch.dtype,
                          f"never N x N), 'auto'.")
     if solver == "auto":
         bytes_ = torch.finfo(dtype).bits // 8
-        fits = 2 * n * n * bytes_ <= parse_memory(memory_budget)
+        budget = parse_memory(memory_budget)
+        fits = 2 * n * n * bytes_ <= budget
         solver = "exact" if fits or finite_time else "nystrom"
+        if solver == "nystrom":
+            warnings.warn(
+                f"solver='auto' chose 'nystrom' (FALKON, an approximation with n_centers "
+                f"centres) instead of 'exact': two {n} x {n} kernels in {dtype} take "
+                f"{2 * n * n * bytes_ / 2**20:.3g} MiB, more than memory_budget = "
+                f"{budget / 2**20:.3g} MiB. Pin the solver to silence this: "
+                f"solver='nystrom' to keep the approximation, or solver='exact' with a "
+                f"larger memory_budget for the exact solve.", UserWarning, stacklevel=3)
     if solver != "exact" and finite_time:
         raise ValueError(f"solver={solver!r} solves the converged (t = inf) regression only; "
                          f"use solver='exact' (one eigendecomposition) for finite times.")
