@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .. import predict, solvers
 from .._budget import parse_memory
+from ..errors import check_finite_output
 from ..kernel_function import KernelFunction, check_get
 from ..layers import Layer
 from ..solvers._common import SOLVERS, resolve_solver
@@ -229,9 +230,26 @@ class _KernelModel(BaseEstimator):
         X = validate_data(self, X, reset=False, dtype=np.float64)
         s = self._settings(self.network_)
         x = self._inputs(X, s)
+        self._check_fitted_state()
         k_td = self._kernel(s, x, self._inputs(self.X_fit_, s))
         mean = k_td @ torch.as_tensor(self.dual_coef_, dtype=s.dtype, device=s.device)
+        check_finite_output(mean, f"{type(self).__name__}.predict", causes="prediction")
         return mean.cpu().numpy(), s, x, k_td
+
+    def _check_fitted_state(self) -> None:
+        """Refuses fitted arrays with NaN or infinite entries (a corrupt or crafted model
+        file): a prediction from them would be NaN."""
+        for name in ("X_fit_", "dual_coef_", "cov_coef_"):
+            value = getattr(self, name, None)
+            if value is None:
+                continue
+            a = np.asarray(value)
+            if a.dtype.kind in "fc" and not np.isfinite(a).all():
+                raise ValueError(
+                    f"this {type(self).__name__}'s fitted {name} has "
+                    f"{int(np.size(a) - np.isfinite(a).sum())} NaN or infinite entries of "
+                    f"{a.size}, so its predictions would not be finite; the model (or the "
+                    f"file it was loaded from) is corrupt. Fit it again.")
 
 
 class _Regressor(RegressorMixin, _KernelModel):
