@@ -302,7 +302,8 @@ def _chunk(out: Path, i: int, j: int) -> Path:
     return out / "kernel" / "c" / str(i) / str(j)
 
 
-@pytest.mark.parametrize("damage", ["deleted", "zeroed", "swapped", "garbage", "mirror"])
+@pytest.mark.parametrize("damage", ["deleted", "zeroed", "swapped", "garbage", "mirror",
+                                    "checksum"])
 def test_damaged_chunk_is_recomputed_on_resume(tmp_path, damage):
     """A finished store whose chunk file is deleted (read back as NaN), replaced by other
     valid bytes, or truncated: the resume recomputes exactly the damaged tile and returns
@@ -318,6 +319,8 @@ def test_damaged_chunk_is_recomputed_on_resume(tmp_path, damage):
         target.write_bytes(_chunk(out, 1, 2).read_bytes())
     elif damage == "garbage":
         target.write_bytes(b"garbage")
+    elif damage == "checksum":  # the tile's checksum chunk, not its values
+        (out / "checksum" / "c" / "0" / "1" / "0").write_bytes(b"garbage")
     else:
         target = _chunk(out, 1, 0)  # the mirror of tile (0, 1), below the diagonal
         target.write_bytes(bytes(len(target.read_bytes())))

@@ -119,7 +119,7 @@ def kernel_matrix(
         >>> k = nk.kernel_matrix(net, x, out="k.zarr", n_workers=4)   # resumable
     """
     job = Job.make(kernel, x1, x2, get=get, key=key, tile_size=tile_size,
-                   memory_budget=memory_budget, dtype=dtype)
+                   memory_budget=memory_budget, dtype=dtype, stored=out is not None)
     if out is None:
         sink: Sink = MemorySink(job)
     else:

@@ -76,7 +76,8 @@ class Job:
         dtype: the matrix's dtype.
         rows: rows per tile.
         cols: columns per tile.
-        identity: everything a stored matrix must agree on, tiles aside.
+        identity: everything a stored matrix must agree on, tiles aside (empty
+            for a matrix kept in memory).
         tile_given: whether the caller chose the tile size.
         budget: bytes of working memory per tile.
     """
@@ -93,8 +94,10 @@ class Job:
     budget: int
 
     @staticmethod
-    def make(kernel, x1, x2, *, get, key, tile_size, memory_budget, dtype) -> Job:
-        """The job of a `ntkit.kernel_matrix` call, its arguments checked."""
+    def make(kernel, x1, x2, *, get, key, tile_size, memory_budget, dtype,
+             stored: bool = True) -> Job:
+        """The job of a `ntkit.kernel_matrix` call, its arguments checked; its
+        ``identity`` (a content fingerprint of the kernel) only when ``stored``."""
         if isinstance(kernel, KernelFunction):
             kernel = kernel.source
         is_net = hasattr(kernel, "kernel")
@@ -128,10 +131,9 @@ class Job:
         if is_net:
             _check_network(kernel, x1, x2, get)
         rows, cols = _tile_shape(kernel, is_net, x1, n1, n2, x2 is None, budget, tile_size)
-        described, callables = _describe_kernel(kernel, is_net)
-        identity = {
+        identity = {} if not stored else {
             "format": FORMAT, "x1": _describe(x1), "x2": None if x2 is None else _describe(x2),
-            "kernel": described, "callables": callables, "key": key, "get": get,
+            **_describe_kernel(kernel, is_net), "key": key, "get": get,
             "dtype": str(dtype).removeprefix("torch."),
         }
         fn = KernelFunction(kernel, get, memory_budget=budget, progress=False)
@@ -222,7 +224,7 @@ def _tile_shape(kernel, is_net: bool, x1: Tensor, n1: int, n2: int, symmetric: b
     return rows, cols
 
 
-def _describe_kernel(kernel, is_net: bool) -> tuple[dict[str, Any], list[str]]:
+def _describe_kernel(kernel, is_net: bool) -> dict[str, Any]:
     """A network's repr (for the reader) and content fingerprint, or a function's
     qualified name; and the Python functions whose code the identity cannot see (a
     ``kernel_fn`` itself, or those a network holds), which make ``key=`` necessary."""
@@ -231,9 +233,10 @@ def _describe_kernel(kernel, is_net: bool) -> tuple[dict[str, Any], list[str]]:
         text = repr(kernel)
         if len(text) > 2000:
             text = text[:2000] + "..."
-        return {"name": text, "sha256": found.sha256}, list(found.callables)
+        return {"kernel": {"name": text, "sha256": found.sha256},
+                "callables": list(found.callables)}
     name = getattr(kernel, "__qualname__", None) or type(kernel).__qualname__
-    return {"name": name, "sha256": None}, [name]
+    return {"kernel": {"name": name, "sha256": None}, "callables": [name]}
 
 
 def _describe(x: Tensor) -> dict[str, Any]:
