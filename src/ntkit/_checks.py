@@ -17,16 +17,37 @@ __all__ = ["as_input_tensor", "check_input_pair", "check_finite", "as_input_pair
            "as_real", "is_int", "is_real"]
 
 
+def _numpy_number(value: Any) -> Any:
+    """A 0-dim NumPy array as its scalar (``np.array(4)`` -> ``np.int64(4)``), else ``value``."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return value[()]
+    return value
+
+
 def is_int(value: Any) -> bool:
-    """Whether ``value`` is an integer number: a Python int or a NumPy integer
-    scalar (``np.int64(2)``, as ``GridSearchCV`` over ``np.arange`` passes), not a bool."""
+    """Whether ``value`` is an integer number: a Python int, a NumPy integer scalar
+    (``np.int64(2)``, as ``GridSearchCV`` over ``np.arange`` passes) or a 0-dim NumPy
+    integer array, not a bool."""
+    value = _numpy_number(value)
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def is_real(value: Any) -> bool:
     """Whether ``value`` is a real number: a Python or NumPy int or float scalar
-    (``np.float32(1.5)``), not a bool."""
-    return is_int(value) or isinstance(value, (float, np.floating))
+    (``np.float32(1.5)``) or a 0-dim NumPy array of one, not a bool."""
+    return is_int(value) or isinstance(_numpy_number(value), (float, np.floating))
+
+
+def _not_a_number(value: Any, name: str, wanted: str) -> str:
+    """Why ``value`` is not a number for ``name``, and what to pass instead."""
+    if isinstance(value, (bool, np.bool_)):
+        return (f"{name} must be {wanted}, got the bool {value!r}; booleans are not taken "
+                f"as numbers here: pass 1.0 or 0.0 explicitly.")
+    if isinstance(value, np.ndarray):
+        return (f"{name} must be {wanted}, got a NumPy array of shape {value.shape} and dtype "
+                f"{value.dtype}; pass one number, e.g. {name}=float(a.item()) for a "
+                f"one-element array a.")
+    return f"{name} must be {wanted}, got {type(value).__name__} {value!r}."
 
 
 def as_real(value: Any, name: str) -> float:
@@ -61,6 +82,16 @@ def as_input_tensor(x: Any, name: str) -> Tensor:
     Tensors are taken as they are (no copy); NumPy arrays and nested sequences
     are converted with `torch.as_tensor`, keeping float64 as float64.
     """
+    if _is_scalar(x):
+        shown = x.item() if isinstance(x, (np.ndarray, np.generic)) else x
+        # A 0-dim array is an array of the wrong shape (ValueError, as before); a number
+        # is not an array at all (TypeError).
+        error = ValueError if isinstance(x, np.ndarray) else TypeError
+        raise error(
+            f"{name} is a single number ({type(x).__name__} {shown!r}); kernels take a batch "
+            f"of examples of shape (N, features): for one example with one feature pass "
+            f"[[{shown!r}]] (or torch.tensor([[{shown!r}]]))."
+        )
     if not isinstance(x, Tensor):
         if isinstance(x, (np.ndarray, list, tuple)):
             try:
@@ -85,10 +116,17 @@ def as_input_tensor(x: Any, name: str) -> Tensor:
             f"{name} has dtype {x.dtype}; kernels need floating-point inputs. "
             f"Convert with {name}.float() (float32) or {name}.double() (float64)."
         )
+    if x.ndim == 0:
+        raise ValueError(
+            f"{name} has shape () (a single number); expected a batch of shape (N, features): "
+            f"for one example with one feature use {name}.reshape(1, 1) "
+            f"({name}.unsqueeze(0).unsqueeze(0))."
+        )
     if x.ndim < 2:
         raise ValueError(
             f"{name} has shape {tuple(x.shape)}; expected a batch of shape (N, features). "
-            f"For a single example use {name}.unsqueeze(0); for N scalars use {name}.unsqueeze(1)."
+            f"For a single example use {name}.unsqueeze(0); for N scalars use "
+            f"{name}.unsqueeze(1) (NumPy: reshape(1, -1), reshape(-1, 1))."
         )
     if x.shape[0] == 0:
         raise ValueError(
@@ -131,7 +169,8 @@ def check_input_pair(x1: Tensor, x2: Tensor | None) -> None:
     if x1.dtype != x2.dtype:
         raise TypeError(
             f"x1 has dtype {x1.dtype} but x2 has dtype {x2.dtype}; kernels are computed in "
-            f"the inputs' dtype, so give both the same one, e.g. x2 = x2.to(x1.dtype)."
+            f"the inputs' dtype, so give both the same one, e.g. x2 = x2.to(x1.dtype) "
+            f"(NumPy: x2.astype(x1.dtype))."
         )
     if x1.shape[1:] != x2.shape[1:]:
         raise ValueError(
@@ -172,10 +211,14 @@ def as_std(value: Any, name: str) -> float | Tensor:
             )
         number = float(value.detach())
     elif not is_real(value):
-        raise TypeError(f"{name} must be a real number or a 0-dim tensor, got "
-                        f"{type(value).__name__} {value!r}.")
+        raise TypeError(_not_a_number(value, name, "a real number or a 0-dim tensor"))
     else:
-        number = float(value)  # NumPy scalars become Python floats
+        number = float(value)  # NumPy scalars and 0-dim arrays become Python floats
     if not (math.isfinite(number) and number >= 0):
         raise ValueError(f"{name} must be finite and >= 0, got {name}={number}.")
     return value if isinstance(value, Tensor) else number
+
+
+def _is_scalar(x: Any) -> bool:
+    """A number or 0-dim NumPy array (0-dim tensors get `as_input_tensor`'s shape message)."""
+    return isinstance(x, (int, float, np.generic)) or (isinstance(x, np.ndarray) and x.ndim == 0)
