@@ -57,10 +57,17 @@ def diag_reg_absolute(diagonal: Tensor, diag_reg: Any, absolute: bool = False):
         diag_reg: a number >= 0, or a 0-dim tensor (differentiable).
         absolute: ``diag_reg`` is ``s`` itself.
 
+    Raises:
+        ValueError: ``diag_reg`` is negative, NaN or infinite.
+
     Returns:
         ``s`` as a Python float; a 0-dim tensor in ``diagonal``'s dtype when ``diag_reg``
         is a tensor or ``diagonal`` requires grad (so ``s`` stays differentiable).
     """
+    value = float(diag_reg.detach()) if isinstance(diag_reg, Tensor) else diag_reg
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"diag_reg must be a finite number >= 0 (a noise variance, or its "
+                         f"ratio to the mean diagonal), got {value!r}; use 0 or e.g. 1e-4.")
     if absolute:
         return diag_reg
     mean = diagonal.to(torch.float64).mean()
