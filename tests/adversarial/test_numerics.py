@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -219,3 +220,58 @@ def test_linearized_model_without_double_backward_trains():
     for name, p in lin.params_dict().items():
         want_grad = torch.einsum("ij,ij...->...", dl_dout, jac[name])
         torch.testing.assert_close(p.grad, want_grad, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- input checks
+def _mlp() -> nk.Sequential:
+    return nk.Sequential(nk.Linear(4), nk.ReLU(), nk.Linear(1))
+
+
+@pytest.mark.parametrize("value", [np.float32(1.5), np.float64(1.5), np.int64(2), np.array(1.5),
+                                   np.array(2)], ids=repr)
+def test_numpy_numbers_are_accepted_as_std(value):
+    """Witness: the same network with the Python float."""
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = nk.Sequential(nk.Linear(4, w_std=value), nk.ReLU()).kernel(x)
+    want = nk.Sequential(nk.Linear(4, w_std=float(value)), nk.ReLU()).kernel(x)
+    assert torch.equal(got.ntk, want.ntk)
+
+
+@pytest.mark.parametrize("value", [np.int64(4), np.int32(4), np.array(4)], ids=repr)
+def test_numpy_integers_are_accepted_as_widths_and_degrees(value):
+    assert nk.Linear(value).out_features == 4
+    assert nk.Elementwise(torch.tanh, degree=value).degree == 4
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    (np.bool_(True), "got the bool"), (True, "got the bool"),
+    (np.array([1.5]), r"NumPy array of shape \(1,\)"),
+], ids=["np.bool_", "bool", "1-element array"])
+def test_refused_std_says_why_without_contradiction(value, says):
+    """Not 'must be a real number ... got float' style: the message names what it got."""
+    with pytest.raises(TypeError, match=says) as info:
+        nk.Linear(4, w_std=value)
+    assert "pass" in str(info.value)
+
+
+@pytest.mark.parametrize(("x", "error"), [
+    (np.float32(1.0), TypeError), (1.0, TypeError), (np.array(1.0), ValueError),
+    (torch.tensor(1.0), ValueError),
+], ids=["np.float32", "float", "0-dim array", "0-dim tensor"])
+def test_a_single_number_is_not_a_batch(x, error):
+    """The message says it is one number and gives a fix that works (reshape(1, 1) or
+    [[v]]), not unsqueeze(0) alone, which leaves a 1-D tensor that is refused again."""
+    with pytest.raises(error, match="single number") as info:
+        _mlp().kernel(x)
+    fix = str(info.value)
+    assert "[[1.0]]" in fix or "reshape(1, 1)" in fix
+    _mlp().kernel(torch.tensor(1.0).reshape(1, 1))  # the fix works
+
+
+@pytest.mark.parametrize("to_numpy", [False, True], ids=["tensor", "numpy"])
+def test_mixed_float_dtypes_name_both_and_the_fix(to_numpy):
+    x1, x2 = torch.randn(3, 2), torch.randn(2, 2, dtype=torch.float64)
+    if to_numpy:
+        x1, x2 = x1.numpy(), x2.numpy()
+    with pytest.raises(TypeError, match=r"float32 but x2 has dtype torch.float64.*astype"):
+        _mlp().kernel(x1, x2)

@@ -6,7 +6,8 @@ import copy
 import functools
 import math
 import warnings
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import scipy.special
@@ -81,7 +82,7 @@ def _points(k: Tensor, v1: Tensor, v2: Tensor, u: Tensor, rule: str):
     sum swaps exactly with ``v1`` and ``v2`` (so the rule is symmetric bit for bit)."""
     tiny = torch.finfo(k.dtype).tiny
     ui, uj = u[None, :, None], u[None, None, :]
-    col = lambda t: t[:, None, None]  # noqa: E731
+    col = lambda t: t[:, None, None]
     if rule == "symmetric":
         # S = (Sigma + s I) / t: swapping v1, v2 swaps X with Y and i with j.
         s = _sqrt((v1 * v2 - k * k).clamp_min(0))
