@@ -70,10 +70,23 @@ _LAYERS = (
 _CLI = "test_cli_paths.py::"
 _STORES = "test_stores.py::"
 _PARSER = "test_parser.py::"
+_NUMERICS = "test_numerics.py::"
 
 #: entry point -> hostile-input test ids, an `Exempt` or a `Pending`.
 ADVERSARIAL_CASES: dict[str, tuple[str, ...] | Exempt | Pending] = {
     **{f"ntkit.{name}": _LAYER for name in _LAYERS},
+    # layers with hostile-input tests of their own (area N); net.kernel's inputs
+    "ntkit.Sequential": (_NUMERICS + "test_a_single_number_is_not_a_batch",
+                         _NUMERICS + "test_mixed_float_dtypes_name_both_and_the_fix"),
+    "ntkit.Linear": (_NUMERICS + "test_numpy_numbers_are_accepted_as_std",
+                     _NUMERICS + "test_refused_std_says_why_without_contradiction",
+                     _NUMERICS + "test_numpy_integers_are_accepted_as_widths_and_degrees"),
+    "ntkit.Elementwise": (_NUMERICS + "test_erf_quadrature_matches_closed_form",
+                          _NUMERICS + "test_erf_quadrature_warns_past_the_cap_with_its_"
+                                      "estimated_error",
+                          _NUMERICS + "test_rule_and_degree_are_validated"),
+    "ntkit.Tanh": (_NUMERICS + "test_quadrature_kernels_are_symmetric_for_inputs_of_"
+                               "different_norms",),
     "ntkit.ConversionError": _ERROR,
     "ntkit.Kernel": _RESULT,
     "ntkit.TileDone": _RESULT,
@@ -90,8 +103,12 @@ ADVERSARIAL_CASES: dict[str, tuple[str, ...] | Exempt | Pending] = {
     "ntkit.write_kernel_matrix": (_STORES + "test_write_kernel_matrix_keeps_the_guarantees",),
     "ntkit.parse_memory": (_CLI + "test_hostile_memory_budget_is_a_usage_error",),
     # numerics and conversion (area N)
-    "ntkit.from_torch": Pending("test_numerics.py"),
-    "ntkit.linearize": Pending("test_numerics.py"),
+    "ntkit.from_torch": (
+        _NUMERICS + "test_custom_autograd_function_is_refused_by_name",
+        _NUMERICS + "test_subclass_of_a_layer_without_kernel_rule_names_the_base",
+        _NUMERICS + "test_subclass_overriding_forward_is_refused_by_name",
+    ),
+    "ntkit.linearize": (_NUMERICS + "test_linearized_model_without_double_backward_trains",),
     "ntkit.taylor": Pending("test_numerics.py"),
     # finite outputs (area F)
     "ntkit.empirical_kernels": Pending("test_outputs.py"),
