@@ -165,18 +165,21 @@ def report(exc: BaseException, context: str = "") -> CommandError:
 
 
 @contextlib.contextmanager
-def failing(context: str, *, types: tuple[type[BaseException], ...] = (
-        ValueError, TypeError, FloatingPointError, *LIBRARY_ERRORS)) -> Iterator[None]:
+def failing(context: str, *,
+            types: tuple[type[BaseException], ...] = (ValueError, TypeError,
+                                                      FloatingPointError, *LIBRARY_ERRORS),
+            unless: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     """Inside this block, an exception of ``types`` is reported after ``context``
     (``Error: <context>: <message>``), e.g. ``failing(f"fitting {name} failed")``.
 
-    Other failures of the table (out of memory, interrupted) are reported without
-    the context: it says what was wrong with the input, which they are not about.
+    Other failures of the table (out of memory, interrupted), and those of ``unless``
+    (for which ``context`` would be wrong: a NaN kernel is no mismatch of architecture
+    and data), are reported without the context.
     """
     try:
         yield
     except types as e:
-        if failure_of(e) is None:        # pragma: no cover - types come from the table
+        if isinstance(e, unless) or failure_of(e) is None:   # None: not in the table
             raise
         raise _Context(context, e) from e
 

@@ -16,7 +16,7 @@ import click
 import numpy as np
 
 from .._data_files import check_cast, load_data
-from ..errors import StoreError
+from ..errors import NonFiniteError, StoreError
 from ._errors import CommandError, failing
 from ._options import CONTEXT, architecture_arg, force_option, get_option, shape_callback
 from ._output import check_finite, check_outputs, file_or_none, write_atomically
@@ -125,7 +125,7 @@ def kernel(architecture: str, data: Path, out: Path, data2: Path | None, get: st
     b = None if x2 is None else torch.as_tensor(x2, dtype=torch_dtype)
     t0 = time.perf_counter()
     with failing(f"the architecture does not fit the data ({data.name}, examples of shape "
-                 f"{tuple(x1.shape[1:])})"):
+                 f"{tuple(x1.shape[1:])})", unless=(NonFiniteError,)):
         if tiled:         # one pair first: a mismatch is reported before any cluster starts
             net.kernel(a[:1], None if b is None else b[:1], progress=False)
         else:
