@@ -71,13 +71,21 @@ _CLI = "test_cli_paths.py::"
 _STORES = "test_stores.py::"
 _PARSER = "test_parser.py::"
 _NUMERICS = "test_numerics.py::"
+_OUTPUTS = "test_outputs.py::"
+_DIAG_REG = _OUTPUTS + "test_negative_or_non_finite_diag_reg_is_refused_everywhere"
+_ASYMMETRIC = _OUTPUTS + "test_non_symmetric_train_kernel_is_refused"
+_SOLVER_RESULTS = _OUTPUTS + "test_solver_results_are_checked"
 
 #: entry point -> hostile-input test ids, an `Exempt` or a `Pending`.
 ADVERSARIAL_CASES: dict[str, tuple[str, ...] | Exempt | Pending] = {
     **{f"ntkit.{name}": _LAYER for name in _LAYERS},
     # layers with hostile-input tests of their own (area N); net.kernel's inputs
     "ntkit.Sequential": (_NUMERICS + "test_a_single_number_is_not_a_batch",
-                         _NUMERICS + "test_mixed_float_dtypes_name_both_and_the_fix"),
+                         _NUMERICS + "test_mixed_float_dtypes_name_both_and_the_fix",
+                         _OUTPUTS + "test_overflowing_inputs_raise_naming_rescale_and_float64",
+                         _OUTPUTS + "test_variance_blowing_up_with_depth_names_the_depth_"
+                                    "cause"),
+    "ntkit.Exp": (_OUTPUTS + "test_stacked_exp_names_exp",),
     "ntkit.Linear": (_NUMERICS + "test_numpy_numbers_are_accepted_as_std",
                      _NUMERICS + "test_refused_std_says_why_without_contradiction",
                      _NUMERICS + "test_numpy_integers_are_accepted_as_widths_and_degrees"),
@@ -111,23 +119,52 @@ ADVERSARIAL_CASES: dict[str, tuple[str, ...] | Exempt | Pending] = {
     "ntkit.linearize": (_NUMERICS + "test_linearized_model_without_double_backward_trains",),
     "ntkit.taylor": Pending("test_numerics.py"),
     # finite outputs (area F)
-    "ntkit.empirical_kernels": Pending("test_outputs.py"),
-    "ntkit.empirical_nngp": Pending("test_outputs.py"),
-    "ntkit.empirical_ntk": Pending("test_outputs.py"),
-    "ntkit.empirical_ntk_by_layer": Pending("test_outputs.py"),
-    "ntkit.monte_carlo_kernel": Pending("test_outputs.py"),
-    **{f"ntkit.predict.{name}": Pending("test_outputs.py") for name in (
-        "gp_inference", "gradient_descent", "gradient_descent_mse",
-        "gradient_descent_mse_ensemble", "max_learning_rate")},
+    "ntkit.empirical_kernels": (_OUTPUTS + "test_monte_carlo_refuses_non_finite_inputs_and_"
+                                           "outputs",),
+    "ntkit.empirical_nngp": (_OUTPUTS + "test_empirical_refuses_non_finite_x2_alone_and_one_"
+                                        "example_batches",
+                             _OUTPUTS + "test_empirical_overflow_is_a_non_finite_error"),
+    "ntkit.empirical_ntk": (_OUTPUTS + "test_empirical_refuses_non_finite_x2_alone_and_one_"
+                                       "example_batches",
+                            _OUTPUTS + "test_empirical_overflow_is_a_non_finite_error"),
+    "ntkit.empirical_ntk_by_layer": (_OUTPUTS + "test_empirical_overflow_is_a_non_finite_"
+                                                "error",),
+    "ntkit.monte_carlo_kernel": (_OUTPUTS + "test_monte_carlo_refuses_non_finite_inputs_and_"
+                                            "outputs",),
+    "ntkit.predict.gp_inference": (
+        _ASYMMETRIC, _DIAG_REG,
+        _OUTPUTS + "test_non_finite_kernels_and_targets_are_refused_by_name",
+        _OUTPUTS + "test_wrong_shapes_and_dtypes_name_the_argument_and_the_expected_shape",
+        _OUTPUTS + "test_overflowing_prediction_is_a_non_finite_error",
+    ),
+    "ntkit.predict.gradient_descent": (
+        _ASYMMETRIC, _OUTPUTS + "test_non_finite_initial_outputs_are_refused_by_name",
+        _OUTPUTS + "test_wrong_shapes_and_dtypes_name_the_argument_and_the_expected_shape",
+    ),
+    "ntkit.predict.gradient_descent_mse": (
+        _ASYMMETRIC, _DIAG_REG,
+        _OUTPUTS + "test_non_finite_kernels_and_targets_are_refused_by_name",
+        _OUTPUTS + "test_non_finite_initial_outputs_are_refused_by_name",
+        _OUTPUTS + "test_overflowing_prediction_is_a_non_finite_error",
+    ),
+    "ntkit.predict.gradient_descent_mse_ensemble": (
+        _DIAG_REG, _OUTPUTS + "test_auto_solver_warns_when_it_switches_to_nystrom"),
+    "ntkit.predict.max_learning_rate": (_ASYMMETRIC,),
     **{f"ntkit.predict.{name}": _RESULT for name in (
         "EnsemblePrediction", "GPPosterior", "Trajectory")},
     **{f"ntkit.predict.{name}": Exempt(
         "a predictor returned by its ntkit.predict function (factor once, evaluate many); "
         "that function's hostile inputs are test_outputs.py's") for name in (
         "EnsemblePredictor", "MSEPredictor", "ODEPredictor")},
-    **{f"ntkit.solvers.{name}": Pending("test_outputs.py") for name in (
-        "cg_krr", "conjugate_gradient", "diag_reg_absolute", "exact_krr", "kernel_function",
-        "nystrom_krr", "resolve_solver", "solve_krr")},
+    "ntkit.solvers.cg_krr": (_ASYMMETRIC,),
+    "ntkit.solvers.conjugate_gradient": (_SOLVER_RESULTS,),
+    "ntkit.solvers.diag_reg_absolute": (_DIAG_REG,),
+    "ntkit.solvers.exact_krr": (_DIAG_REG, _SOLVER_RESULTS),
+    "ntkit.solvers.kernel_function": (_SOLVER_RESULTS,),
+    "ntkit.solvers.nystrom_krr": (_DIAG_REG,),
+    "ntkit.solvers.resolve_solver": (_OUTPUTS + "test_auto_solver_warns_when_it_switches_to_"
+                                                "nystrom",),
+    "ntkit.solvers.solve_krr": (_DIAG_REG,),
     "ntkit.solvers.CGInfo": _RESULT,
     "ntkit.solvers.ConvergenceError": _ERROR,
     "ntkit.solvers.ConvergenceWarning": Exempt(
@@ -165,8 +202,12 @@ ADVERSARIAL_CASES: dict[str, tuple[str, ...] | Exempt | Pending] = {
         _PARSER + "test_load_limits_apply_to_the_stored_spec",
     ),
     "ntkit.sklearn.save": (_PARSER + "test_save_refuses_nan_and_keeps_the_previous_file",),
-    **{f"ntkit.sklearn.{name}": Pending("test_outputs.py") for name in (
-        "NNGPRegressor", "NTKClassifier", "NTKRegressor", "NNGPKernel", "NTKKernel")},
+    **{f"ntkit.sklearn.{name}": (
+        _OUTPUTS + "test_estimators_auto_nystrom_warns_and_identical_fits_are_identical",
+        _OUTPUTS + "test_estimators_refuse_nan_fitted_coefficients",
+    ) for name in ("NNGPRegressor", "NTKClassifier", "NTKRegressor")},
+    **{f"ntkit.sklearn.{name}": (_OUTPUTS + "test_sklearn_kernels_refuse_nan_and_overflow",)
+       for name in ("NNGPKernel", "NTKKernel")},
     # the command line (area C)
     "ntkit kernel": (
         _CLI + "test_kernel_output_that_is_its_data_is_refused",
