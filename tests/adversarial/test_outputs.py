@@ -309,7 +309,7 @@ def test_estimators_auto_nystrom_warns_and_identical_fits_are_identical(cls):
     if cls == "NTKClassifier":
         y = (y > 0).astype(int)
     make = getattr(nk.sklearn, cls)
-    kw = dict(diag_reg=1e-3, memory_budget=60 * 60 * 8, n_centers=20)
+    kw = {"diag_reg": 1e-3, "memory_budget": 60 * 60 * 8, "n_centers": 20}
     with pytest.warns(UserWarning, match="pin|Pin"):
         a = make(**kw).fit(x, y)
     assert a.solver_ == "nystrom"
