@@ -218,14 +218,17 @@ class Layer:
         requires_grad=True))``), each once. Kernels are differentiable in them;
         `kernel` keeps the autograd graph when one of them requires grad."""
         found: dict[int, Tensor] = {}
+        inner: dict[int, Layer] = {}  # each inner layer once (Repeat holds it n + 1 times)
         for value in vars(self).values():
             items = value if isinstance(value, (tuple, list)) else (value,)
             for item in items:
                 if isinstance(item, Tensor):
                     found.setdefault(id(item), item)
                 elif isinstance(item, Layer):
-                    for t in item.hyperparameters():
-                        found.setdefault(id(t), t)
+                    inner.setdefault(id(item), item)
+        for layer in inner.values():
+            for t in layer.hyperparameters():
+                found.setdefault(id(t), t)
         return list(found.values())
 
     def __repr__(self) -> str:
