@@ -221,7 +221,7 @@ def write(path, meta, arrays, raw_meta=None):
 def test_model_file_round_trip_is_unchanged(model_file, tmp_path):
     """The witness that the checks refuse only bad files: a rewritten copy of a good
     file loads and predicts bit for bit."""
-    path, want, meta, arrays = model_file
+    _, want, meta, arrays = model_file
     copy = write(tmp_path / "copy.npz", meta, arrays)
     np.testing.assert_array_equal(load(copy).predict(X_TEST), want)
 
@@ -283,7 +283,7 @@ CRAFTED_META = {
 
 @pytest.mark.parametrize("case", list(CRAFTED_META), ids=list(CRAFTED_META))
 def test_crafted_meta_is_refused_by_name(model_file, tmp_path, case):
-    path, _, meta, arrays = model_file
+    _, _, meta, arrays = model_file
     change, match = CRAFTED_META[case]
     crafted = write(tmp_path / "crafted.npz", change(meta), arrays)
     refused_quickly(lambda: load(crafted), error=ModelFileError, match=match)
@@ -365,8 +365,8 @@ def test_save_refuses_nan_and_keeps_the_previous_file(model_file, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["kept.npz"]    # no partial file left
 
 
-def test_load_limits_apply_to_the_stored_spec(model_file, tmp_path):
-    path, want, meta, arrays = model_file
+def test_load_limits_apply_to_the_stored_spec(model_file):
+    path, want, *_ = model_file
     refused_quickly(lambda: load(path, limits=SpecLimits(max_layers=2)),
                     error=ModelFileError, match="max_layers=2")
     np.testing.assert_array_equal(load(path, limits=SpecLimits(max_layers=3)).predict(X_TEST),
