@@ -117,7 +117,8 @@ ADVERSARIAL_CASES: dict[str, tuple[str, ...] | Exempt | Pending] = {
         _NUMERICS + "test_subclass_overriding_forward_is_refused_by_name",
     ),
     "ntkit.linearize": (_NUMERICS + "test_linearized_model_without_double_backward_trains",),
-    "ntkit.taylor": Pending("test_numerics.py"),
+    "ntkit.taylor": (_NUMERICS + "test_taylor_degree_is_validated",
+                     _NUMERICS + "test_taylor_of_a_model_without_trainable_parameters_says_so"),
     # finite outputs (area F)
     "ntkit.empirical_kernels": (_OUTPUTS + "test_monte_carlo_refuses_non_finite_inputs_and_"
                                            "outputs",),
