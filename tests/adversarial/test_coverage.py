@@ -4,7 +4,7 @@ The entry points are enumerated from the package itself (``ntkit.__all__``, the
 ``__all__`` of ntkit.predict, ntkit.solvers, ntkit.spec and ntkit.sklearn, and the
 commands of the ``ntkit`` command line), so a new public function, class or
 command fails `test_every_public_entry_point_is_listed` until it gets a row in
-conftest.py's `ADVERSARIAL_CASES`: hostile-input tests, or a reasoned exemption.
+entry_points.py's `ADVERSARIAL_CASES`: hostile-input tests, or a reasoned exemption.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ MODULES = ("ntkit", "ntkit.predict", "ntkit.solvers", "ntkit.spec", "ntkit.sklea
 
 @cache
 def table():
-    """conftest.py of this folder, loaded by path (not by the module name "conftest",
-    which tests/conftest.py holds)."""
+    """entry_points.py of this folder, loaded by path: a conftest.py here would be
+    imported as the module "conftest" and shadow tests/conftest.py."""
     spec = importlib.util.spec_from_file_location("ntkit_adversarial_table",
-                                                  HERE / "conftest.py")
+                                                  HERE / "entry_points.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module          # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -58,7 +58,7 @@ def defined_tests(file: str) -> frozenset[str]:
 def test_every_public_entry_point_is_listed():
     missing = sorted(public_entry_points() - set(table().ADVERSARIAL_CASES))
     assert not missing, (
-        f"public entry points with no row in tests/adversarial/conftest.py's "
+        f"public entry points with no row in tests/adversarial/entry_points.py's "
         f"ADVERSARIAL_CASES: {missing}; add hostile-input tests for each (shapes, dtypes, "
         f"values, files, ...) and list them, or an Exempt with the reason")
 
