@@ -371,3 +371,13 @@ def test_load_limits_apply_to_the_stored_spec(model_file):
                     error=ModelFileError, match="max_layers=2")
     np.testing.assert_array_equal(load(path, limits=SpecLimits(max_layers=3)).predict(X_TEST),
                                   want)
+
+
+@pytest.mark.parametrize("spec", ["erf(a=nan)", "erf(1.5, nan)",
+                                  [{"layer": "erf", "kwargs": {"a": float("nan")}}]],
+                         ids=["keyword", "positional", "json"])
+def test_nan_arguments_are_refused(spec):
+    """``erf(a=nan)`` built a layer whose kernels are all NaN; finite and infinite
+    values are left to each layer's own checks (``erf(a=1.5)`` parses)."""
+    refused_quickly(lambda: parse_architecture(spec), match="is NaN, which no layer can use")
+    assert parse_architecture("erf(a=1.5)").a == 1.5

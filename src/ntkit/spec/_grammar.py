@@ -5,6 +5,7 @@ for layer lists loaded from JSON/YAML or given as Python lists."""
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -271,7 +272,11 @@ def _parameters(ctor: Callable) -> list[str]:
 def _construct(key: str, ctor: Callable[..., Layer], args: list, kwargs: dict,
                error: Callable[[str], SpecError]) -> Layer:
     """``ctor(*args, **kwargs)`` (the layer ``key``), with a parse error naming the
-    accepted arguments."""
+    accepted arguments; NaN arguments are refused (no layer can use one)."""
+    named = [*(f"argument {i + 1}" for i in range(len(args))), *kwargs]
+    for name, value in zip(named, [*args, *kwargs.values()]):
+        if _has_nan(value):
+            raise error(f"{key}: {name} is NaN, which no layer can use; give a number")
     try:
         sig = inspect.signature(ctor)
         sig.bind(*args, **kwargs)
@@ -282,6 +287,13 @@ def _construct(key: str, ctor: Callable[..., Layer], args: list, kwargs: dict,
         return ctor(*args, **kwargs)
     except (TypeError, ValueError, OverflowError) as e:
         raise error(f"{key}: {e}") from None
+
+
+def _has_nan(value: Any) -> bool:
+    """Whether a parsed value is NaN or a tuple holding one (no hyperparameter is)."""
+    if isinstance(value, tuple):
+        return any(_has_nan(v) for v in value)
+    return isinstance(value, float) and math.isnan(value)
 
 
 def parse_string(text: str, where: str, limits: SpecLimits,
