@@ -275,3 +275,18 @@ def test_mixed_float_dtypes_name_both_and_the_fix(to_numpy):
         x1, x2 = x1.numpy(), x2.numpy()
     with pytest.raises(TypeError, match=r"float32 but x2 has dtype torch.float64.*astype"):
         _mlp().kernel(x1, x2)
+
+
+@pytest.mark.parametrize(("degree", "error", "says"), [
+    (True, TypeError, "int >= 1"), (1.0, TypeError, "int >= 1"), (np.int64(1), TypeError, "int"),
+    (0, ValueError, "degree 0"), (-2, ValueError, ">= 1"),
+], ids=["bool", "float", "np.int64", "zero", "negative"])
+def test_taylor_degree_is_validated(degree, error, says):
+    with pytest.raises(error, match=says):
+        nk.taylor(torch.nn.Linear(2, 1), degree)
+
+
+def test_taylor_of_a_model_without_trainable_parameters_says_so():
+    frozen = torch.nn.Linear(2, 1).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        nk.taylor(frozen, 1)
