@@ -36,6 +36,19 @@ list of layers, or ``{"layers": [...]}``. A layer is a compact string
 
 `to_spec` writes the compact form back; ``parse_architecture(to_spec(net))``
 has the same kernel as ``net``.
+
+Limits. A spec may come from someone else (a file, a saved model), so it is read
+within `SpecLimits`, checked before any repeat is expanded: at most 32 nested
+groups (``N*(...)``, tuples, JSON/YAML lists), repeat counts up to 1000, 10,000
+layers after expansion, and 1,000,000 characters (or bytes of a file). JSON
+nesting is counted before `json.loads` reads it; YAML anchors and aliases are
+refused. Anything beyond, and any text that does not parse (``"linear("``), is
+an `ntkit.errors.SpecError` (a ValueError) that says where and what to do;
+never a RecursionError or a hang. Raise a bound with
+``parse_architecture(spec, limits=SpecLimits(max_layers=50_000))``.
+
+The package: ``_grammar`` (the parser, for strings and layer lists), ``_limits``
+(`SpecLimits`, bounded JSON/YAML loading), ``_write`` (`to_spec`).
 """
 
 from __future__ import annotations
