@@ -274,24 +274,24 @@ class Elementwise(Activation):
     def _nngp(self, k, v1, v2):
         return self._rule(k, v1, v2, want_dot=False)[0]
 
-    def _self_moment(self, c: Tensor, g: Callable[[Tensor], Tensor]) -> Tensor:
-        """``E[g(X)^2]`` for ``X ~ N(0, c)``: at correlation exactly 1 the integral is
-        1-D, taken with ``2 * degree`` nodes (about the accuracy of the 2-D rule near the
-        diagonal; a kink at 0 sits between the symmetric nodes, so Sign's is exact)."""
-        if c.numel() == 0:
-            return c.clone()
-        degree = self.quadrature_degree(float(c.detach().max()))
-        nodes, weights = _hermite(2 * degree)
-        u = torch.as_tensor(nodes, dtype=c.dtype, device=c.device)
-        w = torch.as_tensor(weights, dtype=c.dtype, device=c.device)
-        gx = g(_sqrt(c.clamp_min(0)).unsqueeze(-1) * u)
-        return (gx * gx) @ w
+    def _self_moments(self, c: Tensor, *, want_dot: bool) -> tuple[Tensor, Tensor | None]:
+        """``E[f(X)^2]`` (and ``E[f'(X)^2]``) for ``X ~ N(0, c)``: the 2-D rule at
+        correlation exactly 1, so that an input paired with itself (set from here) and
+        with a duplicate of itself (a cross pair) get the same value. The Cholesky rule
+        collapses there to the 1-D rule, exact for a kink at 0 (Sign, ReLU)."""
+        shape = c.shape
+        flat = c.reshape(-1)
+        if flat.numel() == 0:
+            return c.clone(), c.clone() if want_dot else None
+        degree = self.quadrature_degree(float(flat.detach().max()))
+        nngp, dot = self._integrate(flat, flat, flat, degree, want_dot=want_dot)
+        return nngp.reshape(shape), None if dot is None else dot.reshape(shape)
 
     def _variance(self, c: Tensor) -> Tensor:
-        return self._self_moment(c, self._fn)
+        return self._self_moments(c, want_dot=False)[0]
 
     def _self_dot(self, c: Tensor) -> Tensor:
-        return self._self_moment(c, self.derivative)
+        return self._self_moments(c, want_dot=True)[1]
 
     def __repr__(self) -> str:
         degree = "" if self.degree == "auto" else f", degree={self.degree}"
