@@ -13,8 +13,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["as_input_tensor", "check_input_pair", "check_finite", "as_input_pair", "as_std",
-           "as_real", "is_int", "is_real"]
+__all__ = [
+    "as_input_pair",
+    "as_input_tensor",
+    "as_real",
+    "as_std",
+    "check_finite",
+    "check_input_pair",
+    "is_int",
+    "is_real",
+]
 
 
 def _numpy_number(value: Any) -> Any:
