@@ -201,6 +201,11 @@ def test_non_finite_kernels_and_targets_are_refused_by_name(argument, bad):
     args[argument] = _with(bad, args[argument], row=1, col=1)
     with pytest.raises(ValueError, match=argument):
         predict.gp_inference(k, args["y_train"], args["k_test_train"], args["k_test_test"])
+    if argument == "y_train":
+        with pytest.raises(ValueError, match=argument):
+            predict.gradient_descent(lambda f, t: ((f - t) ** 2).mean(), k, args[argument])
+        with pytest.raises(ValueError, match=argument):
+            predict.gradient_descent_mse(k, args[argument])
     if argument == "k_test_train":
         with pytest.raises(ValueError, match=argument):
             predict.gradient_descent_mse(k, y)(1.0, k_test_train=args[argument])

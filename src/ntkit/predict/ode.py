@@ -149,6 +149,8 @@ def gradient_descent(loss, k_train_train: Tensor, y_train, *, learning_rate: flo
                              f"got shape {tuple(y_train.shape)}.")
         y_train = y_train.to(device=k.device)
         if y_train.is_floating_point():
+            if not bool(torch.isfinite(y_train).all()):
+                raise ValueError("y_train has NaN or infinite entries.")
             y_train = y_train.to(k.dtype)
     return ODEPredictor(loss, k, y_train, learning_rate, momentum, rtol, atol)
 
