@@ -124,10 +124,12 @@ ADVERSARIAL_CASES: dict[str, tuple[str, ...] | Exempt | Pending] = {
                                            "outputs",),
     "ntkit.empirical_nngp": (_OUTPUTS + "test_empirical_refuses_non_finite_x2_alone_and_one_"
                                         "example_batches",
-                             _OUTPUTS + "test_empirical_overflow_is_a_non_finite_error"),
+                             _OUTPUTS + "test_empirical_overflow_is_a_non_finite_error",
+                             _OUTPUTS + "test_empirical_mixed_dtypes_are_named"),
     "ntkit.empirical_ntk": (_OUTPUTS + "test_empirical_refuses_non_finite_x2_alone_and_one_"
                                        "example_batches",
-                            _OUTPUTS + "test_empirical_overflow_is_a_non_finite_error"),
+                            _OUTPUTS + "test_empirical_overflow_is_a_non_finite_error",
+                            _OUTPUTS + "test_empirical_mixed_dtypes_are_named"),
     "ntkit.empirical_ntk_by_layer": (_OUTPUTS + "test_empirical_overflow_is_a_non_finite_"
                                                 "error",),
     "ntkit.monte_carlo_kernel": (_OUTPUTS + "test_monte_carlo_refuses_non_finite_inputs_and_"

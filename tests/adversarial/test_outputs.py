@@ -350,3 +350,17 @@ def test_sklearn_kernels_refuse_nan_and_overflow(cls):
     with pytest.raises(ValueError):
         kernel(x * 1e200)
     assert np.isfinite(kernel(x)).all()
+
+
+@pytest.mark.parametrize("fn", ["empirical_ntk", "empirical_nngp"])
+def test_empirical_mixed_dtypes_are_named(fn):
+    """x1 float32 with x2 float64, or float64 inputs to a float32 model, raise a
+    TypeError naming both dtypes (not torch's matrix-product message)."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    x32, x64 = torch.randn(4, 3), torch.randn(5, 3, dtype=torch.float64)
+    f = getattr(nk, fn)
+    with pytest.raises(TypeError, match="x1 has dtype torch.float32 but x2 has dtype"):
+        f(model, x32, x64)
+    with pytest.raises(TypeError, match="parameters are torch.float32 but the inputs"):
+        f(model, x64)
+    assert f(model.double(), x64).dtype == torch.float64   # the fix it names works

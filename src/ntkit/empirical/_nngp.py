@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .._budget import parse_memory
 from ..errors import check_finite_output
 from ..kernel import same_inputs
-from ._problem import call_model, check_batch, stochastic_modules
+from ._problem import call_model, check_batch, check_dtypes, stochastic_modules
 from ._tiles import mirrored
 
 
@@ -59,6 +59,7 @@ def empirical_nngp(
     x2 = None if x2 is None else check_batch(x2, "x2")
     if same_inputs(x1, x2) and (x2 is x1 or not stochastic_modules(model)):
         x2 = None
+    check_dtypes(dict(model.named_parameters()), x1, x2)
     modules = dict(model.named_modules())
     if layer is not None and layer not in modules:
         near = [n for n in modules if n and layer in n][:5]

@@ -56,6 +56,7 @@ class Problem:
         x2 = None if x2 is None else check_batch(x2, "x2")
         if same_inputs(x1, x2):
             x2 = None
+        check_dtypes(params, x1, x2)
         _check_no_batch_statistics(model)
         out_shape = _output_shape(model, params, buffers, x1)
         if x2 is not None and x2.shape[1:] != x1.shape[1:]:
@@ -110,6 +111,23 @@ def _memory_size(device: torch.device) -> int | None:
 
 
 # ------------------------------------------------------------------ checks
+def check_dtypes(params: dict[str, Tensor], x1: Tensor, x2: Tensor | None) -> None:
+    """Floating-point inputs in one dtype, the parameters' (torch would otherwise fail
+    inside the model with a matrix-product message that names neither)."""
+    if x2 is not None and x1.is_floating_point() and x2.is_floating_point() \
+            and x1.dtype != x2.dtype:
+        raise TypeError(
+            f"x1 has dtype {x1.dtype} but x2 has dtype {x2.dtype}; the empirical NTK is "
+            f"computed in one dtype, so give both the same one, e.g. x2 = x2.to(x1.dtype).")
+    dtypes = {p.dtype for p in params.values() if p.is_floating_point()}
+    if len(dtypes) == 1 and x1.is_floating_point():
+        (dtype,) = dtypes
+        if x1.dtype != dtype:
+            raise TypeError(
+                f"the model's parameters are {dtype} but the inputs are {x1.dtype}; "
+                f"convert one to the other: x = x.to({dtype}) or model.to({x1.dtype}).")
+
+
 def _parameters(model: nn.Module, params: dict[str, Tensor] | None) -> dict[str, Tensor]:
     if params is None:
         params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
