@@ -364,3 +364,22 @@ def test_empirical_mixed_dtypes_are_named(fn):
     with pytest.raises(TypeError, match="parameters are torch.float32 but the inputs"):
         f(model, x64)
     assert f(model.double(), x64).dtype == torch.float64   # the fix it names works
+
+
+def test_finite_check_agrees_with_isfinite_where_the_sum_overflows():
+    """The finite-output check sums first (one pass): finite entries whose sum
+    overflows still pass, and one NaN or inf among them still fails (witness:
+    torch.isfinite elementwise)."""
+    from ntkit.errors import NonFiniteError, check_finite_output
+
+    big = torch.full((1000,), 3e38)                       # finite, the float32 sum is inf
+    assert not torch.isfinite(big.sum()) and bool(big.isfinite().all())
+    assert check_finite_output(big, "big") is big
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(50, 50, dtype=torch.float64)
+        t[7, 3] = bad
+        with pytest.raises(NonFiniteError):
+            check_finite_output(t, "t")
+    mixed = torch.tensor([float("inf"), -float("inf")])   # the sum is NaN, not inf
+    with pytest.raises(NonFiniteError, match="2 infinite"):
+        check_finite_output(mixed, "mixed")
