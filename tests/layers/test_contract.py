@@ -124,6 +124,8 @@ EXAMPLES: dict[type, Case] = {
     L.GlobalSumPool: Case(L.GlobalSumPool, "seq"),
     L.SelfAttention: Case(lambda: L.SelfAttention(W, 2, w_query_std=0.5, b_std=0.1), "seq",
                           slow_mc=True),
+    L.Aggregate: Case(lambda: L.Aggregate(torch.eye(6) + torch.rand(
+        6, 6, generator=torch.Generator().manual_seed(3)).round()), "seq"),
     # from_torch's twins that check torch's axes
     L.pool.TorchGlobalAvgPool: Case(lambda: L.pool.TorchGlobalAvgPool("a test", ndim=2),
                                     "image"),
@@ -148,7 +150,8 @@ EXAMPLES: dict[type, Case] = {
 ABSTRACT = {L.Layer, L.Activation}
 #: Layers the spec grammar does not cover: `to_spec` must refuse them by name.
 NO_SPEC = {L.Elementwise, L.FanOut, L.Parallel, L.FanInSum, L.FanInProd, L.FanInConcat,
-           L.pool.TorchGlobalAvgPool, L.normalization.TorchLayerNorm}
+           L.pool.TorchGlobalAvgPool, L.normalization.TorchLayerNorm,
+           L.Aggregate}
 
 #: Tolerances by dtype: float32 kernels against float64 ones (max error over max value).
 #: Unit roundoff is 6e-8; a few layers of O(1)-conditioned rules stay near 1e-6.

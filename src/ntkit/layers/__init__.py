@@ -34,6 +34,7 @@ from .containers import (
 )
 from .conv import Conv1d, Conv2d, Conv3d
 from .elementwise import Elementwise, Sigmoid, Softplus, Tanh
+from .graph import Aggregate
 from .linear import Flatten, Linear
 from .normalization import Dropout, LayerNorm
 from .polynomial import Monomial, RectifiedMonomial
@@ -49,6 +50,7 @@ from .pool import (
 )
 
 __all__ = [
+    "Aggregate",
     "Layer", "input_kernel", "Linear", "Flatten", "Activation", "ReLU", "LeakyReLU", "ABReLU",
     "Abs", "Sign", "Erf", "GELU", "Sin", "Cos", "Rbf", "Gaussian", "Exp", "Monomial",
     "RectifiedMonomial", "Elementwise", "Tanh", "Sigmoid", "Softplus", "LayerNorm", "Dropout",
