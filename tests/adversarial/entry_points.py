@@ -63,7 +63,8 @@ _LAYERS = (
     "ABReLU", "Abs", "Activation", "AvgPool1d", "AvgPool2d", "AvgPool3d", "Conv1d", "Conv2d",
     "Conv3d", "Cos", "Dropout", "Elementwise", "Erf", "Exp", "FanInConcat", "FanInProd",
     "FanInSum", "FanOut", "Flatten", "GELU", "Gaussian", "GlobalAvgPool", "GlobalSumPool",
-    "Identity", "Layer", "LayerNorm", "LeakyReLU", "Linear", "Monomial", "Parallel", "Rbf",
+    "Identity", "Layer", "LayerNorm", "LeakyReLU", "Linear", "LocallyConnected1d",
+    "LocallyConnected2d", "LocallyConnected3d", "Monomial", "Parallel", "Rbf",
     "ReLU", "RectifiedMonomial", "Repeat", "SelfAttention", "Sequential", "Sigmoid", "Sign",
     "Sin", "Softplus", "SumPool1d", "SumPool2d", "SumPool3d", "Tanh",
 )

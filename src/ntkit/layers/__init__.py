@@ -33,6 +33,7 @@ from .containers import (
     Sequential,
 )
 from .conv import Conv1d, Conv2d, Conv3d
+from .conv_local import LocallyConnected1d, LocallyConnected2d, LocallyConnected3d
 from .elementwise import Elementwise, Sigmoid, Softplus, Tanh
 from .graph import Aggregate
 from .linear import Flatten, Linear
@@ -57,5 +58,5 @@ __all__ = [
     "Sequential", "Parallel", "FanOut", "FanInSum", "FanInConcat", "FanInProd", "Repeat",
     "Identity", "Conv1d", "Conv2d", "Conv3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
     "SumPool1d", "SumPool2d", "SumPool3d", "GlobalAvgPool", "GlobalSumPool",
-    "SelfAttention",
+    "SelfAttention", "LocallyConnected1d", "LocallyConnected2d", "LocallyConnected3d",
 ]
