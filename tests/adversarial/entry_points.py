@@ -59,6 +59,7 @@ _RESULT = Exempt("a result value returned by a checked computation (its fields a
                  "checked outputs); users read it, they do not feed it input")
 
 _LAYERS = (
+    "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
     "Aggregate",
     "ABReLU", "Abs", "Activation", "AvgPool1d", "AvgPool2d", "AvgPool3d", "Conv1d", "Conv2d",
     "Conv3d", "Cos", "Dropout", "Elementwise", "Erf", "Exp", "FanInConcat", "FanInProd",

@@ -33,6 +33,7 @@ from .containers import (
     Sequential,
 )
 from .conv import Conv1d, Conv2d, Conv3d
+from .conv_transpose import ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
 from .conv_local import LocallyConnected1d, LocallyConnected2d, LocallyConnected3d
 from .elementwise import Elementwise, Sigmoid, Softplus, Tanh
 from .graph import Aggregate
@@ -51,6 +52,7 @@ from .pool import (
 )
 
 __all__ = [
+    "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
     "Aggregate",
     "Layer", "input_kernel", "Linear", "Flatten", "Activation", "ReLU", "LeakyReLU", "ABReLU",
     "Abs", "Sign", "Erf", "GELU", "Sin", "Cos", "Rbf", "Gaussian", "Exp", "Monomial",

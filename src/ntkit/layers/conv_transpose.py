@@ -1,0 +1,302 @@
+"""Transposed convolutions over 1, 2 or 3 spatial axes, channels first.
+
+A transposed convolution (`torch.nn.ConvTranspose2d`) is a linear map of the
+input's positions: input position ``i`` reaches output position
+``o = s i - p + δ d`` through tap ``d``, with one i.i.d. weight per tap. Its
+kernel at output positions ``(o, o')`` is therefore (neural-tangents'
+``stax.ConvTranspose``, Novak et al. 2019, "Bayesian Deep Convolutional
+Networks with Many Channels are Gaussian Processes", eq. of the Conv kernel
+with the transposed position map)::
+
+    K'(o, o') = w_std^2 / prod(kernel_size) * sum_d K(i_d(o), i_d(o')) + b_std^2
+
+summing over taps ``d`` for which both ``o`` and ``o'`` are fed by an input
+position ``i_d`` (``s i_d = o + p - δ d``); the NTK adds ``K'`` to the same
+map of the incoming NTK, as for `Conv2d`. The map acts on each spatial axis
+separately (taps are a product over axes), so it is applied axis by axis.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..kernel import Kernel, position_diagonal
+from ._spatial import Spatial, int_tuple, require_pairs, same_ints
+from .base import BuildContext, Kernels, Shapes, affine_variances, number, single
+from .linear import Parameterization, affine_spec, uninitialised
+
+__all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "NTKConvTranspose"]
+
+
+def _tap_maps(n: int, m: int, size: int, stride: int, padding: int, dilation: int,
+              like: Tensor) -> Tensor:
+    """``A[d, o, i] = 1`` where input position ``i`` reaches output ``o`` through tap ``d``."""
+    a = torch.zeros(size, m, n, dtype=like.dtype, device=like.device)
+    for d in range(size):
+        for i in range(n):
+            o = stride * i - padding + dilation * d
+            if 0 <= o < m:
+                a[d, o, i] = 1.0
+    return a
+
+
+def _map_pairs(t: Tensor, maps: list[Tensor], batch: int) -> Tensor:
+    """``sum_d A_d t A_d^T`` on each spatial axis's pair of dims of ``t``
+    (laid out ``(*batch, *S, *S)``)."""
+    nd = len(maps)
+    for ax, a in enumerate(maps):
+        dp, dq = batch + ax, batch + nd + ax
+        t = t.movedim((dp, dq), (-2, -1))
+        t = torch.einsum("dpi,...ij,dqj->...pq", a, t, a)
+        t = t.movedim((-2, -1), (dp, dq))
+    return t.contiguous()  # later layers take views of the position diagonal
+
+
+class _ConvTranspose(Spatial):
+    """A transposed convolution of any width over ``ndim`` spatial axes (see
+    `ConvTranspose2d`)."""
+
+    def __init__(
+        self,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        output_padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        w_std: float | Tensor = 1.0,
+        b_std: float | Tensor | None = 0.0,
+        *,
+        parameterization: Parameterization = "ntk",
+        in_channels: int | None = None,
+    ) -> None:
+        from .linear import Linear
+
+        name = type(self).__name__
+        checked = Linear(out_channels, w_std, b_std, parameterization=parameterization,
+                         in_features=in_channels)
+        self.out_channels = int(out_channels)
+        self.kernel_size = int_tuple(kernel_size, self.ndim, "kernel_size", name)
+        self.stride = int_tuple(stride, self.ndim, "stride", name)
+        self.dilation = int_tuple(dilation, self.ndim, "dilation", name)
+        self.padding = int_tuple(padding, self.ndim, "padding", name, minimum=0)
+        self.output_padding = int_tuple(output_padding, self.ndim, "output_padding", name,
+                                        minimum=0)
+        for op, s, dil in zip(self.output_padding, self.stride, self.dilation):
+            if op >= max(s, dil):
+                raise ValueError(f"{name}: output_padding must be smaller than stride or "
+                                 f"dilation (as torch.nn.ConvTranspose), got "
+                                 f"{self.output_padding}.")
+        self.w_std, self.b_std = checked.w_std, checked.b_std
+        self.parameterization = parameterization
+        self.in_channels = None if in_channels is None else int(in_channels)
+
+    @classmethod
+    def from_torch_module(cls, module, ctx):
+        if getattr(module, "has_uninitialized_params", lambda: False)():
+            raise uninitialised(ctx)
+        if module.groups != 1:
+            raise ctx.fail(f"a grouped transposed convolution (groups={module.groups}) has no "
+                           f"kernel rule in ntkit. Use groups=1")
+        if module.padding_mode != "zeros":
+            raise ctx.fail(f"padding_mode={module.padding_mode!r}: transposed convolutions "
+                           f"take zero padding only")
+        taps = math.prod(module.kernel_size)
+        # torch draws the weight (in, out, *k) with fan_in = out_channels * taps; ntkit's
+        # fan_in is in_channels * taps, so the default w_std is sqrt(in / (3 out)).
+        w_std = (ctx.w_std if ctx.w_std is not None
+                 else math.sqrt(module.in_channels / (3 * module.out_channels)))
+        return cls(module.out_channels, tuple(module.kernel_size), tuple(module.stride),
+                   tuple(module.padding), tuple(module.output_padding), tuple(module.dilation),
+                   w_std, ctx.bias_std(module.bias is not None, module.out_channels * taps),
+                   parameterization=ctx.parameterization, in_channels=module.in_channels)
+
+    def spec_call(self):
+        kw: dict = {}
+        if any(s != 1 for s in self.stride):
+            kw["stride"] = same_ints(self.stride)
+        if any(p != 0 for p in self.padding):
+            kw["padding"] = same_ints(self.padding)
+        if any(p != 0 for p in self.output_padding):
+            kw["output_padding"] = same_ints(self.output_padding)
+        if any(d != 1 for d in self.dilation):
+            kw["dilation"] = same_ints(self.dilation)
+        kw.update(affine_spec(self))
+        if self.in_channels is not None:
+            kw["in_channels"] = self.in_channels
+        return type(self).spec_names[0], [self.out_channels, same_ints(self.kernel_size)], kw
+
+    def needs_position_pairs(self) -> bool:
+        return True
+
+    def _out_spatial(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        out = []
+        for i, n in enumerate(spatial):
+            m = ((n - 1) * self.stride[i] - 2 * self.padding[i]
+                 + self.dilation[i] * (self.kernel_size[i] - 1) + self.output_padding[i] + 1)
+            if m < 1:
+                raise ValueError(f"{self!r}: padding {self.padding[i]} leaves no output "
+                                 f"positions along spatial axis {i} (input size {n}); use "
+                                 f"smaller padding.")
+            out.append(m)
+        return tuple(out)
+
+    def _check_channels(self, channels: int) -> None:
+        if self.in_channels is not None and channels != self.in_channels:
+            raise ValueError(
+                f"{self!r} expects {self.in_channels} input channels but receives {channels}; "
+                f"check the channel axis (inputs are channels first, (N, C, ...)) or change "
+                f"in_channels."
+            )
+
+    def propagate(self, k: Kernels) -> Kernel:
+        k = single(k, self)
+        spatial = self._spatial(k.shape)
+        self._check_channels(k.shape[0])
+        require_pairs(k, self)
+        out = self._out_spatial(spatial)
+        maps = [_tap_maps(n, m, self.kernel_size[i], self.stride[i], self.padding[i],
+                          self.dilation[i], k.nngp)
+                for i, (n, m) in enumerate(zip(spatial, out))]
+        taps = math.prod(self.kernel_size)
+        fan_in = k.shape[0] * taps
+        b = 1 if k.diagonal else 2
+        w2, b2 = affine_variances(self.w_std, self.b_std, k.nngp)
+        scale = w2 / taps
+
+        def affine(t: Tensor) -> Tensor:
+            t = t * scale
+            return t + b2 if b2 is not None else t
+
+        nngp_sum = _map_pairs(k.nngp, maps, b)
+        nngp = affine(nngp_sum)
+        if self.parameterization == "standard":  # fan_in mean(K) + w^2 mean(Theta) + 1
+            ntk = nngp_sum * (fan_in / taps)
+            if not k.is_input:
+                ntk = ntk + _map_pairs(k.ntk, maps, b) * scale
+            if self.b_std is not None:
+                ntk = ntk + 1.0
+        elif k.is_input:
+            ntk = nngp.clone()
+        else:
+            ntk = nngp + _map_pairs(k.ntk, maps, b) * scale
+        cov1, cov2 = k.self_covariances(lambda c: affine(_map_pairs(c, maps, 1)),
+                                        lambda c: position_diagonal(c, 1),
+                                        diagonal_result=nngp)
+        return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2,
+                         shape=(self.out_channels,) + out,
+                         is_gaussian=True, is_input=False, inputs=None)
+
+    def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
+        spatial = self._spatial(shape)
+        self._check_channels(shape[0])
+        out = self._out_spatial(spatial)
+        module = NTKConvTranspose(shape[0], self.out_channels, self.kernel_size, self.stride,
+                                  self.padding, self.output_padding, self.dilation,
+                                  number(self.w_std), number(self.b_std),
+                                  self.parameterization, ctx)
+        return module, (self.out_channels,) + out
+
+    def __repr__(self) -> str:
+        k = self.kernel_size if len(set(self.kernel_size)) > 1 else self.kernel_size[0]
+        parts = [f"{self.out_channels}", f"kernel_size={k}"]
+        if set(self.stride) != {1}:
+            parts.append(f"stride={self.stride}")
+        if set(self.padding) != {0}:
+            parts.append(f"padding={self.padding}")
+        if set(self.output_padding) != {0}:
+            parts.append(f"output_padding={self.output_padding}")
+        if set(self.dilation) != {1}:
+            parts.append(f"dilation={self.dilation}")
+        parts += [f"w_std={self.w_std}", f"b_std={self.b_std}"]
+        if self.parameterization != "ntk":
+            parts.append("parameterization='standard'")
+        if self.in_channels is not None:
+            parts.append(f"in_channels={self.in_channels}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+class ConvTranspose1d(_ConvTranspose):
+    """1-d transposed convolution over ``(N, C, L)``; see `ConvTranspose2d`."""
+
+    ndim = 1
+    spec_names = ("convtranspose1d",)
+    torch_modules = (nn.ConvTranspose1d,)
+
+
+class ConvTranspose2d(_ConvTranspose):
+    """A 2-d transposed convolution of any width over ``(N, C, H, W)``, as
+    `torch.nn.ConvTranspose2d` (output size ``(n - 1) s - 2 p + δ (k - 1) +
+    output_padding + 1`` per axis).
+
+    Parameterization as `Conv2d` with ``fan_in = in_channels * prod(kernel_size)``
+    (neural-tangents' ``stax.ConvTranspose`` convention): in NTK
+    parameterization the weight is ``w_std / sqrt(fan_in)`` times a standard
+    normal. Kernel: ``w_std^2 / prod(kernel_size)`` times the sum over taps of
+    the input kernel at the input positions that feed ``(o, o')`` through that
+    tap, plus ``b_std^2`` (module docstring). Mixes positions, so it takes the
+    kernel between every pair of positions (as pooling); `kernel` arranges that.
+
+    Args:
+        out_channels: the width.
+        kernel_size, stride, padding, output_padding, dilation: ints or one per
+            spatial axis, as `torch.nn.ConvTranspose2d`.
+        w_std, b_std: as `Linear`; ``b_std=None`` for no bias.
+        parameterization: ``"ntk"`` or ``"standard"``.
+        in_channels: checked against the inputs when given.
+    """
+
+    ndim = 2
+    spec_names = ("convtranspose2d",)
+    torch_modules = (nn.ConvTranspose2d,)
+
+
+class ConvTranspose3d(_ConvTranspose):
+    """3-d transposed convolution over ``(N, C, D, H, W)``; see `ConvTranspose2d`."""
+
+    ndim = 3
+    spec_names = ("convtranspose3d",)
+    torch_modules = (nn.ConvTranspose3d,)
+
+
+class NTKConvTranspose(nn.Module):
+    """The finite twin of a transposed convolution: ``F.conv_transpose{1,2,3}d``
+    with the weights scaled as the parameterization says."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, output_padding,
+                 dilation, w_std, b_std, parameterization, ctx: BuildContext) -> None:
+        super().__init__()
+        ntk = parameterization == "ntk"
+        fan_in = in_channels * math.prod(kernel_size)
+        self.stride, self.padding = tuple(stride), tuple(padding)
+        self.output_padding, self.dilation = tuple(output_padding), tuple(dilation)
+        self.parameterization = parameterization
+        self.w_scale = w_std / math.sqrt(fan_in) if ntk else 1.0
+        self.b_scale = (b_std or 0.0) if ntk else 1.0
+        w = ctx.randn(in_channels, out_channels, *kernel_size)
+        self.weight = nn.Parameter(w if ntk else w * (w_std / math.sqrt(fan_in)))
+        if b_std is None:
+            self.register_parameter("bias", None)
+        else:
+            b = ctx.randn(out_channels)
+            self.bias = nn.Parameter(b if ntk else b * b_std)
+        self._conv = (F.conv_transpose1d, F.conv_transpose2d,
+                      F.conv_transpose3d)[len(kernel_size) - 1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight * self.w_scale if self.w_scale != 1.0 else self.weight
+        bias = self.bias
+        if bias is not None and self.b_scale != 1.0:
+            bias = bias * self.b_scale
+        return self._conv(x, weight, bias, self.stride, self.padding, self.output_padding, 1,
+                          self.dilation)
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight.shape[0]}, {self.weight.shape[1]}, "
+                f"kernel_size={tuple(self.weight.shape[2:])}, stride={self.stride}, "
+                f"padding={self.padding}, parameterization={self.parameterization!r}")
