@@ -4,7 +4,9 @@ torch conversion (the contract battery adds the generic checks)."""
 
 from __future__ import annotations
 
+import json
 import math
+import pathlib
 
 import pytest
 import torch
@@ -125,3 +127,35 @@ def test_validation():
         ConvTranspose1d(2, 3, stride=2, output_padding=2)
     with pytest.raises(ValueError, match="needs the kernel between every pair"):
         ConvTranspose1d(2, 3).propagate(input_kernel(_x(2, 2, 4), None))
+
+
+_NT = json.loads((pathlib.Path(__file__).parent / "data" / "conv_transpose_nt.json").read_text())
+
+
+@pytest.mark.parametrize("case", _NT["cases"], ids=lambda c: "{padding}-{kernel_size}-{stride}-"
+                         "{parameterization}".format(**c))
+def test_parity_with_neural_tangents(case):
+    # References from neural-tangents 0.6.5 (tests/data/gen_conv_transpose_nt.py).
+    x = torch.tensor(_NT["x"], dtype=torch.float64)
+    kw = {"parameterization": case["parameterization"]}
+    net = Sequential(Conv2d(4, 2, padding="same", w_std=1.3, b_std=0.2, **kw), ReLU(),
+                     ConvTranspose2d(5, tuple(case["kernel_size"]), stride=tuple(case["stride"]),
+                                     padding=case["padding"], w_std=1.4, b_std=0.3, **kw),
+                     ReLU(), Flatten(), Linear(1, w_std=1.1, b_std=0.1, **kw))
+    k = net.kernel(x)
+    for got, want in ((k.nngp, case["nngp"]), (k.ntk, case["ntk"])):
+        want = torch.tensor(want, dtype=torch.float64)
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-6
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_string_padding_twin_shape_and_monte_carlo(padding):
+    # torch has no "valid"/"same" for transposed convolutions: the twin crops or extends.
+    x = _x(3, 2, 4)
+    layer = ConvTranspose1d(64, 2, stride=3, padding=padding, w_std=1.3, b_std=0.4)
+    assert layer.build((2, 4), dtype=torch.float64)(x).shape == (3, 64, 12)
+    net = Sequential(layer, ReLU(), Flatten(), Linear(16))
+    exact = net.kernel(x)
+    mc = monte_carlo_kernel(net, x, n_samples=60, generator=torch.Generator().manual_seed(1))
+    for a, b in ((mc.nngp, exact.nngp), (mc.ntk, exact.ntk)):
+        assert ((a - b).norm() / b.norm()).item() < 0.08

@@ -117,6 +117,7 @@ EXAMPLES: dict[type, Case] = {
     L.ConvTranspose1d: Case(lambda: L.ConvTranspose1d(W, 3, stride=2, padding=1, output_padding=1,
                                                       w_std=1.2, b_std=0.3), "seq"),
     L.ConvTranspose2d: Case(lambda: L.ConvTranspose2d(W, 2, stride=(2, 1), dilation=(1, 2),
+                                                      padding="same",
                                                       w_std=1.1, b_std=0.2), "image"),
     L.ConvTranspose3d: Case(lambda: L.ConvTranspose3d(W, 2, padding=1, b_std=0.1), "volume"),
     L.LocallyConnected1d: Case(lambda: L.LocallyConnected1d(W, 3, stride=2, padding=1,

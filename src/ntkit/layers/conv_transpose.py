@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -66,7 +67,7 @@ class _ConvTranspose(Spatial):
         out_channels: int,
         kernel_size: int | Sequence[int],
         stride: int | Sequence[int] = 1,
-        padding: int | Sequence[int] = 0,
+        padding: Literal["valid", "same"] | int | Sequence[int] = 0,
         output_padding: int | Sequence[int] = 0,
         dilation: int | Sequence[int] = 1,
         w_std: float | Tensor = 1.0,
@@ -84,9 +85,18 @@ class _ConvTranspose(Spatial):
         self.kernel_size = int_tuple(kernel_size, self.ndim, "kernel_size", name)
         self.stride = int_tuple(stride, self.ndim, "stride", name)
         self.dilation = int_tuple(dilation, self.ndim, "dilation", name)
-        self.padding = int_tuple(padding, self.ndim, "padding", name, minimum=0)
+        if isinstance(padding, str):
+            if padding not in ("valid", "same"):
+                raise ValueError(f"{name}: padding must be 'valid', 'same' or ints, got "
+                                 f"{padding!r}.")
+            self.padding = padding
+        else:
+            self.padding = int_tuple(padding, self.ndim, "padding", name, minimum=0)
         self.output_padding = int_tuple(output_padding, self.ndim, "output_padding", name,
                                         minimum=0)
+        if isinstance(padding, str) and any(self.output_padding):
+            raise ValueError(f"{name}: output_padding applies to int padding only; "
+                             f"padding={padding!r} sets the output size itself.")
         for op, s, dil in zip(self.output_padding, self.stride, self.dilation):
             if op >= max(s, dil):
                 raise ValueError(f"{name}: output_padding must be smaller than stride or "
@@ -120,7 +130,9 @@ class _ConvTranspose(Spatial):
         kw: dict = {}
         if any(s != 1 for s in self.stride):
             kw["stride"] = same_ints(self.stride)
-        if any(p != 0 for p in self.padding):
+        if isinstance(self.padding, str):
+            kw["padding"] = self.padding
+        elif any(p != 0 for p in self.padding):
             kw["padding"] = same_ints(self.padding)
         if any(p != 0 for p in self.output_padding):
             kw["output_padding"] = same_ints(self.output_padding)
@@ -134,17 +146,34 @@ class _ConvTranspose(Spatial):
     def needs_position_pairs(self) -> bool:
         return True
 
-    def _out_spatial(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+    def _geometry(self, spatial: tuple[int, ...]) -> list[tuple[int, int]]:
+        """Per axis ``(m, lo)``: output size and the crop before (output ``o`` is
+        position ``o + lo`` of the uncropped transposed convolution).
+
+        Int padding ``p``: torch's (``lo = p``). ``"valid"`` / ``"same"``: JAX's
+        ``lax.conv_transpose`` as neural-tangents uses it (``_conv_transpose_padding``),
+        sizes ``n s + max(k_eff - s, 0)`` and ``n s``."""
         out = []
         for i, n in enumerate(spatial):
-            m = ((n - 1) * self.stride[i] - 2 * self.padding[i]
-                 + self.dilation[i] * (self.kernel_size[i] - 1) + self.output_padding[i] + 1)
+            s = self.stride[i]
+            ke = self.dilation[i] * (self.kernel_size[i] - 1) + 1
+            if self.padding == "valid":
+                m, lo = n * s + max(ke - s, 0), 0
+            elif self.padding == "same":
+                pad_a = ke - 1 if s > ke - 1 else math.ceil((ke + s - 2) / 2)
+                m, lo = n * s, ke - 1 - pad_a
+            else:
+                lo = self.padding[i]
+                m = (n - 1) * s - 2 * lo + ke + self.output_padding[i]
             if m < 1:
                 raise ValueError(f"{self!r}: padding {self.padding[i]} leaves no output "
                                  f"positions along spatial axis {i} (input size {n}); use "
                                  f"smaller padding.")
-            out.append(m)
-        return tuple(out)
+            out.append((m, lo))
+        return out
+
+    def _out_spatial(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(m for m, _ in self._geometry(spatial))
 
     def _check_channels(self, channels: int) -> None:
         if self.in_channels is not None and channels != self.in_channels:
@@ -159,10 +188,11 @@ class _ConvTranspose(Spatial):
         spatial = self._spatial(k.shape)
         self._check_channels(k.shape[0])
         require_pairs(k, self)
-        out = self._out_spatial(spatial)
-        maps = [_tap_maps(n, m, self.kernel_size[i], self.stride[i], self.padding[i],
-                          self.dilation[i], k.nngp)
-                for i, (n, m) in enumerate(zip(spatial, out))]
+        geometry = self._geometry(spatial)
+        out = tuple(m for m, _ in geometry)
+        maps = [_tap_maps(n, m, self.kernel_size[i], self.stride[i], lo, self.dilation[i],
+                          k.nngp)
+                for i, (n, (m, lo)) in enumerate(zip(spatial, geometry))]
         taps = math.prod(self.kernel_size)
         fan_in = k.shape[0] * taps
         b = 1 if k.diagonal else 2
@@ -195,9 +225,15 @@ class _ConvTranspose(Spatial):
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
         spatial = self._spatial(shape)
         self._check_channels(shape[0])
-        out = self._out_spatial(spatial)
+        geometry = self._geometry(spatial)
+        out = tuple(m for m, _ in geometry)
+        # Uncropped transposed convolution, then per axis crop lo before and pad or crop
+        # after to m (zeros: those outputs get the bias only).
+        crops = [(-lo, m - ((n - 1) * st + dl * (ks - 1) + 1 - lo))
+                 for n, (m, lo), st, dl, ks in zip(spatial, geometry, self.stride,
+                                                   self.dilation, self.kernel_size)]
         module = NTKConvTranspose(shape[0], self.out_channels, self.kernel_size, self.stride,
-                                  self.padding, self.output_padding, self.dilation,
+                                  crops, self.dilation,
                                   number(self.w_std), number(self.b_std),
                                   self.parameterization, ctx)
         return module, (self.out_channels,) + out
@@ -207,8 +243,8 @@ class _ConvTranspose(Spatial):
         parts = [f"{self.out_channels}", f"kernel_size={k}"]
         if set(self.stride) != {1}:
             parts.append(f"stride={self.stride}")
-        if set(self.padding) != {0}:
-            parts.append(f"padding={self.padding}")
+        if isinstance(self.padding, str) or set(self.padding) != {0}:
+            parts.append(f"padding={self.padding!r}")
         if set(self.output_padding) != {0}:
             parts.append(f"output_padding={self.output_padding}")
         if set(self.dilation) != {1}:
@@ -245,7 +281,9 @@ class ConvTranspose2d(_ConvTranspose):
     Args:
         out_channels: the width.
         kernel_size, stride, padding, output_padding, dilation: ints or one per
-            spatial axis, as `torch.nn.ConvTranspose2d`.
+            spatial axis, as `torch.nn.ConvTranspose2d`; or padding ``"valid"``
+            (output ``n s + max(k_eff - s, 0)``) or ``"same"`` (output ``n s``) with
+            neural-tangents' (JAX ``lax.conv_transpose``'s) meaning.
         w_std, b_std: as `Linear`; ``b_std=None`` for no bias.
         parameterization: ``"ntk"`` or ``"standard"``.
         in_channels: checked against the inputs when given.
@@ -268,13 +306,14 @@ class NTKConvTranspose(nn.Module):
     """The finite twin of a transposed convolution: ``F.conv_transpose{1,2,3}d``
     with the weights scaled as the parameterization says."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, output_padding,
-                 dilation, w_std, b_std, parameterization, ctx: BuildContext) -> None:
+    def __init__(self, in_channels, out_channels, kernel_size, stride, crops, dilation,
+                 w_std, b_std, parameterization, ctx: BuildContext) -> None:
         super().__init__()
         ntk = parameterization == "ntk"
         fan_in = in_channels * math.prod(kernel_size)
-        self.stride, self.padding = tuple(stride), tuple(padding)
-        self.output_padding, self.dilation = tuple(output_padding), tuple(dilation)
+        self.stride, self.dilation = tuple(stride), tuple(dilation)
+        # F.pad lists the last axis first; negative entries crop.
+        self.pads = tuple(p for pair in reversed(crops) for p in pair)
         self.parameterization = parameterization
         self.w_scale = w_std / math.sqrt(fan_in) if ntk else 1.0
         self.b_scale = (b_std or 0.0) if ntk else 1.0
@@ -293,10 +332,14 @@ class NTKConvTranspose(nn.Module):
         bias = self.bias
         if bias is not None and self.b_scale != 1.0:
             bias = bias * self.b_scale
-        return self._conv(x, weight, bias, self.stride, self.padding, self.output_padding, 1,
-                          self.dilation)
+        y = self._conv(x, weight, None, self.stride, 0, 0, 1, self.dilation)
+        if any(self.pads):
+            y = F.pad(y, self.pads)
+        if bias is not None:
+            y = y + bias.reshape(-1, *(1,) * (y.ndim - 2))
+        return y
 
     def extra_repr(self) -> str:
         return (f"{self.weight.shape[0]}, {self.weight.shape[1]}, "
                 f"kernel_size={tuple(self.weight.shape[2:])}, stride={self.stride}, "
-                f"padding={self.padding}, parameterization={self.parameterization!r}")
+                f"pads={self.pads}, parameterization={self.parameterization!r}")
