@@ -15,20 +15,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..kernel import Kernel
+from ._affine import ScaledAffine
 from ._spatial import Axis, Spatial, int_tuple, padding_spec, same_ints, shifted_sum
 from .base import BuildContext, Kernels, Shapes, affine_variances, number, single
 from .linear import Parameterization, affine_spec, uninitialised
-from .pool import (
-    AvgPool1d,
-    AvgPool2d,
-    AvgPool3d,
-    GlobalAvgPool,
-    GlobalSumPool,
-    PoolModule,
-    SumPool1d,
-    SumPool2d,
-    SumPool3d,
-)
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d", "NTKConv"]
 
@@ -270,37 +260,25 @@ class Conv3d(_Conv):
     torch_modules = (nn.Conv3d,)
 
 
-class NTKConv(nn.Module):
+class NTKConv(ScaledAffine):
     """The finite twin of a convolution: pads explicitly, then ``F.conv{1,2,3}d``."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, dilation, pads, mode,
                  w_std, b_std, parameterization, ctx: BuildContext) -> None:
         super().__init__()
-        ntk = parameterization == "ntk"
-        fan_in = in_channels * math.prod(kernel_size)
         self.stride, self.dilation, self.mode = tuple(stride), tuple(dilation), mode
-        self.parameterization = parameterization
         # F.pad lists the last axis first.
         self.pads = tuple(p for pair in reversed(pads) for p in pair)
-        self.w_scale = w_std / math.sqrt(fan_in) if ntk else 1.0
-        self.b_scale = (b_std or 0.0) if ntk else 1.0
-        w = ctx.randn(out_channels, in_channels, *kernel_size)
-        self.weight = nn.Parameter(w if ntk else w * (w_std / math.sqrt(fan_in)))
-        if b_std is None:
-            self.register_parameter("bias", None)
-        else:
-            b = ctx.randn(out_channels)
-            self.bias = nn.Parameter(b if ntk else b * b_std)
+        self.init_affine((out_channels, in_channels, *kernel_size), (out_channels,),
+                         in_channels * math.prod(kernel_size), w_std, b_std,
+                         parameterization, ctx)
         self._conv = (F.conv1d, F.conv2d, F.conv3d)[len(kernel_size) - 1]
 
     def forward(self, x: Tensor) -> Tensor:
         if any(self.pads):
             x = F.pad(x, self.pads, mode="constant" if self.mode == "zeros" else self.mode)
-        weight = self.weight * self.w_scale if self.w_scale != 1.0 else self.weight
-        bias = self.bias
-        if bias is not None and self.b_scale != 1.0:
-            bias = bias * self.b_scale
-        return self._conv(x, weight, bias, self.stride, 0, self.dilation)
+        return self._conv(x, self.scaled_weight(), self.scaled_bias(), self.stride, 0,
+                          self.dilation)
 
     def extra_repr(self) -> str:
         return (f"{self.weight.shape[1]}, {self.weight.shape[0]}, "

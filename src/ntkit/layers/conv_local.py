@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernel import Kernel
+from ._affine import ScaledAffine
 from .base import BuildContext, Kernels, Shapes, number, single
 from .conv import _Conv, _patches
 
@@ -110,35 +111,25 @@ class LocallyConnected3d(_LocallyConnected):
     spec_names = ("locallyconnected3d", "convlocal3d")
 
 
-class NTKLocallyConnected(nn.Module):
+class NTKLocallyConnected(ScaledAffine):
     """The finite twin of a locally connected layer: the padded windows of the input
     (``(N, C * taps, P)``) contracted with a separate weight per output position."""
 
     def __init__(self, in_channels, out_channels, axes, w_std, b_std, parameterization,
                  ctx: BuildContext) -> None:
         super().__init__()
-        ntk = parameterization == "ntk"
         self.axes = list(axes)
         self.out_spatial = tuple(ax.m for ax in self.axes)
-        self.parameterization = parameterization
         positions = math.prod(self.out_spatial)
         fan_in = in_channels * math.prod(ax.size for ax in self.axes)
-        self.w_scale = w_std / math.sqrt(fan_in) if ntk else 1.0
-        self.b_scale = (b_std or 0.0) if ntk else 1.0
-        w = ctx.randn(positions, out_channels, fan_in)
-        self.weight = nn.Parameter(w if ntk else w * (w_std / math.sqrt(fan_in)))
-        if b_std is None:
-            self.register_parameter("bias", None)
-        else:
-            b = ctx.randn(out_channels, positions)
-            self.bias = nn.Parameter(b if ntk else b * b_std)
+        self.init_affine((positions, out_channels, fan_in), (out_channels, positions), fan_in,
+                         w_std, b_std, parameterization, ctx)
 
     def forward(self, x: Tensor) -> Tensor:
         u = _patches(x, self.axes)  # (N, C * taps, P), channel-major like the weight
-        weight = self.weight * self.w_scale if self.w_scale != 1.0 else self.weight
-        y = torch.einsum("nkp,pok->nop", u, weight)
+        y = torch.einsum("nkp,pok->nop", u, self.scaled_weight())
         if self.bias is not None:
-            y = y + (self.bias * self.b_scale if self.b_scale != 1.0 else self.bias)
+            y = y + self.scaled_bias()
         return y.reshape(x.shape[0], -1, *self.out_spatial)
 
     def extra_repr(self) -> str:

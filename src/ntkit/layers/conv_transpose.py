@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..kernel import Kernel, position_diagonal
+from ._affine import ScaledAffine
 from ._spatial import Spatial, int_tuple, require_pairs, same_ints
 from .base import BuildContext, Kernels, Shapes, affine_variances, number, single
 from .linear import Parameterization, affine_spec, uninitialised
@@ -302,37 +303,25 @@ class ConvTranspose3d(_ConvTranspose):
     torch_modules = (nn.ConvTranspose3d,)
 
 
-class NTKConvTranspose(nn.Module):
+class NTKConvTranspose(ScaledAffine):
     """The finite twin of a transposed convolution: ``F.conv_transpose{1,2,3}d``
     with the weights scaled as the parameterization says."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, crops, dilation,
                  w_std, b_std, parameterization, ctx: BuildContext) -> None:
         super().__init__()
-        ntk = parameterization == "ntk"
-        fan_in = in_channels * math.prod(kernel_size)
         self.stride, self.dilation = tuple(stride), tuple(dilation)
         # F.pad lists the last axis first; negative entries crop.
         self.pads = tuple(p for pair in reversed(crops) for p in pair)
-        self.parameterization = parameterization
-        self.w_scale = w_std / math.sqrt(fan_in) if ntk else 1.0
-        self.b_scale = (b_std or 0.0) if ntk else 1.0
-        w = ctx.randn(in_channels, out_channels, *kernel_size)
-        self.weight = nn.Parameter(w if ntk else w * (w_std / math.sqrt(fan_in)))
-        if b_std is None:
-            self.register_parameter("bias", None)
-        else:
-            b = ctx.randn(out_channels)
-            self.bias = nn.Parameter(b if ntk else b * b_std)
+        self.init_affine((in_channels, out_channels, *kernel_size), (out_channels,),
+                         in_channels * math.prod(kernel_size), w_std, b_std,
+                         parameterization, ctx)
         self._conv = (F.conv_transpose1d, F.conv_transpose2d,
                       F.conv_transpose3d)[len(kernel_size) - 1]
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight * self.w_scale if self.w_scale != 1.0 else self.weight
-        bias = self.bias
-        if bias is not None and self.b_scale != 1.0:
-            bias = bias * self.b_scale
-        y = self._conv(x, weight, None, self.stride, 0, 0, 1, self.dilation)
+        bias = self.scaled_bias()
+        y = self._conv(x, self.scaled_weight(), None, self.stride, 0, 0, 1, self.dilation)
         if any(self.pads):
             y = F.pad(y, self.pads)
         if bias is not None:

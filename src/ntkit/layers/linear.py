@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .._checks import as_std, is_int
 from ..kernel import Kernel
+from ._affine import ScaledAffine
 from .base import (
     BuildContext,
     Kernels,
@@ -166,7 +167,7 @@ def _affine(x: Tensor, w2: Tensor, b2: Tensor | None) -> Tensor:
     return x * w2 if b2 is None else x * w2 + b2
 
 
-class NTKLinear(nn.Module):
+class NTKLinear(ScaledAffine):
     """The finite twin of `Linear`: ``weight`` is ``(out, in)`` like `nn.Linear`.
 
     In NTK parameterization the stored parameters are standard normal and the
@@ -179,24 +180,11 @@ class NTKLinear(nn.Module):
                  ctx: BuildContext) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.parameterization = parameterization
-        ntk = parameterization == "ntk"
-        self.w_scale = w_std / math.sqrt(in_features) if ntk else 1.0
-        self.b_scale = (b_std or 0.0) if ntk else 1.0
-        w = ctx.randn(out_features, in_features)
-        self.weight = nn.Parameter(w if ntk else w * (w_std / math.sqrt(in_features)))
-        if b_std is None:
-            self.register_parameter("bias", None)
-        else:
-            b = ctx.randn(out_features)
-            self.bias = nn.Parameter(b if ntk else b * b_std)
+        self.init_affine((out_features, in_features), (out_features,), in_features, w_std,
+                         b_std, parameterization, ctx)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight * self.w_scale if self.w_scale != 1.0 else self.weight
-        bias = self.bias
-        if bias is not None and self.b_scale != 1.0:
-            bias = bias * self.b_scale
-        return nn.functional.linear(x, weight, bias)
+        return nn.functional.linear(x, self.scaled_weight(), self.scaled_bias())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
