@@ -57,6 +57,13 @@ class Kernel:
         self_trace: that pass (see `SelfTrace`), or None.
         inputs: while ``is_input``, the inputs ``(x1, x2)`` themselves (``x2`` None
             when ``x1_is_x2``), so that a first convolution can work from patches.
+        side: per-example side inputs of this tile, by name, each a pair
+            ``(for x1, for x2)`` with the batch axis first: ``"mask"`` (booleans
+            ``(N, *S)`` at the current spatial shape, True where a position is
+            present) and ``"pattern"`` (graph adjacency). For a diagonal kernel,
+            or when ``x1_is_x2``, both entries are the same tensor. Layers that
+            change the spatial shape replace the mask (see :meth:`with_side`);
+            the values are data, never differentiated.
     """
 
     nngp: Tensor
@@ -72,6 +79,7 @@ class Kernel:
     cov_pairs: bool = True
     self_trace: SelfTrace | None = None
     inputs: tuple[Tensor, Tensor | None] | None = None
+    side: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
 
     # ------------------------------------------------------------------ values
     def replace(self, **changes: Any) -> Kernel:
@@ -80,6 +88,18 @@ class Kernel:
         if "nngp" in changes:
             changes.setdefault("inputs", None)
         return dataclasses.replace(self, **changes)
+
+    def side_pair(self, name: str) -> tuple[Any, Any] | None:
+        """The side input ``name`` of this tile as ``(for x1, for x2)``, or None
+        when the call gave none (see ``side``)."""
+        return self.side.get(name)
+
+    def with_side(self, name: str, pair: tuple[Any, Any] | None) -> Kernel:
+        """A copy whose side input ``name`` is ``pair`` (None removes it)."""
+        side = {k: v for k, v in self.side.items() if k != name}
+        if pair is not None:
+            side[name] = pair
+        return dataclasses.replace(self, side=side)
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
@@ -216,7 +236,9 @@ class Kernel:
         if self.diagonal:
             (rows,) = index
             sel = self.cov1[rows]
-            return self.replace(nngp=self.nngp[rows], ntk=self.ntk[rows], cov1=sel, cov2=sel)
+            side = {n: (a[rows],) * 2 for n, (a, _) in self.side.items()}
+            return self.replace(nngp=self.nngp[rows], ntk=self.ntk[rows], cov1=sel, cov2=sel,
+                                side=side)
         rows, cols = index
         same = self.x1_is_x2 and _same_index(rows, cols)
         return self.replace(
@@ -225,6 +247,7 @@ class Kernel:
             cov1=self.cov1[rows],
             cov2=self.cov2[cols],
             x1_is_x2=same,
+            side={n: (a[rows], b[cols]) for n, (a, b) in self.side.items()},
         )
 
     def __repr__(self) -> str:

@@ -43,6 +43,7 @@ def tiled_kernel(
     progress: bool | None,
     position_pairs: bool = False,
     network=None,
+    side: dict[str, tuple] | None = None,
 ) -> Kernel:
     """Applies a network's kernel rule tile by tile and assembles the result.
 
@@ -73,6 +74,11 @@ def tiled_kernel(
             positions (for networks that pool or attend).
         network: the network whose rule this is, or None: sizes tiles by its
             widest spatial layer and tells whether gradients are wanted.
+        side: per-example side inputs by name, each ``(for x1, for x2)`` with
+            the batch axis first (``for x2`` None when ``x2`` is None), checked
+            by the caller; each tile sees its rows and columns of them in
+            `Kernel.side`. A ``"mask"`` also zeroes the absent positions of the
+            inputs before the input kernel.
 
     Returns:
         The assembled `Kernel`: ``nngp``/``ntk`` of shape ``(N1, N2, ...)``
@@ -92,7 +98,12 @@ def tiled_kernel(
     differentiable = torch.is_grad_enabled() and network is not None and any(
         t.requires_grad for t in network.hyperparameters())
     x1 = x1.detach()
-    x2 = None if x2 is None or same_inputs(x1, x2) else x2.detach()
+    side = dict(side or {})
+    if x2 is not None and same_inputs(x1, x2) and all(
+            b is None or b is a or same_inputs(a, b) for a, b in side.values()):
+        x2 = None
+    x2 = None if x2 is None else x2.detach()
+    side = {name: (a, a if x2 is None else b) for name, (a, b) in side.items()}
     positions = peak_positions(network, tuple(x1.shape[1:]), x1.dtype)
     if position_pairs:
         positions = positions**2
@@ -129,16 +140,18 @@ def tiled_kernel(
     if position_pairs and not diagonal:
         with grad_mode:
             step = tile_sides(n1, 1, entry_bytes, budget, x1.device, positions)[0] ** 2
-            traces = tuple(None if x is None else _self_trace(rule, x, step, budget // 4,
-                                                              recompute=recompute)
-                           for x in (x1, x2))
+            traces = tuple(None if x is None else _self_trace(
+                rule, x, step, budget // 4, recompute=recompute,
+                side={name: pair[i] for name, pair in side.items()})
+                for i, x in enumerate((x1, x2)))
             if any(t is False for t in traces):
                 traces = None  # too large to keep: tiles carry the covariances themselves
     bar = progress_bar(tiles, desc="kernel tiles", unit="tile", progress=progress, min_items=4)
     done: dict[tuple, Kernel] = {}
     with grad_mode:
         for r, c in bar:
-            k = _run(recompute, _tile, rule, x1, x2, r, c, diagonal, position_pairs, traces)
+            k = _run(recompute, _tile, rule, x1, x2, r, c, diagonal, position_pairs, traces,
+                     side)
             if facts is None:
                 facts = k
                 if not differentiable:
@@ -155,7 +168,8 @@ def tiled_kernel(
     what = "the kernel" if network is None else f"{type(network).__name__}.kernel(...)"
     check_finite_output(SimpleNamespace(nngp=out["nngp"], ntk=out["ntk"]), what, causes="kernel")
     # The recording of the tiles (SelfTrace) served the tiles only; the result drops it.
-    return facts.replace(**out, x1_is_x2=x2 is None, diagonal=diagonal, self_trace=None)
+    return facts.replace(**out, x1_is_x2=x2 is None, diagonal=diagonal, self_trace=None,
+                         side={})
 
 
 def _run(recompute: bool, fn, *args):
@@ -193,8 +207,8 @@ def peak_positions(network, input_shape: tuple[int, ...], dtype: torch.dtype) ->
         return positions
 
 
-def _self_trace(rule, x: Tensor, step: int, limit: int, *, recompute: bool = False
-                ) -> SelfTrace | bool:
+def _self_trace(rule, x: Tensor, step: int, limit: int, *, recompute: bool = False,
+                side: dict | None = None) -> SelfTrace | bool:
     """Runs the network on each example alone (in blocks), recording what the
     layers that mix positions need of its own covariance (see `SelfTrace`);
     False if the recording would take more than ``limit`` bytes (attention over
@@ -202,7 +216,8 @@ def _self_trace(rule, x: Tensor, step: int, limit: int, *, recompute: bool = Fal
     ``recompute``, each block is recomputed in the backward pass (see `_run`)."""
     blocks = []
     for i0, i1 in _ranges(x.shape[0], step):
-        values = _run(recompute, _trace_values, rule, x[i0:i1])
+        block = {name: (v[i0:i1],) * 2 for name, v in (side or {}).items()}
+        values = _run(recompute, _trace_values, rule, x[i0:i1], block)
         per_example = sum(v[:1].numel() * v.element_size() for v in values)
         if per_example * x.shape[0] > limit:
             return False
@@ -210,16 +225,30 @@ def _self_trace(rule, x: Tensor, step: int, limit: int, *, recompute: bool = Fal
     return SelfTrace.joined(blocks)
 
 
-def _trace_values(rule, x: Tensor) -> tuple[Tensor, ...]:
+def _trace_values(rule, x: Tensor, side: dict) -> tuple[Tensor, ...]:
     """What the layers that mix positions record of the examples ``x`` alone."""
     trace = SelfTrace()
-    k = input_kernel(x, None, diagonal=True, position_pairs=True)
-    rule(k.replace(self_trace=trace))
+    k = input_kernel(_masked(x, side), None, diagonal=True, position_pairs=True)
+    rule(k.replace(self_trace=trace, side=side))
     return tuple(trace.values)
 
 
-def _tile(rule, x1, x2, r, c, diagonal, position_pairs=False, traces=None) -> Kernel:
-    a = x1[r[0]:r[1]]
+def _masked(x: Tensor, side: dict) -> Tensor:
+    """``x`` with the positions absent under ``side["mask"]`` (if any) set to zero."""
+    pair = side.get("mask")
+    if pair is None:
+        return x
+    return x * pair[0].unsqueeze(1).to(x.dtype)
+
+
+def _tile(rule, x1, x2, r, c, diagonal, position_pairs=False, traces=None, side=None
+          ) -> Kernel:
+    side = side or {}
+    if diagonal:
+        tile_side = {name: (a[r[0]:r[1]],) * 2 for name, (a, _) in side.items()}
+    else:
+        tile_side = {name: (a[r[0]:r[1]], b[c[0]:c[1]]) for name, (a, b) in side.items()}
+    a = _masked(x1[r[0]:r[1]], tile_side)
     # With a SelfTrace, tiles carry per-position variances instead of each example's
     # full position covariance, which they would otherwise recompute.
     cheap = traces is not None
@@ -229,10 +258,14 @@ def _tile(rule, x1, x2, r, c, diagonal, position_pairs=False, traces=None) -> Ke
         k = input_kernel(a, None, position_pairs=position_pairs, cov_pairs=not cheap)
     else:
         b = (x1 if x2 is None else x2)[c[0]:c[1]]
+        if tile_side:
+            b = _masked(b, {name: (q, p) for name, (p, q) in tile_side.items()})
         k = input_kernel(a, b, position_pairs=position_pairs, cov_pairs=not cheap)
     if cheap:
         t1, t2 = traces
         k = k.replace(self_trace=t1.for_tile(t2, slice(*r), slice(*c)))
+    if tile_side:
+        k = k.replace(side=tile_side)
     k = rule(k)
     if isinstance(k, tuple):
         raise ValueError(

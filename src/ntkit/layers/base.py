@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import as_input_pair
+from .._side import check_side_inputs
 from ..kernel import Kernel, input_kernel  # input_kernel: re-exported from its home
 from ..tiling import tiled_kernel
 from .registry import TorchContext, register
@@ -115,6 +116,11 @@ class Layer:
         kernel must hold every pair of positions (pooling, attention)."""
         return False
 
+    def side_inputs(self) -> frozenset[str]:
+        """The per-example side inputs this layer (or one inside it) reads, among
+        "mask" and "pattern" (see `ntkit._side`); `kernel` refuses others."""
+        return frozenset()
+
     def _forward(self, k: Kernels) -> Kernels:
         """`propagate` as the whole network, returning matching positions only
         (`Sequential` drops the position pairs as soon as no later layer needs them)."""
@@ -129,6 +135,8 @@ class Layer:
         diagonal: bool = False,
         memory_budget: int | str | None = None,
         progress: bool | None = None,
+        mask=None,
+        pattern=None,
     ) -> Kernel:
         """The infinite-width NNGP and NTK of this network between two batches.
 
@@ -144,6 +152,13 @@ class Layer:
                 Any N works: tiles need not divide it.
             progress: show a progress bar over tiles; by default one appears
                 when the computation takes more than a few seconds.
+            mask: for inputs of different lengths or sizes, booleans
+                ``(N, *spatial)``, True where a position is present: a pair
+                ``(m1, m2)`` for ``x1`` and ``x2``, or one ``m1`` when ``x2`` is
+                None. Absent positions are zeros; the layers of the network
+                must honour masks (`side_inputs` lists "mask").
+            pattern: per-example graph adjacency ``(N, V, V)`` for `Aggregate`
+                layers, as a pair ``(p1, p2)`` or one ``p1`` when ``x2`` is None.
 
         Returns:
             A `Kernel` with ``nngp`` and ``ntk`` of shape ``(N1, N2)`` (or
@@ -160,6 +175,8 @@ class Layer:
         equal values) is computed as ``x2=None``.
         """
         x1, x2 = as_input_pair(x1, x2)
+        side = check_side_inputs(x1, x2, {"mask": mask, "pattern": pattern},
+                                 self.side_inputs(), type(self).__name__)
         if diagonal and x2 is not None:
             raise ValueError(
                 "diagonal=True computes k(x1_i, x1_i) and takes no x2; call "
@@ -168,7 +185,7 @@ class Layer:
         return tiled_kernel(
             self._forward, x1, x2, diagonal=diagonal, memory_budget=memory_budget,
             progress=progress, position_pairs=x1.ndim > 2 and self.needs_position_pairs(),
-            network=self,
+            network=self, side=side,
         )
 
     def build(

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import is_int
+from .._side import SideModule, call_with_side
 from ..kernel import Kernel
 from .base import BuildContext, Kernels, Layer, Shapes, drop_position_pairs, single
 
@@ -45,6 +46,9 @@ class Sequential(Layer):
     def needs_position_pairs(self) -> bool:
         return any(layer.needs_position_pairs() for layer in self.layers)
 
+    def side_inputs(self) -> frozenset[str]:
+        return frozenset().union(*(layer.side_inputs() for layer in self.layers))
+
     def _forward(self, k: Kernels) -> Kernels:
         last = max((i for i, layer in enumerate(self.layers) if layer.needs_position_pairs()),
                    default=-1)
@@ -59,6 +63,8 @@ class Sequential(Layer):
         for layer in self.layers:
             module, shape = layer._build(shape, ctx)
             modules.append(module)
+        if any(getattr(m, "takes_side", False) for m in modules):
+            return SideSequential(*modules), shape
         return nn.Sequential(*modules), shape
 
     def __len__(self) -> int:
@@ -144,9 +150,15 @@ class Parallel(Layer):
     def needs_position_pairs(self) -> bool:
         return any(layer.needs_position_pairs() for layer in self.layers)
 
+    def side_inputs(self) -> frozenset[str]:
+        return frozenset().union(*(layer.side_inputs() for layer in self.layers))
+
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
         built = [layer._build(s, ctx) for layer, s in zip(self.layers, self._branches(shape))]
-        return _ParallelModule([m for m, _ in built]), tuple(s for _, s in built)
+        modules = [m for m, _ in built]
+        cls = (_SideParallelModule if any(getattr(m, "takes_side", False) for m in modules)
+               else _ParallelModule)
+        return cls(modules), tuple(s for _, s in built)
 
     def __repr__(self) -> str:
         inner = ",\n".join("  " + repr(layer).replace("\n", "\n  ") for layer in self.layers)
@@ -261,6 +273,41 @@ class _FanOutModule(nn.Module):
 class _ParallelModule(nn.ModuleList):
     def forward(self, xs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         return tuple(m(x) for m, x in zip(self, xs))
+
+
+class _SideParallelModule(SideModule):
+    """`_ParallelModule` for branches that read side inputs: each branch works on
+    its own copy of the side dict; the first branch's copy continues (as the
+    kernel's first branch does through FanIn)."""
+
+    def __init__(self, modules) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(modules)
+
+    def forward_side(self, xs, side: dict):
+        outs, sides = [], []
+        for m, x in zip(self.branches, xs):
+            s = dict(side)
+            outs.append(call_with_side(m, x, s))
+            sides.append(s)
+        side.update(sides[0])
+        return tuple(outs)
+
+
+class SideSequential(nn.Sequential, SideModule):
+    """`torch.nn.Sequential` that hands its side inputs (masks, adjacency patterns)
+    to the modules that read them: ``model(x, mask=m)`` or ``model(x, pattern=p)``
+    (see `ntkit._side.SideModule`)."""
+
+    takes_side = True
+
+    def forward(self, x, side: dict | None = None, **side_inputs):
+        return SideModule.forward(self, x, side, **side_inputs)
+
+    def forward_side(self, x, side: dict):
+        for module in self:
+            x = call_with_side(module, x, side)
+        return x
 
 
 class _FanInModule(nn.Module):
