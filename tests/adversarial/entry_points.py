@@ -214,6 +214,10 @@ ADVERSARIAL_CASES: dict[str, tuple[str, ...] | Exempt | Pending] = {
     ) for name in ("NNGPRegressor", "NTKClassifier", "NTKRegressor")},
     **{f"ntkit.sklearn.{name}": (_OUTPUTS + "test_sklearn_kernels_refuse_nan_and_overflow",)
        for name in ("NNGPKernel", "NTKKernel")},
+    "ntkit.sklearn.NeuralTangentKernel": Exempt(
+        "a closed-form NumPy kernel; its hostile inputs (NaN and infinite inputs, overflow, "
+        "wrong shapes, bad depth or bias, a gradient with Z) are tested in "
+        "tests/test_scikit_ntk.py::test_bad_input_is_refused_with_a_clear_error"),
     # the command line (area C)
     "ntkit kernel": (
         _CLI + "test_kernel_output_that_is_its_data_is_refused",

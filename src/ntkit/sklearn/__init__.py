@@ -7,6 +7,9 @@
 - `NTKKernel`, `NNGPKernel`: `sklearn.gaussian_process.kernels.Kernel`\\ s with
   ``w_std`` and ``b_std`` as hyperparameters (gradients by autograd), for
   `GaussianProcessRegressor`, `GaussianProcessClassifier` and `SVC`.
+- `NeuralTangentKernel`: scikit-ntk's ``NeuralTangentKernel(depth, bias)`` (ReLU NTK
+  of zero-initialised trained biases), value for value, with ``bias`` fitted by
+  `GaussianProcessRegressor` (analytic gradient).
 - `save`, `load`: fitted estimators in one ``.npz`` file, without pickle.
 
 Needs scikit-learn (``pip install 'ntkit[sklearn]'``).
@@ -15,6 +18,7 @@ Needs scikit-learn (``pip install 'ntkit[sklearn]'``).
 from ._estimators import NNGPRegressor, NTKClassifier, NTKRegressor
 from ._io import load, save
 from ._kernels import NNGPKernel, NTKKernel
+from ._scikit_ntk import NeuralTangentKernel
 
-__all__ = ["NNGPKernel", "NNGPRegressor", "NTKClassifier", "NTKKernel", "NTKRegressor", "load",
-           "save"]
+__all__ = ["NNGPKernel", "NNGPRegressor", "NTKClassifier", "NTKKernel", "NTKRegressor",
+           "NeuralTangentKernel", "load", "save"]
