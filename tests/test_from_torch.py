@@ -103,7 +103,7 @@ def test_converted_linear_attributes():
     "module, kind",
     [
         (nn.ReLU(), nk.ReLU), (nn.LeakyReLU(0.3), nk.LeakyReLU), (nn.GELU(), nk.GELU),
-        (nn.GELU(approximate="tanh"), nk.Elementwise), (nn.Tanh(), nk.Elementwise),
+        (nn.GELU(approximate="tanh"), nk.GELU), (nn.Tanh(), nk.Elementwise),
         (nn.SiLU(), nk.Elementwise), (nn.Sigmoid(), nk.Elementwise), (nn.ELU(), nk.Elementwise),
     ],
     ids=["ReLU", "LeakyReLU", "GELU", "GELU-tanh", "Tanh", "SiLU", "Sigmoid", "ELU"],

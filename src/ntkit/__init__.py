@@ -35,6 +35,11 @@ from .layers import (
     Elementwise,
     Erf,
     Exp,
+    ExpNormalized,
+    Gabor,
+    Hermite,
+    Polynomial,
+    SigmoidLike,
     FanInConcat,
     FanInProd,
     FanInSum,
@@ -80,6 +85,7 @@ _LAZY_SUBMODULES = ("cli", "datasets", "demo", "errors", "plot", "predict", "sol
                     "sklearn", "spec")
 
 __all__ = [
+    "ExpNormalized", "Gabor", "Hermite", "Polynomial", "SigmoidLike",
     "GELU",
     "ABReLU",
     "Abs",

@@ -61,6 +61,7 @@ _RESULT = Exempt("a result value returned by a checked computation (its fields a
 _LAYERS = (
     "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
     "Aggregate",
+    "ExpNormalized", "Gabor", "Hermite", "Polynomial", "SigmoidLike",
     "ABReLU", "Abs", "Activation", "AvgPool1d", "AvgPool2d", "AvgPool3d", "Conv1d", "Conv2d",
     "Conv3d", "Cos", "Dropout", "Elementwise", "Erf", "Exp", "FanInConcat", "FanInProd",
     "FanInSum", "FanOut", "Flatten", "GELU", "Gaussian", "GlobalAvgPool", "GlobalSumPool",

@@ -100,6 +100,11 @@ EXAMPLES: dict[type, Case] = {
     L.Gaussian: Case(lambda: L.Gaussian(a=1.0, b=-0.5)),
     L.Exp: Case(lambda: L.Exp(a=0.8, b=0.4)),
     L.Monomial: Case(lambda: L.Monomial(2)),
+    L.Hermite: Case(lambda: L.Hermite(3)),
+    L.Polynomial: Case(lambda: L.Polynomial([0.1, 1.0, -0.3, 0.2])),
+    L.Gabor: Case(L.Gabor),
+    L.SigmoidLike: Case(L.SigmoidLike),
+    L.ExpNormalized: Case(lambda: L.ExpNormalized(gamma=0.5, shift=-0.5)),
     L.RectifiedMonomial: Case(lambda: L.RectifiedMonomial(2)),
     # quadrature
     L.Elementwise: Case(lambda: L.Elementwise(torch.tanh, degree=48)),

@@ -41,7 +41,8 @@ def test_every_spec_activation_works_in_the_estimators():
     no argument, as ``name(args)`` otherwise; and the names that need arguments are
     exactly those without a default."""
     with_args = {"abrelu": "abrelu(-0.5, 1.0)", "monomial": "monomial(2)",
-                 "rectifiedmonomial": "rectifiedmonomial(2)"}
+                 "rectifiedmonomial": "rectifiedmonomial(2)", "hermite": "hermite(2)",
+                 "polynomial": "polynomial((0.0, 1.0, 0.5))"}
     for key, ctor in LAYERS.items():
         cls = getattr(ctor, "__self__", ctor)
         if not (isinstance(cls, type) and issubclass(cls, (L.Activation, L.Identity))):

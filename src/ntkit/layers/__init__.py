@@ -40,6 +40,7 @@ from .graph import Aggregate
 from .linear import Flatten, Linear
 from .normalization import Dropout, LayerNorm
 from .polynomial import Monomial, RectifiedMonomial
+from .special import ExpNormalized, Gabor, Hermite, Polynomial, SigmoidLike
 from .pool import (
     AvgPool1d,
     AvgPool2d,
@@ -54,6 +55,7 @@ from .pool import (
 __all__ = [
     "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
     "Aggregate",
+    "Hermite", "Polynomial", "ExpNormalized", "Gabor", "SigmoidLike",
     "Layer", "input_kernel", "Linear", "Flatten", "Activation", "ReLU", "LeakyReLU", "ABReLU",
     "Abs", "Sign", "Erf", "GELU", "Sin", "Cos", "Rbf", "Gaussian", "Exp", "Monomial",
     "RectifiedMonomial", "Elementwise", "Tanh", "Sigmoid", "Softplus", "LayerNorm", "Dropout",

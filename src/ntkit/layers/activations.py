@@ -355,29 +355,64 @@ class Erf(Activation):
 
 
 class GELU(Activation):
-    """The exact GELU ``x Phi(x)`` (Tsuchida et al. 2021, "Avoiding kernel fixed
+    """The GELU ``x Phi(x)``, or with ``approximate="tanh"`` (torch's argument) its tanh
+    approximation ``x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2``.
+
+    The exact one has a closed form (Tsuchida et al. 2021, "Avoiding kernel fixed
     points"). With ``d^2 = (1 + v1)(1 + v2) - k^2`` and ``alpha = atan2(k, d)``::
 
         E[f f]   = k/4 + (k alpha + (k^2 + v1 v2 d^2) / ((1 + v1)(1 + v2) d)) / (2 pi)
         E[f' f'] = 1/4 + alpha / (2 pi)
                    + k (1/d^2 + (1 - v1 v2)/((1 + v1)(1 + v2)) + 1) / (2 pi d)
+
+    The tanh approximation has none: its kernels are computed by quadrature
+    (`Elementwise`, with its error control). neural-tangents' ``Gelu(approximate=True)``
+    uses the tanh function only in its finite network and the exact kernel above,
+    which differs from the tanh function's kernel by up to about 1e-4 (relative);
+    ntkit's kernel is the one of the function its twin applies.
+
+    Args:
+        approximate: ``"none"`` (exact) or ``"tanh"``, as in `torch.nn.GELU`.
+        degree: quadrature nodes per axis for ``"tanh"``, or ``"auto"`` (see
+            `Elementwise`); unused by the exact GELU.
     """
 
     spec_names = ("gelu",)
     torch_modules = (nn.GELU,)
 
+    def __init__(self, approximate: str = "none", *, degree: int | str = "auto") -> None:
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"GELU: approximate must be 'none' (exact) or 'tanh', as in "
+                             f"torch.nn.GELU; got {approximate!r}.")
+        if approximate == "none" and degree != "auto":
+            raise ValueError(f"GELU: degree={degree!r} applies to approximate='tanh' only "
+                             f"(the exact GELU has a closed form); leave it out.")
+        self.approximate = approximate
+        self.degree = degree
+        self._quadrature = None
+        if approximate == "tanh":
+            from .elementwise import Elementwise  # imports this module
+
+            self._quadrature = Elementwise(_gelu_tanh, degree, name="gelu_tanh")
+
     @classmethod
     def from_torch_module(cls, module, ctx):
         if module.approximate != "none":  # the tanh approximation: by quadrature
-            from .elementwise import Elementwise
-
-            return Elementwise.from_torch_module(module, ctx)
+            return cls(module.approximate, degree=ctx.degree)
         return cls()
 
+    def spec_call(self):
+        kw = {} if self.approximate == "none" else {"approximate": self.approximate}
+        if self._quadrature is not None and self.degree != "auto":
+            kw["degree"] = self.degree
+        return "gelu", [], kw
+
     def fn(self, x: Tensor) -> Tensor:
-        return nn.functional.gelu(x)
+        return nn.functional.gelu(x, approximate=self.approximate)
 
     def _nngp_and_dot(self, k, v1, v2):
+        if self._quadrature is not None:
+            return self._quadrature._nngp_and_dot(k, v1, v2)
         prod = v1 * v2
         prod1 = (1 + v1) * (1 + v2)
         d2 = prod1 - k * k
@@ -387,11 +422,34 @@ class GELU(Activation):
         dot = 0.25 + alpha / (2 * _PI) + k * (1 / d2 + (1 - prod) / prod1 + 1) / (2 * _PI * d)
         return nngp, dot
 
+    def _nngp(self, k, v1, v2):
+        if self._quadrature is not None:
+            return self._quadrature._nngp(k, v1, v2)
+        return self._nngp_and_dot(k, v1, v2)[0]
+
+    def _variance(self, c):
+        if self._quadrature is not None:
+            return self._quadrature._variance(c)
+        return super()._variance(c)
+
+    def _self_dot(self, c):
+        if self._quadrature is not None:
+            return self._quadrature._self_dot(c)
+        return super()._self_dot(c)
+
     def _build(self, shape, ctx):
-        return nn.GELU(), shape
+        return nn.GELU(approximate=self.approximate), shape
 
     def __repr__(self) -> str:
-        return "GELU()"
+        if self.approximate == "none":
+            return "GELU()"
+        degree = "" if self.degree == "auto" else f", degree={self.degree}"
+        return f"GELU(approximate={self.approximate!r}{degree})"
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    """torch's tanh approximation of the GELU."""
+    return nn.functional.gelu(x, approximate="tanh")
 
 
 class Sin(Activation):
