@@ -5,11 +5,39 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from .base import BuildContext
 
-__all__ = ["ScaledAffine"]
+__all__ = ["B_INITS", "ScaledAffine", "check_b_init", "split_bias_variance"]
+
+#: How an affine layer's bias starts: drawn (``"normal"``) or at zero (``"zero"``).
+B_INITS = ("normal", "zero")
+
+
+def check_b_init(b_init: str, b_std: object, name: str) -> str:
+    """``b_init`` if it is one of `B_INITS` (and there is a bias to start at zero)."""
+    if b_init not in B_INITS:
+        raise ValueError(f"{name}: b_init must be 'normal' (a random bias of scale b_std) or "
+                         f"'zero' (a bias that starts at zero and is trained with scale "
+                         f"b_std), got {b_init!r}.")
+    if b_init == "zero" and b_std is None:
+        raise ValueError(f"{name}: b_init='zero' needs a bias, but b_std=None removes it; "
+                         f"give b_std (its training scale) or drop b_init.")
+    return b_init
+
+
+def split_bias_variance(b2: Tensor | None, b_init: str) -> tuple[Tensor | None, Tensor | None]:
+    """``(nngp_b2, ntk_b2)``: the bias variance ``b_std^2`` a layer adds to its NNGP,
+    and the one its NTK gains on top of the NNGP it passes on.
+
+    A drawn bias (``"normal"``) adds ``b_std^2`` to the NNGP, which the NTK inherits
+    (``Theta' = K' + w^2 Theta``, Jacot et al. 2018 eq. 6). A bias that starts at zero
+    and is trained with scale ``b_std`` (``"zero"``; the convention of Arora et al.
+    2019 and scikit-ntk) adds nothing to the NNGP and its gradient adds ``b_std^2``
+    to the NTK."""
+    return (b2, None) if b_init == "normal" else (None, b2)
 
 
 class ScaledAffine(nn.Module):
@@ -20,13 +48,19 @@ class ScaledAffine(nn.Module):
     standard parameterization: they carry their variance (``W ~ N(0, w_std^2 /
     fan_in)``, ``b ~ N(0, b_std^2)``) and the scales are 1. The weight is drawn
     before the bias, from the context's generator.
+
+    With ``b_init="zero"`` the bias starts at zero (nothing is drawn for it) and
+    keeps its scale: the forward pass still multiplies it by ``b_std`` in NTK
+    parameterization, so its gradient adds ``b_std^2`` to the NTK while the
+    network at initialisation (the NNGP) has no bias.
     """
 
     def init_affine(self, weight_shape: tuple[int, ...], bias_shape: tuple[int, ...],
                     fan_in: int, w_std: float, b_std: float | None, parameterization: str,
-                    ctx: BuildContext) -> None:
+                    ctx: BuildContext, b_init: str = "normal") -> None:
         """Draws ``weight`` ``weight_shape`` and ``bias`` ``bias_shape`` (none when
-        ``b_std`` is None) and sets ``w_scale``, ``b_scale``, ``parameterization``."""
+        ``b_std`` is None; zeros, not drawn, when ``b_init="zero"``) and sets
+        ``w_scale``, ``b_scale``, ``parameterization``."""
         ntk = parameterization == "ntk"
         self.parameterization = parameterization
         self.w_scale = w_std / math.sqrt(fan_in) if ntk else 1.0
@@ -35,6 +69,8 @@ class ScaledAffine(nn.Module):
         self.weight = nn.Parameter(w if ntk else w * (w_std / math.sqrt(fan_in)))
         if b_std is None:
             self.register_parameter("bias", None)
+        elif b_init == "zero":
+            self.bias = nn.Parameter(torch.zeros(bias_shape, dtype=ctx.dtype, device=ctx.device))
         else:
             b = ctx.randn(*bias_shape)
             self.bias = nn.Parameter(b if ntk else b * b_std)

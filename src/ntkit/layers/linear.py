@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .._checks import as_std, is_int
 from ..kernel import Kernel
-from ._affine import ScaledAffine
+from ._affine import ScaledAffine, check_b_init, split_bias_variance
 from .base import (
     BuildContext,
     Kernels,
@@ -25,6 +25,7 @@ from .base import (
 __all__ = ["Linear", "Flatten", "NTKLinear"]
 
 Parameterization = Literal["ntk", "standard"]
+BInit = Literal["normal", "zero"]
 
 
 class Linear(Layer):
@@ -44,6 +45,13 @@ class Linear(Layer):
     grows with the widths (the ``1`` is the bias's gradient; ``b_std=None``
     drops the bias). These are neural-tangents' ``stax.Dense`` conventions.
 
+    ``b_init="zero"`` starts the bias at zero and trains it with scale ``b_std``
+    (Jacot et al. 2018 and Arora et al. 2019 write the NTK this way; scikit-ntk's
+    ``bias``): the bias is absent from the NNGP, ``w_std^2 K``, and its gradient
+    adds ``b_std^2`` to the NTK, ``nngp' + w_std^2 Theta + b_std^2`` (NTK
+    parameterization; in standard parameterization the bias's gradient adds
+    ``1`` as before, and ``b_std`` only says that there is a bias).
+
     ``w_std`` and ``b_std`` may be real 0-dim tensors: the kernel is then
     differentiable in them (autograd), e.g. to fit them by maximising a
     marginal likelihood. `build` uses their current values as numbers, so the
@@ -57,6 +65,8 @@ class Linear(Layer):
         b_std: bias standard deviation, a number or a 0-dim floating tensor;
             ``None`` for no bias parameter.
         parameterization: ``"ntk"`` or ``"standard"``.
+        b_init: ``"normal"`` (the bias is drawn, scaled by ``b_std``) or
+            ``"zero"`` (it starts at zero and is trained with scale ``b_std``).
         in_features: the expected fan-in, checked against the inputs when given;
             like `torch.nn.LazyLinear`, it is otherwise taken from them.
     """
@@ -72,6 +82,7 @@ class Linear(Layer):
         *,
         parameterization: Parameterization = "ntk",
         in_features: int | None = None,
+        b_init: BInit = "normal",
     ) -> None:
         if not is_int(out_features) or out_features < 1:
             raise ValueError(f"out_features must be a positive int, got {out_features!r}.")
@@ -91,6 +102,7 @@ class Linear(Layer):
         self.b_std = b_std
         self.parameterization = parameterization
         self.in_features = None if in_features is None else int(in_features)
+        self.b_init = check_b_init(b_init, b_std, "Linear")
 
     @classmethod
     def from_torch_module(cls, module, ctx):
@@ -116,9 +128,12 @@ class Linear(Layer):
                 f"pass inputs of shape (N, {self.in_features}) or change in_features."
             )
         w2, b2 = affine_variances(self.w_std, self.b_std, k.nngp)
+        b2, trained_b2 = split_bias_variance(b2, self.b_init)
         nngp = _affine(k.nngp, w2, b2)
         if self.parameterization == "ntk":
             ntk = torch.addcmul(nngp, k.ntk, w2)
+            if trained_b2 is not None:
+                ntk = ntk + trained_b2
         else:
             bias_grad = 0.0 if self.b_std is None else 1.0
             ntk = torch.add(k.ntk * w2, k.nngp, alpha=fan_in) + bias_grad
@@ -135,17 +150,18 @@ class Linear(Layer):
                 f"{fan_in}."
             )
         module = NTKLinear(fan_in, self.out_features, number(self.w_std), number(self.b_std),
-                           self.parameterization, ctx)
+                           self.parameterization, ctx, b_init=self.b_init)
         return module, (self.out_features,)
 
     def __repr__(self) -> str:
         extra = "" if self.parameterization == "ntk" else ", parameterization='standard'"
+        extra += "" if self.b_init == "normal" else f", b_init={self.b_init!r}"
         return f"Linear({self.out_features}, w_std={self.w_std}, b_std={self.b_std}{extra})"
 
 
 def affine_spec(layer) -> dict:
-    """The spec keywords of an affine layer's ``w_std``, ``b_std`` and
-    ``parameterization`` that differ from their defaults."""
+    """The spec keywords of an affine layer's ``w_std``, ``b_std``,
+    ``parameterization`` and ``b_init`` that differ from their defaults."""
     kw: dict = {}
     if isinstance(layer.w_std, Tensor) or layer.w_std != 1.0:
         kw["w_std"] = layer.w_std
@@ -153,6 +169,8 @@ def affine_spec(layer) -> dict:
         kw["b_std"] = layer.b_std
     if layer.parameterization != "ntk":
         kw["parameterization"] = layer.parameterization
+    if getattr(layer, "b_init", "normal") != "normal":
+        kw["b_init"] = layer.b_init
     return kw
 
 
@@ -177,11 +195,11 @@ class NTKLinear(ScaledAffine):
 
     def __init__(self, in_features: int, out_features: int, w_std: float,
                  b_std: float | None, parameterization: Parameterization,
-                 ctx: BuildContext) -> None:
+                 ctx: BuildContext, b_init: BInit = "normal") -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.init_affine((out_features, in_features), (out_features,), in_features, w_std,
-                         b_std, parameterization, ctx)
+                         b_std, parameterization, ctx, b_init)
 
     def forward(self, x: Tensor) -> Tensor:
         return nn.functional.linear(x, self.scaled_weight(), self.scaled_bias())
