@@ -132,9 +132,13 @@ def _check_mask(value: Any, x: Tensor, which: str) -> Tensor:
 
 
 def _check_pattern(value: Any, x: Tensor, which: str) -> Tensor:
+    from .layers.graph import EdgeList  # sparse patterns; here, not at the top: layers import us
+
+    if isinstance(value, EdgeList):
+        return value.checked_for(x, which)
     p = _as_tensor(value, "pattern", which)
-    if p.layout != torch.strided:
-        return p  # sparse patterns are checked by the layer that reads them
+    if p.layout != torch.strided:  # torch sparse (N, V, V): its edge list
+        return EdgeList.from_dense(p).checked_for(x, which)
     if p.ndim != 3 or p.shape[0] != x.shape[0] or p.shape[1] != p.shape[2]:
         raise ValueError(
             f"the pattern for {which} has shape {tuple(p.shape)}; it must be (N, V, V) with "
