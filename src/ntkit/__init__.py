@@ -21,6 +21,7 @@ from .layers import (
     Abs,
     Activation,
     Aggregate,
+    EdgeList,
     AvgPool1d,
     AvgPool2d,
     AvgPool3d,
@@ -58,6 +59,7 @@ from .layers import (
     LocallyConnected3d,
     Monomial,
     Parallel,
+    RNN,
     Rbf,
     RectifiedMonomial,
     ReLU,
@@ -72,6 +74,7 @@ from .layers import (
     SumPool2d,
     SumPool3d,
     Tanh,
+    TorchRNN,
 )
 from .linearize import TaylorModel, linearize, taylor
 from .monte_carlo import empirical_kernels, monte_carlo_kernel
@@ -91,6 +94,7 @@ __all__ = [
     "Abs",
     "Activation",
     "Aggregate",
+    "EdgeList",
     "AvgPool1d",
     "AvgPool2d",
     "AvgPool3d",
@@ -125,6 +129,7 @@ __all__ = [
     "LocallyConnected3d",
     "Monomial",
     "Parallel",
+    "RNN",
     "Rbf",
     "ReLU",
     "RectifiedMonomial",
@@ -139,6 +144,7 @@ __all__ = [
     "Sigmoid",
     "Softplus",
     "Tanh",
+    "TorchRNN",
     "TaylorModel",
     "TileDone",
     "empirical_kernels",

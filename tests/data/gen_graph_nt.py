@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 jax.config.update("jax_enable_x64", True)
-from neural_tangents import stax  # noqa: E402
+from neural_tangents import stax
 
 rng = np.random.default_rng(0)
 N1, N2, C, V, E = 4, 3, 3, 7, 12
@@ -54,7 +54,7 @@ def nhc(x):
 out = {"x1": x1, "x2": x2}
 p1, p2 = dense_patterns(N1), dense_patterns(N2)
 kf = net("DENSE")
-t = lambda p: np.transpose(p, (0, 2, 1))  # noqa: E731
+t = lambda p: np.transpose(p, (0, 2, 1))
 cross = kf(nhc(x1), nhc(x2), ("nngp", "ntk"), pattern=(t(p1), t(p2)))
 self_ = kf(nhc(x1), None, ("nngp", "ntk"), pattern=(t(p1), t(p1)))
 out.update(dense_p1=p1, dense_p2=p2, dense_cross_nngp=cross.nngp, dense_cross_ntk=cross.ntk,

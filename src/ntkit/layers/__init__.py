@@ -36,10 +36,12 @@ from .conv import Conv1d, Conv2d, Conv3d
 from .conv_transpose import ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
 from .conv_local import LocallyConnected1d, LocallyConnected2d, LocallyConnected3d
 from .elementwise import Elementwise, Sigmoid, Softplus, Tanh
-from .graph import Aggregate
+from .graph import Aggregate, EdgeList
 from .linear import Flatten, Linear
 from .normalization import Dropout, LayerNorm
 from .polynomial import Monomial, RectifiedMonomial
+from .recurrent import RNN
+from .recurrent_twin import TorchRNN
 from .special import ExpNormalized, Gabor, Hermite, Polynomial, SigmoidLike
 from .pool import (
     AvgPool1d,
@@ -55,6 +57,8 @@ from .pool import (
 __all__ = [
     "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
     "Aggregate",
+    "RNN", "TorchRNN",
+    "EdgeList",
     "Hermite", "Polynomial", "ExpNormalized", "Gabor", "SigmoidLike",
     "Layer", "input_kernel", "Linear", "Flatten", "Activation", "ReLU", "LeakyReLU", "ABReLU",
     "Abs", "Sign", "Erf", "GELU", "Sin", "Cos", "Rbf", "Gaussian", "Exp", "Monomial",
