@@ -221,3 +221,146 @@ def test_bad_input_is_refused_with_a_clear_error(kwargs, call, match):
             kern(np.ones(4))
         else:
             kern(x, np.ones((2, 2)))
+
+
+# ---- the zero-initialised trained bias of the layers --------------------------------
+
+def _sk_network(d: int, depth: int, bias: float, width: int = 64) -> nk.Sequential:
+    """scikit-ntk's network in ntkit's layers: w_std = sqrt(d) turns the input kernel
+    x . z / d into the raw dot product, w_std = sqrt(2) is scikit-ntk's c = 2."""
+    layers = [nk.Linear(width, w_std=math.sqrt(d), b_std=bias, b_init="zero")]
+    for i in range(depth):
+        out = width if i < depth - 1 else 1
+        layers += [nk.ReLU(), nk.Linear(out, w_std=math.sqrt(2), b_std=bias, b_init="zero")]
+    return nk.Sequential(*layers)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 5])
+@pytest.mark.parametrize("bias", [0.0, 0.3, 2.0])
+def test_estimator_kernel_equals_the_layers_ntk(depth, bias):
+    """The closed form and the layer algebra (Linear(b_init='zero') + ReLU) agree."""
+    rng = np.random.default_rng(depth)
+    x, z = _inputs(rng, 6, 5), _inputs(rng, 4, 5)
+    k = _sk_network(5, depth, bias).kernel(torch.tensor(x), torch.tensor(z))
+    norm = (depth + 1) * (1 + bias ** 2)
+    want = NeuralTangentKernel(depth, bias)(x, z)
+    np.testing.assert_allclose(k.ntk.numpy() / norm, want, rtol=1e-12,
+                               atol=1e-13 * np.abs(want).max())
+    # The bias never enters the NNGP: the same network without biases.
+    no_bias = nk.Sequential(*[nk.Linear(lay.out_features, w_std=lay.w_std, b_std=None)
+                              if isinstance(lay, nk.Linear) else lay
+                              for lay in _sk_network(5, depth, bias).layers])
+    torch.testing.assert_close(k.nngp, no_bias.kernel(torch.tensor(x), torch.tensor(z)).nngp,
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("parameterization", ["ntk", "standard"])
+def test_zero_bias_rule_written_out(parameterization):
+    """Linear(b_init='zero'): nngp = w^2 K; ntk = nngp + w^2 Theta + b^2 (NTK
+    parameterization) or fan_in K + w^2 Theta + 1 (standard)."""
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    first = nk.Linear(4, w_std=1.2, b_std=0.3, parameterization=parameterization)
+    inner = nk.Sequential(first, nk.ReLU()).kernel(x)
+    layer = nk.Linear(2, w_std=1.4, b_std=0.7, b_init="zero",
+                      parameterization=parameterization)
+    got = nk.Sequential(first, nk.ReLU(), layer).kernel(x)
+    torch.testing.assert_close(got.nngp, 1.4 ** 2 * inner.nngp, rtol=1e-14, atol=0)
+    if parameterization == "ntk":
+        want = 1.4 ** 2 * inner.nngp + 1.4 ** 2 * inner.ntk + 0.7 ** 2
+    else:
+        want = 4 * inner.nngp + 1.4 ** 2 * inner.ntk + 1
+    torch.testing.assert_close(got.ntk, want, rtol=1e-14, atol=0)
+
+
+def test_zero_bias_hyperparameter_tensor_is_differentiable():
+    b = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    net = nk.Sequential(nk.Linear(8, b_std=b, b_init="zero"), nk.ReLU(),
+                        nk.Linear(1, b_std=b, b_init="zero"))
+    k = net.kernel(x)
+    (grad,) = torch.autograd.grad(k.ntk.sum(), b)
+    eps = 1e-6
+    hi = nk.Sequential(nk.Linear(8, b_std=0.4 + eps, b_init="zero"), nk.ReLU(),
+                       nk.Linear(1, b_std=0.4 + eps, b_init="zero")).kernel(x).ntk.sum()
+    lo = nk.Sequential(nk.Linear(8, b_std=0.4 - eps, b_init="zero"), nk.ReLU(),
+                       nk.Linear(1, b_std=0.4 - eps, b_init="zero")).kernel(x).ntk.sum()
+    assert float(grad) == pytest.approx(float(hi - lo) / (2 * eps), rel=1e-7)
+    assert not k.nngp.requires_grad or float(torch.autograd.grad(
+        k.nngp.sum(), b, allow_unused=True)[0] or 0.0) == 0.0
+
+
+def _twin_ntk_difference(make, x, samples: int, seed: int):
+    """Per sample: (empirical NTK with the zero-started bias) - (without bias), for
+    twins built from the same seed (the zero bias draws nothing, so the weights are
+    the same), and whether their outputs agree exactly."""
+    diffs, same_outputs = [], True
+    for s in range(samples):
+        with_bias = make("zero").build(x.shape[1:], generator=torch.Generator().manual_seed(
+            seed + s), dtype=x.dtype)
+        without = make(None).build(x.shape[1:], generator=torch.Generator().manual_seed(
+            seed + s), dtype=x.dtype)
+        same_outputs &= torch.equal(with_bias(x), without(x))
+        n_out = with_bias(x[:1]).numel()
+        diffs.append((nk.empirical_ntk(with_bias, x) - nk.empirical_ntk(without, x)) / n_out)
+    return torch.stack(diffs), same_outputs
+
+
+def _mlp(b_init):
+    b = None if b_init is None else 0.8
+    kw = {} if b_init is None else {"b_init": b_init}
+    return nk.Sequential(nk.Linear(96, w_std=1.3, b_std=b, **kw), nk.ReLU(),
+                         nk.Linear(96, w_std=1.3, b_std=b, **kw), nk.ReLU(),
+                         nk.Linear(4, w_std=1.3, b_std=b, **kw))
+
+
+def _cnn(b_init):
+    b = None if b_init is None else 0.8
+    kw = {} if b_init is None else {"b_init": b_init}
+    return nk.Sequential(nk.Conv1d(24, 3, padding="same", b_std=b, **kw), nk.ReLU(),
+                         nk.ConvTranspose1d(24, 2, stride=2, b_std=b, **kw), nk.ReLU(),
+                         nk.LocallyConnected1d(12, 2, b_std=b, **kw), nk.ReLU(),
+                         nk.Flatten(), nk.Linear(2, b_std=b, **kw))
+
+
+@pytest.mark.parametrize("make, shape", [
+    (_mlp, (3,)), pytest.param(_cnn, (2, 5), marks=pytest.mark.slow)], ids=["mlp", "cnn"])
+def test_finite_twin_ntk_of_the_zero_bias_approaches_the_kernel(make, shape):
+    """Monte Carlo: the twins' outputs (so their NNGP) are those of the bias-free
+    twins; the bias's share of their empirical NTK averages to the analytic
+    difference, within 5 standard errors of the sample mean (plus the O(1/width)
+    bias of a finite twin, 5% of the difference)."""
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    diffs, same_outputs = _twin_ntk_difference(make, x, samples=16, seed=100)
+    assert same_outputs
+    want = make("zero").kernel(x).ntk - make(None).kernel(x).ntk
+    assert float(want.abs().min()) > 0.1                  # the bias matters here
+    mean, se = diffs.mean(0), diffs.std(0) / math.sqrt(len(diffs))
+    assert torch.all((mean - want).abs() <= 5 * se + 0.05 * want.abs()), (mean, want, se)
+    torch.testing.assert_close(make("zero").kernel(x).nngp, make(None).kernel(x).nngp,
+                               rtol=0, atol=0)
+
+
+def test_b_init_spec_and_repr_round_trip():
+    from ntkit.spec import parse_architecture, to_spec
+
+    for layer in (nk.Linear(3, b_std=0.5, b_init="zero"),
+                  nk.Conv2d(3, 2, b_std=0.5, b_init="zero"),
+                  nk.ConvTranspose1d(3, 2, stride=2, b_std=0.5, b_init="zero"),
+                  nk.LocallyConnected1d(3, 2, b_std=0.5, b_init="zero")):
+        spec = to_spec(layer)
+        assert "b_init=zero" in spec, spec
+        again = parse_architecture(spec)
+        assert again.b_init == "zero" and to_spec(again) == spec
+        assert eval(repr(layer), vars(nk)).b_init == "zero"  # noqa: S307 - our own repr
+    assert "b_init" not in to_spec(nk.Linear(3, b_std=0.5))
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: nk.Linear(3, **kw), lambda **kw: nk.Conv1d(3, 2, **kw),
+    lambda **kw: nk.ConvTranspose2d(3, 2, **kw), lambda **kw: nk.LocallyConnected3d(3, 2, **kw),
+], ids=["Linear", "Conv1d", "ConvTranspose2d", "LocallyConnected3d"])
+def test_b_init_bad_values_are_refused(make):
+    with pytest.raises(ValueError, match="b_init must be 'normal'.*or 'zero'"):
+        make(b_std=0.1, b_init="zeros")
+    with pytest.raises(ValueError, match="b_std=None removes it"):
+        make(b_std=None, b_init="zero")

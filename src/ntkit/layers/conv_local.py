@@ -72,7 +72,8 @@ class _LocallyConnected(_Conv):
         self._check_channels(shape[0])
         axes = self._axes(spatial)
         module = NTKLocallyConnected(shape[0], self.out_channels, axes, number(self.w_std),
-                                     number(self.b_std), self.parameterization, ctx)
+                                     number(self.b_std), self.parameterization, ctx,
+                                     b_init=self.b_init)
         return module, (self.out_channels,) + tuple(ax.m for ax in axes)
 
 
@@ -116,14 +117,14 @@ class NTKLocallyConnected(ScaledAffine):
     (``(N, C * taps, P)``) contracted with a separate weight per output position."""
 
     def __init__(self, in_channels, out_channels, axes, w_std, b_std, parameterization,
-                 ctx: BuildContext) -> None:
+                 ctx: BuildContext, b_init: str = "normal") -> None:
         super().__init__()
         self.axes = list(axes)
         self.out_spatial = tuple(ax.m for ax in self.axes)
         positions = math.prod(self.out_spatial)
         fan_in = in_channels * math.prod(ax.size for ax in self.axes)
         self.init_affine((positions, out_channels, fan_in), (out_channels, positions), fan_in,
-                         w_std, b_std, parameterization, ctx)
+                         w_std, b_std, parameterization, ctx, b_init)
 
     def forward(self, x: Tensor) -> Tensor:
         u = _patches(x, self.axes)  # (N, C * taps, P), channel-major like the weight

@@ -27,10 +27,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..kernel import Kernel, position_diagonal
-from ._affine import ScaledAffine
+from ._affine import ScaledAffine, check_b_init, split_bias_variance
 from ._spatial import Spatial, int_tuple, require_pairs, same_ints
 from .base import BuildContext, Kernels, Shapes, affine_variances, number, single
-from .linear import Parameterization, affine_spec, uninitialised
+from .linear import BInit, Parameterization, affine_spec, uninitialised
 
 __all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "NTKConvTranspose"]
 
@@ -76,6 +76,7 @@ class _ConvTranspose(Spatial):
         *,
         parameterization: Parameterization = "ntk",
         in_channels: int | None = None,
+        b_init: BInit = "normal",
     ) -> None:
         from .linear import Linear
 
@@ -104,6 +105,7 @@ class _ConvTranspose(Spatial):
                                  f"dilation (as torch.nn.ConvTranspose), got "
                                  f"{self.output_padding}.")
         self.w_std, self.b_std = checked.w_std, checked.b_std
+        self.b_init = check_b_init(b_init, b_std, name)
         self.parameterization = parameterization
         self.in_channels = None if in_channels is None else int(in_channels)
 
@@ -198,6 +200,7 @@ class _ConvTranspose(Spatial):
         fan_in = k.shape[0] * taps
         b = 1 if k.diagonal else 2
         w2, b2 = affine_variances(self.w_std, self.b_std, k.nngp)
+        b2, trained_b2 = split_bias_variance(b2, self.b_init)
         scale = w2 / taps
 
         def affine(t: Tensor) -> Tensor:
@@ -216,6 +219,8 @@ class _ConvTranspose(Spatial):
             ntk = nngp.clone()
         else:
             ntk = nngp + _map_pairs(k.ntk, maps, b) * scale
+        if trained_b2 is not None and self.parameterization == "ntk":
+            ntk = ntk + trained_b2  # the gradient of a bias that starts at zero
         cov1, cov2 = k.self_covariances(lambda c: affine(_map_pairs(c, maps, 1)),
                                         lambda c: position_diagonal(c, 1),
                                         diagonal_result=nngp)
@@ -236,7 +241,7 @@ class _ConvTranspose(Spatial):
         module = NTKConvTranspose(shape[0], self.out_channels, self.kernel_size, self.stride,
                                   crops, self.dilation,
                                   number(self.w_std), number(self.b_std),
-                                  self.parameterization, ctx)
+                                  self.parameterization, ctx, b_init=self.b_init)
         return module, (self.out_channels,) + out
 
     def __repr__(self) -> str:
@@ -253,6 +258,8 @@ class _ConvTranspose(Spatial):
         parts += [f"w_std={self.w_std}", f"b_std={self.b_std}"]
         if self.parameterization != "ntk":
             parts.append("parameterization='standard'")
+        if self.b_init != "normal":
+            parts.append(f"b_init={self.b_init!r}")
         if self.in_channels is not None:
             parts.append(f"in_channels={self.in_channels}")
         return f"{type(self).__name__}({', '.join(parts)})"
@@ -288,6 +295,8 @@ class ConvTranspose2d(_ConvTranspose):
         w_std, b_std: as `Linear`; ``b_std=None`` for no bias.
         parameterization: ``"ntk"`` or ``"standard"``.
         in_channels: checked against the inputs when given.
+        b_init: as `Linear` (``"zero"``: a bias that starts at zero, trained with
+            scale ``b_std``).
     """
 
     ndim = 2
@@ -308,14 +317,15 @@ class NTKConvTranspose(ScaledAffine):
     with the weights scaled as the parameterization says."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, crops, dilation,
-                 w_std, b_std, parameterization, ctx: BuildContext) -> None:
+                 w_std, b_std, parameterization, ctx: BuildContext,
+                 b_init: str = "normal") -> None:
         super().__init__()
         self.stride, self.dilation = tuple(stride), tuple(dilation)
         # F.pad lists the last axis first; negative entries crop.
         self.pads = tuple(p for pair in reversed(crops) for p in pair)
         self.init_affine((in_channels, out_channels, *kernel_size), (out_channels,),
                          in_channels * math.prod(kernel_size), w_std, b_std,
-                         parameterization, ctx)
+                         parameterization, ctx, b_init)
         self._conv = (F.conv_transpose1d, F.conv_transpose2d,
                       F.conv_transpose3d)[len(kernel_size) - 1]
 

@@ -217,6 +217,10 @@ class NeuralTangentKernel(Kernel):
         """
         depth, bias = self._checked()
         x = _check_inputs(X, "X")
+        with np.errstate(over="ignore", invalid="ignore"):   # overflow: `_finite` says so
+            return self._evaluate(x, Z, eval_gradient, depth, bias)
+
+    def _evaluate(self, x: np.ndarray, Z: Any, eval_gradient: bool, depth: int, bias: float):
         if Z is not None:
             if eval_gradient:
                 raise ValueError("Gradient can only be evaluated when Z is None.")
@@ -236,7 +240,9 @@ class NeuralTangentKernel(Kernel):
     def diag(self, X: Any) -> np.ndarray:
         """``k(x_i, x_i)`` for each row of ``X`` ``(n_samples, n_features)``: ``(n_samples,)``."""
         depth, bias = self._checked()
-        return _finite(_relu_ntk_diag(_check_inputs(X, "X"), depth, bias))
+        x = _check_inputs(X, "X")
+        with np.errstate(over="ignore", invalid="ignore"):
+            return _finite(_relu_ntk_diag(x, depth, bias))
 
     def is_stationary(self) -> bool:
         """False: the kernel depends on the inputs' norms and angle, not their difference."""
