@@ -128,6 +128,13 @@ def _check_mask(value: Any, x: Tensor, which: str) -> Tensor:
     if m.device != x.device:
         raise ValueError(f"the mask for {which} is on {m.device}, {which} on {x.device}; "
                          f"move it with mask.to({which}.device).")
+    empty = ~m.flatten(1).any(1)
+    if bool(empty.any()):
+        raise ValueError(
+            f"the mask for {which} marks no present position in example(s) "
+            f"{empty.nonzero().flatten().tolist()[:5]}; every example needs at least one "
+            f"(averages over present positions and attention over present keys are "
+            f"undefined otherwise): drop those examples.")
     return m
 
 

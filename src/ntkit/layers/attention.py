@@ -15,6 +15,12 @@ architecture gives the same numbers. Two limits have a closed form:
 - ``linear_scaling=False`` with ``mechanism="identity"`` (``d^-1/2``): logits
   ``q . k / sqrt(n_key)`` with independent weights are Gaussian in the limit,
   and the output kernel is a product of two input kernels.
+
+Masks (``kernel(..., mask=)``, neural-tangents' semantics, see `_masks`): absent
+keys leave the attention (a logit of ``-inf`` before the softmax, 0 for the
+other mechanisms), the positional embeddings are zero at absent positions (their
+covariance ``R`` is masked like the kernel), and the outputs at absent queries
+are zeros; the mask passes through unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import is_int, is_real
+from .._side import SideModule, mask_input
 from ..kernel import Kernel, position_diagonal
 from .base import BuildContext, Kernels, Layer, Shapes, single
 from .linear import _affine
@@ -125,6 +132,7 @@ class SelfAttention(Layer):
     """
 
     spec_names = ("selfattention", "attention")
+    honours_masks = True
 
     def __init__(
         self,
@@ -209,6 +217,9 @@ class SelfAttention(Layer):
     def needs_position_pairs(self) -> bool:
         return True
 
+    def side_inputs(self) -> frozenset[str]:
+        return frozenset({"mask"})
+
     # ---------------------------------------------------------------- the rule
     def propagate(self, k: Kernels) -> Kernel:
         k = single(k, self)
@@ -238,34 +249,45 @@ class SelfAttention(Layer):
         cov1 = nngp if k.diagonal else flat(k.cov1, 1)
         same2 = k.cov2 is k.cov1
         cov2 = cov1 if same2 else flat(k.cov2, 1)
-        emb = None
+        mask = k.side_pair("mask")
+        f1 = f2 = None  # present positions (N, P), flattened
+        if mask is not None:
+            f1 = mask[0].reshape(mask[0].shape[0], p)
+            f2 = f1 if mask[1] is mask[0] else mask[1].reshape(mask[1].shape[0], p)
+        emb = emb11 = emb22 = None
         if self.pos_emb == "sum":
             emb = self.pos_emb_std**2 * pos_emb_covariance(
                 spatial, self.pos_emb_decay, self.pos_emb_p_norm).to(nngp.dtype).to(nngp.device)
+            emb11 = emb22 = emb
+            if f1 is not None:  # embeddings are zero at absent positions
+                emb11 = emb * (f1[:, :, None] & f1[:, None, :])
+                emb22 = emb11 if f2 is f1 else emb * (f2[:, :, None] & f2[:, None, :])
+                emb = emb11 if k.diagonal else emb * (f1[:, None, :, None] & f2[None, :, None, :])
 
-        def keys(t: Tensor) -> Tensor:  # the kernel of the keys' and queries' inputs
-            return t if emb is None else t + emb
+        def keys(t: Tensor, e: Tensor | None = emb) -> Tensor:  # keys' and queries' inputs
+            return t if e is None else t + e
 
-        def values(t: Tensor) -> Tensor:  # the kernel of the values' inputs
-            return keys(t) if self.pos_emb_in_values else t
+        def values(t: Tensor, e: Tensor | None = emb) -> Tensor:  # the values' inputs
+            return keys(t, e) if self.pos_emb_in_values else t
 
         ov2 = (self.w_out_std * self.w_value_std) ** 2
         b2 = 0.0 if self.b_std is None else self.b_std**2
         if self.linear_scaling:
-            a1 = self._attention(keys(cov1))
-            a2 = a1 if same2 else self._attention(keys(cov2))
+            a1 = self._attention(keys(cov1, emb11), f1)
+            a2 = a1 if same2 and f2 is f1 else self._attention(keys(cov2, emb22), f2)
             if k.diagonal:
                 out_nngp = _mix(values(nngp), a1, a1, diagonal=True)
                 out_ntk = _mix(values(ntk) + 2 * values(nngp), a1, a1, diagonal=True)
             else:
                 out_nngp = _mix(values(nngp), a1, a2)
                 out_ntk = _mix(values(ntk) + 2 * values(nngp), a1, a2)
-                out_cov1 = _mix(values(cov1), a1, a1, diagonal=True)
-                out_cov2 = out_cov1 if same2 else _mix(values(cov2), a2, a2, diagonal=True)
+                out_cov1 = _mix(values(cov1, emb11), a1, a1, diagonal=True)
+                out_cov2 = out_cov1 if same2 else _mix(values(cov2, emb22), a2, a2,
+                                                       diagonal=True)
             scale = ov2
         else:
-            def product(t: Tensor) -> Tensor:  # K~ <K~, Kv> per pair of examples
-                return keys(t) * _inner(keys(t), values(t))
+            def product(t: Tensor, e: Tensor | None = emb) -> Tensor:  # K~ <K~, Kv> per pair
+                return keys(t, e) * _inner(keys(t, e), values(t, e))
 
             out_nngp = product(nngp)
             kk, kv = keys(nngp), values(nngp)
@@ -274,8 +296,8 @@ class SelfAttention(Layer):
             out_ntk = ((_inner(kk, tv) + _inner(kv, tk)) * kk
                        + _inner(kk, kv) * (tk + 4 * kk))
             if not k.diagonal:
-                out_cov1 = product(cov1)
-                out_cov2 = out_cov1 if same2 else product(cov2)
+                out_cov1 = product(cov1, emb11)
+                out_cov2 = out_cov1 if same2 else product(cov2, emb22)
             scale = (self.w_query_std * self.w_key_std) ** 2 * ov2
         out_nngp = _affine(out_nngp, scale, b2)
         out_ntk = _affine(out_ntk, scale, b2)
@@ -294,10 +316,11 @@ class SelfAttention(Layer):
             cov_pairs=cov_pairs,
         )
 
-    def _attention(self, cov: Tensor) -> Tensor:
-        """Each example's attention matrix from its position covariance ``(N, P, P)``."""
+    def _attention(self, cov: Tensor, present: Tensor | None = None) -> Tensor:
+        """Each example's attention matrix from its position covariance ``(N, P, P)``;
+        keys absent under ``present`` ``(N, P)`` get no weight."""
         logits = cov * (self.w_query_std * self.w_key_std)
-        return _MECHANISM_FNS[self.mechanism](logits)
+        return _attend(logits, present, self.mechanism)
 
     # ---------------------------------------------------------------- finite twin
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
@@ -372,6 +395,19 @@ _MECHANISM_FNS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
+def _attend(logits: Tensor, present: Tensor | None, mechanism: str) -> Tensor:
+    """``mechanism(logits)`` over the last axis (keys), with absent keys (``present``
+    ``(N, P)``, broadcast over the leading axes of each example) given no weight: a
+    logit of ``-inf`` before the softmax, 0 for the other mechanisms (neural-tangents'
+    ``GlobalSelfAttention``). Every example has a present key (masks are checked)."""
+    if present is not None:
+        absent = ~present.reshape(present.shape[0], *([1] * (logits.ndim - 2)),
+                                  present.shape[-1])
+        fill = -math.inf if mechanism == "softmax" else 0.0
+        logits = logits.masked_fill(absent, fill)
+    return _MECHANISM_FNS[mechanism](logits)
+
+
 def _mix(t: Tensor, a1: Tensor, a2: Tensor, *, diagonal: bool = False) -> Tensor:
     """``a1_i t_ij a2_j^T`` over positions: ``t`` is ``(N1, N2, P, P)`` (or ``(N, P, P)``
     with ``diagonal``), ``a1`` ``(N1, P, P)`` and ``a2`` ``(N2, P, P)``."""
@@ -431,7 +467,7 @@ def _pos_emb_factor(spatial: tuple[int, ...], decay, p_norm: float) -> Tensor:
     return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
 
 
-class NTKSelfAttention(nn.Module):
+class NTKSelfAttention(SideModule):
     """The finite twin of `SelfAttention`, in NTK parameterization.
 
     Parameters are standard normal and scaled in `forward`: ``key_weight``
@@ -439,6 +475,9 @@ class NTKSelfAttention(nn.Module):
     ``value_weight`` ``(n_heads, in_channels, value_channels)``, ``out_weight``
     ``(out_channels, n_heads * value_channels)``, ``bias`` ``(out_channels,)``,
     ``pos_emb`` ``(in_channels, positions)``. Inputs ``(N, C, *S)``.
+
+    With a mask (``model(x, mask=m)``): the embeddings are zero at absent
+    positions, absent keys get no weight and outputs at absent queries are zero.
     """
 
     def __init__(self, layer: SelfAttention, in_channels: int, positions: int,
@@ -469,13 +508,17 @@ class NTKSelfAttention(nn.Module):
         self.register_buffer("pos_emb_factor", None if pos_emb_factor is None else
                              pos_emb_factor.to(ctx.dtype).to(ctx.device))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_side(self, x: Tensor, side: dict) -> Tensor:
+        mask = side.get("mask")
         n, c, *spatial = x.shape
+        present = None if mask is None else mask.reshape(n, 1, -1)  # (N, 1, P)
         xv = x.reshape(n, c, -1)  # (N, C, P)
         xk = xv
         if self.pos_emb is not None:
             emb = self.pos_emb if self.pos_emb_factor is None else (
                 self.pos_emb @ self.pos_emb_factor.T)
+            if present is not None:
+                emb = emb * present.to(emb.dtype)
             xk = xv + self.pos_emb_std * emb
             if self.pos_emb_in_values:
                 xv = xk
@@ -488,14 +531,16 @@ class NTKSelfAttention(nn.Module):
                 "ncp,hck->nhpk", xk, self.query_weight) / math.sqrt(c)
         n_key = u.shape[-1]
         norm = n_key if self.linear_scaling else math.sqrt(n_key)
-        attn = _MECHANISM_FNS[self.mechanism](queries @ keys.transpose(-1, -2) / norm)
+        attn = _attend(queries @ keys.transpose(-1, -2) / norm,
+                       None if present is None else present[:, 0], self.mechanism)
         values = torch.einsum("ncp,hcv->nhpv", xv, self.value_weight) * (
             self.w_value_std / math.sqrt(c))
         heads = (attn @ values).permute(0, 2, 1, 3).flatten(2)  # (N, P, H * n_value)
         out = heads @ self.out_weight.T * (self.w_out_std / math.sqrt(heads.shape[-1]))
         if self.bias is not None:
             out = out + self.b_std * self.bias
-        return out.transpose(1, 2).reshape(n, self.out_channels, *spatial)
+        out = out.transpose(1, 2).reshape(n, self.out_channels, *spatial)
+        return out if mask is None else mask_input(out, mask)
 
     def extra_repr(self) -> str:
         h, _, nk = self.key_weight.shape

@@ -13,6 +13,7 @@ from .._checks import as_input_pair
 from .._side import check_side_inputs
 from ..kernel import Kernel, input_kernel  # input_kernel: re-exported from its home
 from ..tiling import tiled_kernel
+from ._masks import has_mask, refuse_mask, zero_absent
 from .registry import TorchContext, register
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "affine_variances",
     "input_kernel",
     "number",
+    "propagate_layer",
     "scalar",
 ]
 
@@ -70,6 +72,9 @@ class Layer:
     torch_modules: ClassVar[tuple[type[nn.Module], ...]] = ()
     #: Whether subclasses of ``torch_modules`` convert too (False: exactly those classes).
     torch_subclasses: ClassVar[bool] = True
+    #: Whether the kernel rule is right for masked inputs (``kernel(..., mask=)``; the
+    #: contract is in `ntkit.layers._masks`): False refuses a masked kernel by name.
+    honours_masks: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -124,7 +129,7 @@ class Layer:
     def _forward(self, k: Kernels) -> Kernels:
         """`propagate` as the whole network, returning matching positions only
         (`Sequential` drops the position pairs as soon as no later layer needs them)."""
-        return drop_position_pairs(self.propagate(k))
+        return drop_position_pairs(propagate_layer(self, k))
 
     # --------------------------------------------------------- public surface
     def kernel(
@@ -250,6 +255,24 @@ class Layer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def propagate_layer(layer: Layer, k: Kernels) -> Kernels:
+    """``layer.propagate(k)`` under the mask contract (`ntkit.layers._masks`): after a
+    layer that honours masks (``honours_masks``) covariances at absent positions are
+    zeroed; a layer that reads the mask itself (``"mask"`` in `Layer.side_inputs`)
+    without declaring it is left to handle it; any other layer refuses a masked
+    kernel by name. Containers call their layers through this."""
+    if not has_mask(k):
+        return layer.propagate(k)
+    if not layer.honours_masks:
+        if "mask" in layer.side_inputs():
+            return layer.propagate(k)
+        raise refuse_mask(layer)
+    out = layer.propagate(k)
+    if isinstance(out, tuple):
+        return tuple(zero_absent(b) for b in out)
+    return zero_absent(out)
 
 
 def scalar(value: float | Tensor, like: Tensor) -> Tensor:

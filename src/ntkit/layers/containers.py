@@ -13,9 +13,17 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import is_int
-from .._side import SideModule, call_with_side
+from .._side import SideModule, call_with_side, mask_input
 from ..kernel import Kernel
-from .base import BuildContext, Kernels, Layer, Shapes, drop_position_pairs, single
+from .base import (
+    BuildContext,
+    Kernels,
+    Layer,
+    Shapes,
+    drop_position_pairs,
+    propagate_layer,
+    single,
+)
 
 __all__ = ["Sequential", "Parallel", "FanOut", "FanInSum", "FanInConcat", "FanInProd",
            "Repeat", "Identity"]
@@ -35,12 +43,14 @@ def _check_layers(layers: tuple, owner: str) -> tuple[Layer, ...]:
 class Sequential(Layer):
     """Layers applied one after another, like `torch.nn.Sequential`."""
 
+    honours_masks = True  # each layer is checked (`propagate_layer`)
+
     def __init__(self, *layers: Layer) -> None:
         self.layers = _check_layers(layers, "Sequential")
 
     def propagate(self, k: Kernels) -> Kernels:
         for layer in self.layers:
-            k = layer.propagate(k)
+            k = propagate_layer(layer, k)
         return k
 
     def needs_position_pairs(self) -> bool:
@@ -53,7 +63,7 @@ class Sequential(Layer):
         last = max((i for i, layer in enumerate(self.layers) if layer.needs_position_pairs()),
                    default=-1)
         for i, layer in enumerate(self.layers):
-            k = layer.propagate(k)
+            k = propagate_layer(layer, k)
             if i == last:  # no later layer mixes positions: keep matching positions only
                 k = drop_position_pairs(k)
         return drop_position_pairs(k)
@@ -99,6 +109,7 @@ class Identity(Layer):
 
     spec_names = ("identity",)
     torch_modules = (nn.Identity,)
+    honours_masks = True
 
     @classmethod
     def from_torch_module(cls, module, ctx):
@@ -113,6 +124,8 @@ class Identity(Layer):
 
 class FanOut(Layer):
     """Copies its input into ``n`` branches."""
+
+    honours_masks = True
 
     def __init__(self, n: int) -> None:
         if not is_int(n) or n < 1:
@@ -132,6 +145,8 @@ class FanOut(Layer):
 class Parallel(Layer):
     """Applies the i-th layer to the i-th branch."""
 
+    honours_masks = True  # each layer is checked (`propagate_layer`)
+
     def __init__(self, *layers: Layer) -> None:
         self.layers = _check_layers(layers, "Parallel")
 
@@ -145,7 +160,8 @@ class Parallel(Layer):
         return k
 
     def propagate(self, k: Kernels) -> tuple[Kernel, ...]:
-        return tuple(layer.propagate(b) for layer, b in zip(self.layers, self._branches(k)))
+        return tuple(propagate_layer(layer, b)
+                     for layer, b in zip(self.layers, self._branches(k)))
 
     def needs_position_pairs(self) -> bool:
         return any(layer.needs_position_pairs() for layer in self.layers)
@@ -177,6 +193,8 @@ class FanInSum(Layer):
     """Sums its branches. Branches are independent given the input, so the
     kernels add: ``nngp = sum_i nngp_i``, ``ntk = sum_i ntk_i``."""
 
+    honours_masks = True
+
     def propagate(self, k: Kernels) -> Kernel:
         ks = _branches_of(k)
         _same_shapes([b.shape for b in ks], self)
@@ -196,6 +214,8 @@ class FanInProd(Layer):
     """Multiplies its branches elementwise. For independent branches
     ``nngp = prod_i nngp_i`` and, by the product rule,
     ``ntk = sum_i ntk_i prod_(j != i) nngp_j``."""
+
+    honours_masks = True
 
     def propagate(self, k: Kernels) -> Kernel:
         ks = _branches_of(k)
@@ -222,6 +242,8 @@ class FanInConcat(Layer):
     A later layer sees each branch in proportion to its width, so the kernel is
     the width-weighted mean ``sum_i n_i k_i / sum_i n_i``.
     """
+
+    honours_masks = True
 
     def propagate(self, k: Kernels) -> Kernel:
         ks = _branches_of(k)
@@ -307,7 +329,19 @@ class SideSequential(nn.Sequential, SideModule):
     def forward_side(self, x, side: dict):
         for module in self:
             x = call_with_side(module, x, side)
+            if "mask" in side:  # absent positions are zeros after every layer, as in the kernel
+                x = _zero_absent_outputs(x, side["mask"])
         return x
+
+
+def _zero_absent_outputs(x, mask: Tensor):
+    """``x`` (or each branch of it) with the positions absent under ``mask`` zeroed, when its
+    spatial shape is the mask's (dense features and other shapes pass unchanged)."""
+    if isinstance(x, tuple):
+        return tuple(_zero_absent_outputs(b, mask) for b in x)
+    if isinstance(x, Tensor) and x.ndim > 2 and x.shape[2:] == mask.shape[1:]:
+        return mask_input(x, mask)
+    return x
 
 
 class _FanInModule(nn.Module):

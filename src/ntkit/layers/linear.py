@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import as_std, is_int
+from .._side import SideModule
 from ..kernel import Kernel
 from ._affine import ScaledAffine, check_b_init, split_bias_variance
 from .base import (
@@ -214,10 +215,18 @@ class Flatten(Layer):
 
     Kernel rule: the average of the per-position kernel over positions (for
     inputs with spatial axes, whose kernel keeps the spatial diagonal).
+
+    Masks (``kernel(..., mask=)``): absent positions are zeros, so they add
+    zeros to that average, which still divides by all positions (neural-tangents'
+    ``Flatten``); the mask ends here (the output is dense).
     """
 
     spec_names = ("flatten",)
     torch_modules = (nn.Flatten,)
+    honours_masks = True
+
+    def side_inputs(self) -> frozenset[str]:
+        return frozenset({"mask"})
 
     @classmethod
     def from_torch_module(cls, module, ctx):
@@ -230,7 +239,7 @@ class Flatten(Layer):
         k = single(k, self)
         if len(k.shape) == 1:
             return k
-        k = k.to_position_diagonal()
+        k = k.to_position_diagonal().with_side("mask", None)
         axes_n = tuple(range(1 if k.diagonal else 2, k.nngp.ndim))
         axes_c = tuple(range(1, k.cov1.ndim))
         return k.replace(
@@ -242,4 +251,13 @@ class Flatten(Layer):
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
         if shape and isinstance(shape[0], tuple):
             raise ValueError(f"Flatten takes one input but receives branches {shape}.")
-        return nn.Flatten(), (math.prod(shape),)
+        return FlattenModule(), (math.prod(shape),)
+
+
+class FlattenModule(SideModule, nn.Flatten):
+    """`torch.nn.Flatten` that takes masks: ``model(x, mask=m)`` zeroes the absent
+    positions of ``x`` first (see `ntkit._side.SideModule`); the mask ends here."""
+
+    def forward_side(self, x: Tensor, side: dict) -> Tensor:
+        side.pop("mask", None)
+        return nn.Flatten.forward(self, x)

@@ -8,10 +8,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .._side import SideModule
 from ..kernel import Kernel
+from ._masks import present_counts
 from .base import BuildContext, Kernels, Layer, Shapes, single
 
-__all__ = ["LayerNorm", "Dropout", "DropoutModule", "ChannelLayerNorm"]
+__all__ = ["LayerNorm", "Dropout", "DropoutModule", "ChannelLayerNorm", "MaskedGroupNorm"]
 
 
 class LayerNorm(Layer):
@@ -35,6 +37,10 @@ class LayerNorm(Layer):
     itself, so its NTK contribution through a following nonlinearity ``f`` is
     ``E[X Y f'(X) f'(Y)]``, which the layer-by-layer recursion cannot express.
 
+    Masks (``kernel(..., mask=)``, neural-tangents' ``LayerNorm``): over channels it
+    acts at each position and keeps the mask; with ``axis="all"`` ``v`` is the mean
+    over present positions only, and the finite twin's statistics are over them.
+
     Args:
         axis: ``"channels"`` (default) or ``"all"``.
         eps: added to the variance, as in `torch.nn.LayerNorm` (default 1e-5;
@@ -43,6 +49,7 @@ class LayerNorm(Layer):
 
     spec_names = ("layernorm",)
     torch_modules = (nn.LayerNorm,)
+    honours_masks = True
 
     def __init__(self, axis: Literal["channels", "all"] = "channels", eps: float = 1e-5) -> None:
         if axis not in ("channels", "all"):
@@ -77,8 +84,15 @@ class LayerNorm(Layer):
         u1, u2 = k.position_variances()
         if self.axis == "all" and u1.ndim > 1:
             keep = (u1.shape[0],) + (1,) * (u1.ndim - 1)
-            u1 = u1.reshape(u1.shape[0], -1).mean(1).reshape(keep)
-            u2 = u2.reshape(u2.shape[0], -1).mean(1).reshape((u2.shape[0],) + keep[1:])
+            mask = k.side_pair("mask")
+            if mask is None:
+                u1 = u1.reshape(u1.shape[0], -1).mean(1)
+                u2 = u2.reshape(u2.shape[0], -1).mean(1)
+            else:  # the mean over present positions (absent ones hold zeros)
+                u1 = u1.reshape(u1.shape[0], -1).sum(1) / present_counts(mask[0]).to(u1.dtype)
+                u2 = u2.reshape(u2.shape[0], -1).sum(1) / present_counts(mask[1]).to(u2.dtype)
+            u1 = u1.reshape(keep)
+            u2 = u2.reshape((u2.shape[0],) + keep[1:])
         r1 = torch.rsqrt(u1 + self.eps)
         r2 = r1 if k.cov2 is k.cov1 else torch.rsqrt(u2 + self.eps)
         s1, s2 = k.broadcast_pair(r1, r2)
@@ -100,7 +114,7 @@ class LayerNorm(Layer):
         if len(shape) == 1:
             return nn.LayerNorm(shape[0], eps=self.eps, elementwise_affine=False), shape
         if self.axis == "all":
-            return nn.GroupNorm(1, shape[0], eps=self.eps, affine=False), shape
+            return MaskedGroupNorm(shape[0], eps=self.eps), shape
         return ChannelLayerNorm(shape[0], eps=self.eps), shape
 
     def __repr__(self) -> str:
@@ -123,6 +137,26 @@ class ChannelLayerNorm(nn.Module):
         return f"{self.channels}, eps={self.eps}"
 
 
+class MaskedGroupNorm(SideModule, nn.GroupNorm):
+    """`torch.nn.GroupNorm` with one group and no affine (LayerNorm over ``(C, *S)``),
+    whose mean and variance are over the present positions under a mask
+    (``model(x, mask=m)``)."""
+
+    def __init__(self, channels: int, eps: float) -> None:
+        super().__init__(1, channels, eps=eps, affine=False)
+
+    def forward_side(self, x: Tensor, side: dict) -> Tensor:
+        mask = side.get("mask")
+        if mask is None:
+            return nn.GroupNorm.forward(self, x)
+        m = mask.unsqueeze(1).to(x.dtype)
+        dims = tuple(range(1, x.ndim))
+        count = m.sum(dims, keepdim=True) * x.shape[1]
+        mean = (x * m).sum(dims, keepdim=True) / count
+        var = (((x - mean) * m) ** 2).sum(dims, keepdim=True) / count
+        return (x - mean) / torch.sqrt(var + self.eps) * m
+
+
 class Dropout(Layer):
     """Zeroes each feature with probability ``p`` and scales the rest by ``1/(1-p)``.
 
@@ -140,6 +174,7 @@ class Dropout(Layer):
 
     spec_names = ("dropout",)
     torch_modules = (nn.Dropout,)
+    honours_masks = True  # position-wise: keeps the mask
 
     def __init__(self, p: float = 0.5, mode: Literal["train", "eval"] = "train") -> None:
         if not 0 <= p < 1:

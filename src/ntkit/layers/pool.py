@@ -4,6 +4,13 @@ over windows, and global pooling over all positions.
 Pooling's kernel at output positions ``(o, o')`` is the mean (or sum) of the
 incoming kernel over all pairs of positions of the two windows, so it needs
 the kernel between every pair of positions (`Kernel.position_pairs`).
+
+Masks (``kernel(..., mask=)``, neural-tangents' semantics; see `_masks`): window
+pooling treats absent positions as zeros and divides by the window as without
+masks (neural-tangents' ``AvgPool``); an output position is present where its
+window's centre is. Global pooling averages over present positions only (the
+mean over present pairs of positions, neural-tangents' ``GlobalAvgPool``), or
+sums (absent positions are zeros).
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .._side import SideModule
 from ..kernel import Kernel, position_diagonal
+from ._masks import present_counts, window_mask
 from ._spatial import (
     Axis,
     Spatial,
@@ -38,6 +47,7 @@ class _Pool(Spatial):
     """Average or sum pooling over ``ndim`` spatial axes (see `AvgPool2d`)."""
 
     normalize = True
+    honours_masks = True
 
     def __init__(
         self,
@@ -94,6 +104,9 @@ class _Pool(Spatial):
     def needs_position_pairs(self) -> bool:
         return True
 
+    def side_inputs(self) -> frozenset[str]:
+        return frozenset({"mask"})
+
     def propagate(self, k: Kernels) -> Kernel:
         k = single(k, self)
         spatial = self._spatial(k.shape)
@@ -114,8 +127,14 @@ class _Pool(Spatial):
                                         diagonal_result=nngp)
         ntk = (torch.zeros((), dtype=nngp.dtype, device=nngp.device).expand(nngp.shape)
                if k.is_input else pool(k.ntk, b))
-        return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2,
-                         shape=(k.shape[0],) + tuple(ax.m for ax in axes))
+        out = k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2,
+                        shape=(k.shape[0],) + tuple(ax.m for ax in axes))
+        pair = k.side_pair("mask")
+        if pair is not None:  # present where the window's centre is
+            m1 = window_mask(pair[0], axes)
+            m2 = m1 if pair[1] is pair[0] else window_mask(pair[1], axes)
+            out = out.with_side("mask", (m1, m2))
+        return out
 
     def _norm(self, ax: Axis, t: Tensor, dim: int):
         if self.count_include_pad:
@@ -128,6 +147,7 @@ class _Pool(Spatial):
         axes = self._axes(self._spatial(shape))
         module = PoolModule(self.kernel_size, self.stride, [(ax.before, ax.after) for ax in axes],
                             self.normalize, self.count_include_pad)
+        module.axes = axes
         return module, (shape[0],) + tuple(ax.m for ax in axes)
 
     def __repr__(self) -> str:
@@ -197,8 +217,12 @@ class SumPool3d(_Pool):
     spec_names = ("sumpool3d",)
 
 
-class PoolModule(nn.Module):
-    """The finite twin of average and sum pooling (explicit, possibly uneven, padding)."""
+class PoolModule(SideModule):
+    """The finite twin of average and sum pooling (explicit, possibly uneven, padding).
+
+    With a mask (``model(x, mask=m)``, or the network's side dict) it writes the
+    mask of its output, present where a window's centre is (see `_masks`).
+    """
 
     def __init__(self, kernel_size, stride, pads, normalize: bool,
                  count_include_pad: bool) -> None:
@@ -207,13 +231,20 @@ class PoolModule(nn.Module):
         self.pads = tuple(p for pair in reversed(pads) for p in pair)
         self.normalize, self.count_include_pad = normalize, count_include_pad
         self._pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(kernel_size) - 1]
+        self.axes = None  # the `Axis` of each spatial axis, for the output mask
+
+    def forward_side(self, x: Tensor, side: dict) -> Tensor:
+        out = self._forward(x)
+        if "mask" in side:
+            side["mask"] = window_mask(side["mask"], self.axes)
+        return out
 
     def _sum(self, x: Tensor) -> Tensor:
         if any(self.pads):
             x = F.pad(x, self.pads)
         return self._pool(x, self.kernel_size, self.stride) * math.prod(self.kernel_size)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor) -> Tensor:
         total = self._sum(x)
         if not self.normalize:
             return total
@@ -230,9 +261,15 @@ class GlobalAvgPool(Layer):
     """The mean over all spatial positions: ``(N, C, *S)`` to ``(N, C)``.
 
     Its kernel is the mean of the incoming kernel over all pairs of positions.
+
+    Masks (``kernel(..., mask=)``): the mean over present positions only, so the
+    kernel is the sum over present pairs divided by ``n1 n2``, the numbers of
+    present positions of the two inputs (neural-tangents' ``GlobalAvgPool``,
+    ``mean_and_var`` with the mask). The mask ends here (the output is dense).
     """
 
     normalize = True
+    honours_masks = True
     spec_names = ("globalavgpool",)
     torch_modules = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 
@@ -244,6 +281,9 @@ class GlobalAvgPool(Layer):
     def needs_position_pairs(self) -> bool:
         return True
 
+    def side_inputs(self) -> frozenset[str]:
+        return frozenset({"mask"})
+
     def propagate(self, k: Kernels) -> Kernel:
         k = single(k, self)
         ns = len(k.spatial_shape)
@@ -251,7 +291,9 @@ class GlobalAvgPool(Layer):
             raise ValueError(f"{self!r} pools over spatial axes but receives dense features "
                              f"{k.shape}; inputs are (N, C, *spatial).")
         require_pairs(k, self)
-        reduce = torch.mean if self.normalize else torch.sum
+        pair = k.side_pair("mask")
+        # With a mask: sums over present pairs, divided by the pairs' counts below.
+        reduce = torch.mean if self.normalize and pair is None else torch.sum
 
         def pool(t: Tensor, batch: int) -> Tensor:
             return reduce(t, dim=tuple(range(batch, t.ndim)))
@@ -261,8 +303,16 @@ class GlobalAvgPool(Layer):
         cov1, cov2 = k.self_covariances(lambda c: pool(c, 1), diagonal_result=nngp)
         ntk = (torch.zeros((), dtype=nngp.dtype, device=nngp.device).expand(nngp.shape)
                if k.is_input else pool(k.ntk, b))
+        if pair is not None and self.normalize:
+            n1 = present_counts(pair[0]).to(nngp.dtype)
+            n2 = n1 if pair[1] is pair[0] else present_counts(pair[1]).to(nngp.dtype)
+            same = cov2 is cov1
+            cov1 = cov1 / (n1 * n1)
+            cov2 = cov1 if same else cov2 / (n2 * n2)
+            pairs = n1 * n1 if k.diagonal else n1[:, None] * n2[None, :]
+            nngp, ntk = (cov1, ntk / pairs) if k.diagonal else (nngp / pairs, ntk / pairs)
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, shape=(k.shape[0],),
-                         position_pairs=False)
+                         position_pairs=False).with_side("mask", None)
 
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
         if not shape or isinstance(shape[0], tuple) or len(shape) < 2:
@@ -278,14 +328,22 @@ class GlobalSumPool(GlobalAvgPool):
     spec_names = ("globalsumpool",)
 
 
-class _GlobalPoolModule(nn.Module):
+class _GlobalPoolModule(SideModule):
+    """Global average (over present positions, with a mask) or sum pooling."""
+
     def __init__(self, normalize: bool) -> None:
         super().__init__()
         self.normalize = normalize
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_side(self, x: Tensor, side: dict) -> Tensor:
         dims = tuple(range(2, x.ndim))
-        return x.mean(dims) if self.normalize else x.sum(dims)
+        mask = side.pop("mask", None)
+        if mask is None:
+            return x.mean(dims) if self.normalize else x.sum(dims)
+        total = (x * mask.unsqueeze(1).to(x.dtype)).sum(dims)
+        if not self.normalize:
+            return total
+        return total / present_counts(mask).to(x.dtype).unsqueeze(1)
 
     def extra_repr(self) -> str:
         return "mean" if self.normalize else "sum"
