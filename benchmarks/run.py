@@ -13,6 +13,7 @@ own ``nt_bench.py``. Prints a Markdown table; ``--json PATH`` also saves it.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -80,6 +81,10 @@ CASES = {
                 "NTKIT_LARGE_M, default 1500, K_nm kept in memory); time = fit + "
                 "predict on 10,000 test points; "
                 "target: 30 min, 8 GB"), []),
+    "sk_ntk": (("scikit-ntk's kernel: ntkit.sklearn.NeuralTangentKernel(depth=3, bias=0.5) "
+               "with eval_gradient=True (what GaussianProcessRegressor.fit calls), x: 300 x 20 "
+               "float64; best of 30 calls; target: no slower than scikit-ntk"),
+               [("scikit-ntk", "skntk", "--skntk-peer", "sk_ntk_N300_d20_L3_grad")]),
 }
 
 
@@ -112,6 +117,41 @@ def myrtle5() -> object:
     return nk.Sequential(*block(), *block(), nk.AvgPool2d(2), *block(), nk.AvgPool2d(2),
                          *block(), nk.AvgPool2d(2), nk.AvgPool2d(2), nk.AvgPool2d(2),
                          nk.Flatten(), nk.Linear(1, w_std=1.0))
+
+
+def _best_of(fn, calls: int = 30) -> float:
+    """The fastest of ``calls`` timed calls of ``fn`` after one warm-up, in seconds."""
+    fn()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _sk_ntk_inputs():
+    import numpy as np
+
+    return np.random.default_rng(0).standard_normal((300, 20))
+
+
+def sk_ntk_case(baseline: float) -> dict:
+    """The ``sk_ntk`` workload on ntkit's side."""
+    from ntkit.sklearn import NeuralTangentKernel
+
+    x, kern = _sk_ntk_inputs(), NeuralTangentKernel(depth=3, bias=0.5)
+    return {"seconds": _best_of(lambda: kern(x, eval_gradient=True)), "baseline_mb": baseline,
+            "entries": x.shape[0] ** 2}
+
+
+def _sk_ntk_peer() -> None:
+    """The ``sk_ntk`` workload on scikit-ntk (``run.py --skntk-peer``, run as a peer)."""
+    from skntk import NeuralTangentKernel
+
+    x, kern = _sk_ntk_inputs(), NeuralTangentKernel(depth=3, bias=0.5)
+    print(json.dumps({"case": "sk_ntk_N300_d20_L3_grad",
+                      "seconds": _best_of(lambda: kern(x, eval_gradient=True))}))
 
 
 def cnn_dask_case(baseline: float, reps: int) -> dict:
@@ -303,6 +343,8 @@ def _ntkit_case(case: str, reps: int) -> dict:
         entries = 50 * 20000 * 10
     elif case == "large_n":
         return large_n_case(baseline)
+    elif case == "sk_ntk":
+        return sk_ntk_case(baseline)
     elif case.startswith("entk"):
         model, x, output = entk_models(case)
         run = lambda: nk.empirical_ntk(model, x, output=output)
@@ -382,9 +424,13 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--skntk-peer", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args.child, args.reps)
+        return
+    if args.skntk_peer:
+        _sk_ntk_peer()
         return
 
     runners = {}
@@ -395,6 +441,8 @@ def main() -> None:
         tf_script = _peer_script("torchfunc_bench.py")
         if tf_script:
             runners["torchfunc"] = (Path(sys.executable), tf_script)
+        if importlib.util.find_spec("skntk") is not None:    # scikit-ntk: this script
+            runners["skntk"] = (Path(sys.executable), Path(__file__))
     rows = []
     for case in args.cases:
         desc, peers = CASES[case]
