@@ -60,8 +60,12 @@ def tiled_kernel(
     the backward pass (`torch.utils.checkpoint`), so that the graph holds the
     tiles' outputs rather than every tile's intermediates (a 2000-point,
     9-layer MLP kernel in float64: 0.2 GB at peak, forward and backward,
-    instead of 0.9 GB). The kernel is not differentiable in the inputs (they
-    are detached).
+    instead of 0.9 GB). Inputs ``x1``/``x2`` that require grad make the result
+    differentiable in them the same way (the input kernel, the first
+    convolution's patches and the self trace keep their graph); ``x2`` then
+    merges with ``x1`` only when it is the same tensor, so that the gradient
+    flows through both slots of ``k(x, x)`` and never into a detached copy.
+    Otherwise the inputs are detached.
 
     Args:
         rule: the network's kernel rule, input `Kernel` to output `Kernel`.
@@ -95,14 +99,20 @@ def tiled_kernel(
             f"Convert with x1.float() or x1.double()."
         )
     budget = parse_memory(memory_budget)
-    differentiable = torch.is_grad_enabled() and network is not None and any(
-        t.requires_grad for t in network.hyperparameters())
-    x1 = x1.detach()
+    grad_inputs = torch.is_grad_enabled() and (
+        x1.requires_grad or (x2 is not None and x2.requires_grad))
+    differentiable = grad_inputs or (torch.is_grad_enabled() and network is not None and any(
+        t.requires_grad for t in network.hyperparameters()))
+    if not grad_inputs:
+        x1 = x1.detach()
+        x2 = None if x2 is None else x2.detach()
     side = dict(side or {})
-    if x2 is not None and same_inputs(x1, x2) and all(
+    # Inputs that require grad merge only when they are one tensor: a detached view
+    # of x1 as x2 is a constant, whose slot must not pass gradients to x1.
+    same = x2 is x1 if grad_inputs else same_inputs(x1, x2)
+    if x2 is not None and same and all(
             b is None or b is a or same_inputs(a, b) for a, b in side.values()):
         x2 = None
-    x2 = None if x2 is None else x2.detach()
     side = {name: (a, a if x2 is None else b) for name, (a, b) in side.items()}
     positions = peak_positions(network, tuple(x1.shape[1:]), x1.dtype)
     if position_pairs:

@@ -30,10 +30,15 @@ _PI = math.pi
 
 
 class Activation(Layer):
-    """An elementwise nonlinearity: subclasses give ``fn`` and the two expectations."""
+    """An elementwise nonlinearity: subclasses give ``fn`` and the two expectations.
+
+    Masks (``kernel(..., mask=)``): applied at each position, it keeps the mask, and
+    covariances at absent positions are zero after it (see `ntkit.layers._masks`).
+    """
 
     #: A subclass of a torch activation may change ``forward``: only the class itself converts.
     torch_subclasses = False
+    honours_masks = True
 
     def fn(self, x: Tensor) -> Tensor:
         """The nonlinearity itself, applied elementwise (used by `build`)."""
@@ -144,15 +149,32 @@ def _cos_and_scale(k: Tensor, v1: Tensor, v2: Tensor, sign: float = 1.0
 
     Zero variances give correlation 0 instead of NaN. ``sign=-1`` gives the
     negated correlation without an extra pass over the tile.
+
+    With gradients, a zero variance (an all-zero input, or a convolution
+    window over zeros, without bias) has zero gradient through its square root
+    and correlation, as neural-tangents' safe ``_sqrt`` and ``_arctan2``
+    (``stax/elementwise.py``) give, instead of ``0 * inf = NaN``: the kernel
+    is a cone ``|x|`` there, and 0 is its symmetric subgradient.
     """
-    r1, r2 = torch.sqrt(v1), torch.sqrt(v2)
+    r1, r2 = _safe_sqrt(v1), _safe_sqrt(v2)
     if sign != 1.0:
         r1 = r1 * sign
     scale = r1 * r2
-    cos = torch.div(k, scale)
     if bool((v1 == 0).any()) or bool((v2 == 0).any()):  # checks vectors, not the tile
-        cos = torch.where(scale != 0, cos, 0.0)
+        nonzero = scale != 0
+        cos = torch.where(nonzero, k / torch.where(nonzero, scale, 1.0), 0.0)
+    else:
+        cos = torch.div(k, scale)
     return cos.clamp_(-1.0, 1.0), scale
+
+
+def _safe_sqrt(t: Tensor) -> Tensor:
+    """``sqrt(t)`` for ``t >= 0`` whose gradient is 0 at 0 instead of infinite (see
+    `_cos_and_scale`); the same values as `torch.sqrt`."""
+    if not t.requires_grad:
+        return torch.sqrt(t)
+    positive = t > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, t, 1.0)), 0.0)
 
 
 def _arccos(c: Tensor) -> Tensor:
@@ -162,6 +184,15 @@ def _arccos(c: Tensor) -> Tensor:
     entries the rules then overwrite) or with a duplicate; they stay 1 for any
     hyperparameter, so 0 is the right derivative there, and it keeps
     ``0 * inf = NaN`` out of the gradients of everything else.
+
+    In the inputs, the angle ``theta = arccos(c)`` between an input and itself
+    is a kink (a cone ``|x2 - x1|`` across ``x1``); neural-tangents' custom
+    derivatives of ``sqrt(v1 v2 - k^2)`` and ``arctan2`` (``stax/elementwise.py``)
+    give it derivative 0 there, and so does this. The flat band is
+    ``|c| >= 1 - EDGE_ULPS * eps`` of the dtype: a duplicate in another tensor
+    (``k(x, x.clone())``) reaches correlation 1 only up to rounding, where the
+    slope ``1 / sqrt(1 - c^2)`` would amplify the rounding of ``dc`` (itself 0
+    in exact arithmetic) to errors of ``sqrt(eps)``. Values are unchanged.
     """
     return _flat_at_edges(torch.arccos, c)
 
@@ -171,10 +202,16 @@ def _arcsin(c: Tensor) -> Tensor:
     return _flat_at_edges(torch.arcsin, c)
 
 
+#: Correlations within this many machine epsilons of +-1 have a flat arccos / arcsin
+#: in the backward pass (see `_arccos`): the rounding of a correlation computed for an
+#: input and a copy of it is a few eps.
+EDGE_ULPS = 32
+
+
 def _flat_at_edges(fn, c: Tensor) -> Tensor:
     if not c.requires_grad:
         return fn(c)
-    edge = c.abs() >= 1
+    edge = c.abs() >= 1 - EDGE_ULPS * torch.finfo(c.dtype).eps
     return torch.where(edge, fn(c.detach()), fn(torch.where(edge, 0.0, c)))
 
 

@@ -175,9 +175,13 @@ class Layer:
         ``b_std`` of `Linear` and the convolutions) make the kernel
         differentiable in them: the result keeps the autograd graph, under any
         ``memory_budget`` (tiles are then recomputed in the backward pass, see
-        `ntkit.tiling.tiled_kernel`). It is never differentiable in ``x1``
-        and ``x2``. ``x2`` equal to ``x1`` (the same tensor, a view of it, or
-        equal values) is computed as ``x2=None``.
+        `ntkit.tiling.tiled_kernel`). Inputs ``x1``/``x2`` that require grad
+        make it differentiable in them the same way (for kernel inducing
+        points, adversarial examples, attributions), with neural-tangents'
+        gradients at self-pairs and kinks (finite at ``x1 == x2``). ``x2``
+        that is ``x1`` (the same tensor, or without gradients a view of its
+        memory) is computed as ``x2=None``, the gradient flowing through both
+        slots.
         """
         x1, x2 = as_input_pair(x1, x2)
         side = check_side_inputs(x1, x2, {"mask": mask, "pattern": pattern},
