@@ -351,7 +351,7 @@ def test_b_init_spec_and_repr_round_trip():
         assert "b_init=zero" in spec, spec
         again = parse_architecture(spec)
         assert again.b_init == "zero" and to_spec(again) == spec
-        assert eval(repr(layer), vars(nk)).b_init == "zero"  # noqa: S307 - our own repr
+        assert eval(repr(layer), vars(nk)).b_init == "zero"
     assert "b_init" not in to_spec(nk.Linear(3, b_std=0.5))
 
 
