@@ -85,7 +85,7 @@ __version__ = "0.1.0"
 #: ``__getattr__``, PEP 562). ``nk.kernel_matrix`` is the function of that name;
 #: its module is ``importlib.import_module("ntkit.kernel_matrix")``.
 _LAZY_SUBMODULES = ("cli", "datasets", "demo", "errors", "plot", "predict", "solvers",
-                    "sklearn", "spec")
+                    "sklearn", "spec", "theory")
 
 __all__ = [
     "ExpNormalized", "Gabor", "Hermite", "Polynomial", "SigmoidLike",
