@@ -2,6 +2,12 @@
 
 A convolution's kernel at output positions ``(p, p')`` averages the incoming
 kernel over the pairs of input positions that share a tap (see `_spatial`).
+
+Masks (``kernel(..., mask=)``, neural-tangents' semantics, see `_masks`): absent
+positions are zeros; an output position is present where the centre of its
+window is (neural-tangents' ``Conv`` ``mask_fn``), and covariances at absent
+output positions are zero. Zero padding only: a padding mode that copies input
+values (circular, reflect, replicate) would bring absent positions back.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .._side import SideModule, mask_input
 from ..kernel import Kernel
 from ._affine import ScaledAffine, check_b_init, split_bias_variance
+from ._masks import window_mask
 from ._spatial import Axis, Spatial, int_tuple, padding_spec, same_ints, shifted_sum
 from .base import BuildContext, Kernels, Shapes, affine_variances, number, single
 from .linear import BInit, Parameterization, affine_spec, uninitialised
@@ -135,6 +143,23 @@ class _Conv(Spatial):
                 f"in_channels."
             )
 
+    def side_inputs(self) -> frozenset[str]:
+        return frozenset({"mask"}) if self.honours_masks else frozenset()
+
+    def _mask_after(self, k: Kernel, out: Kernel, axes: list[Axis]) -> Kernel:
+        """``out`` carrying the mask of the output positions (window centres present)."""
+        pair = k.side_pair("mask")
+        if pair is None:
+            return out
+        if self.mode != "zeros" and any(ax.before or ax.after for ax in axes):
+            raise ValueError(
+                f"{self!r} pads with {self.mode!r} copies of the input, which would bring "
+                f"absent positions of masked inputs back; use padding_mode='zeros' (and "
+                f"padding 'same' rather than 'circular') with mask=.")
+        m1 = window_mask(pair[0], axes)
+        m2 = m1 if pair[1] is pair[0] else window_mask(pair[1], axes)
+        return out.with_side("mask", (m1, m2))
+
     def propagate(self, k: Kernels) -> Kernel:
         k = single(k, self)
         spatial = self._spatial(k.shape)
@@ -185,11 +210,11 @@ class _Conv(Spatial):
                 ntk = ntk + trained_b2
         if k.diagonal:
             cov1 = cov2 = nngp
-        return k.replace(
+        return self._mask_after(k, k.replace(
             nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2,
             shape=(self.out_channels,) + tuple(ax.m for ax in axes),
             is_gaussian=True, is_input=False, inputs=None,
-        )
+        ), axes)
 
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
         spatial = self._spatial(shape)
@@ -199,6 +224,7 @@ class _Conv(Spatial):
                          self.dilation, [(ax.before, ax.after) for ax in axes], self.mode,
                          number(self.w_std), number(self.b_std), self.parameterization, ctx,
                          b_init=self.b_init)
+        module.axes = axes
         return module, (self.out_channels,) + tuple(ax.m for ax in axes)
 
     def __repr__(self) -> str:
@@ -226,6 +252,7 @@ class Conv1d(_Conv):
     ndim = 1
     spec_names = ("conv1d",)
     torch_modules = (nn.Conv1d,)
+    honours_masks = True
 
 
 class Conv2d(_Conv):
@@ -261,6 +288,7 @@ class Conv2d(_Conv):
     ndim = 2
     spec_names = ("conv2d",)
     torch_modules = (nn.Conv2d,)
+    honours_masks = True
 
 
 class Conv3d(_Conv):
@@ -269,10 +297,15 @@ class Conv3d(_Conv):
     ndim = 3
     spec_names = ("conv3d",)
     torch_modules = (nn.Conv3d,)
+    honours_masks = True
 
 
-class NTKConv(ScaledAffine):
-    """The finite twin of a convolution: pads explicitly, then ``F.conv{1,2,3}d``."""
+class NTKConv(SideModule, ScaledAffine):
+    """The finite twin of a convolution: pads explicitly, then ``F.conv{1,2,3}d``.
+
+    With a mask (``model(x, mask=m)``, or the network's side dict) it writes the
+    mask of its output (window centres present) and zeroes the absent outputs.
+    """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, dilation, pads, mode,
                  w_std, b_std, parameterization, ctx: BuildContext,
@@ -285,8 +318,19 @@ class NTKConv(ScaledAffine):
                          in_channels * math.prod(kernel_size), w_std, b_std,
                          parameterization, ctx, b_init)
         self._conv = (F.conv1d, F.conv2d, F.conv3d)[len(kernel_size) - 1]
+        self.axes = None  # the `Axis` of each spatial axis, for the output mask
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_side(self, x: Tensor, side: dict) -> Tensor:
+        out = self._convolve(x)
+        if "mask" not in side:
+            return out
+        if (self.mode != "zeros" and any(self.pads)) or self.axes is None:
+            raise ValueError(f"{type(self).__name__} with padding mode {self.mode!r} (or made "
+                             f"outside Conv.build) takes no mask; use padding_mode='zeros'.")
+        side["mask"] = window_mask(side["mask"], self.axes)
+        return mask_input(out, side["mask"])
+
+    def _convolve(self, x: Tensor) -> Tensor:
         if any(self.pads):
             x = F.pad(x, self.pads, mode="constant" if self.mode == "zeros" else self.mode)
         return self._conv(x, self.scaled_weight(), self.scaled_bias(), self.stride, 0,
