@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import is_int
-from .activations import Activation
+from .activations import EDGE_ULPS, Activation
 
 __all__ = [
     "AUTO_DEGREES", "MAX_DEGREE", "QUADRATURE_TARGET", "Elementwise", "QuadratureWarning",
@@ -34,14 +34,28 @@ NUMERICAL_MODULES = (
 _POINTS_PER_CHUNK = 1 << 22
 
 
-def _sqrt(t: Tensor) -> Tensor:
+def _sqrt(t: Tensor, floor: Tensor | None = None) -> Tensor:
     """``sqrt(t)`` for ``t >= 0`` whose gradient is 0 at 0 instead of infinite: the
     residual variance is 0 exactly for an input paired with itself or a duplicate,
-    for any hyperparameter, and ``0 * inf`` would put NaN into the gradients."""
+    for any hyperparameter, and ``0 * inf`` would put NaN into the gradients.
+
+    In the inputs, the residual's square root is a kink (a cone across a
+    self-pair), given derivative 0 as neural-tangents' ``_sqrt`` does
+    (``stax/elementwise.py``); with ``floor`` (a tensor broadcasting against
+    ``t``) the gradient is also 0 where ``t <= floor``, the rounding band of a
+    duplicate in another tensor (see `ntkit.layers.activations._arccos`).
+    Values are those of `torch.sqrt`."""
     if not t.requires_grad:
         return torch.sqrt(t)
-    positive = t > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, t, 1.0)), 0.0)
+    flat = t <= 0 if floor is None else t <= floor.detach()
+    return torch.where(flat, torch.sqrt(t.detach()), torch.sqrt(torch.where(flat, 1.0, t)))
+
+
+def _safe_div(a: Tensor, b: Tensor) -> Tensor:
+    """``a / b`` where ``b > 0``, else 0, with finite gradients (``b`` is a clamped
+    square root of a variance that may be 0: an all-zero input without bias)."""
+    positive = b > 0
+    return torch.where(positive, a / torch.where(positive, b, 1.0), 0.0)
 
 
 class QuadratureWarning(RuntimeWarning):
@@ -83,17 +97,27 @@ def _points(k: Tensor, v1: Tensor, v2: Tensor, u: Tensor, rule: str):
     tiny = torch.finfo(k.dtype).tiny
     ui, uj = u[None, :, None], u[None, None, :]
     col = lambda t: t[:, None, None]
+    tracked = k.requires_grad or v1.requires_grad or v2.requires_grad
+    div = _safe_div if tracked else torch.div
+    # With gradients: zero variances (zero inputs without bias) give S = 0 with finite
+    # gradients (clamped to `tiny` only without), and the square roots of the
+    # residual variances are flat in the rounding band of a self-pair (see `_sqrt`).
+    band = EDGE_ULPS * torch.finfo(k.dtype).eps
     if rule == "symmetric":
         # S = (Sigma + s I) / t: swapping v1, v2 swaps X with Y and i with j.
-        s = _sqrt((v1 * v2 - k * k).clamp_min(0))
-        t = torch.sqrt(v1 + v2 + 2 * s).clamp_min(tiny)
-        s11, s12, s22 = col((v1 + s) / t), col(k / t), col((v2 + s) / t)
+        s = _sqrt((v1 * v2 - k * k).clamp_min(0), band * v1 * v2)
+        t = _sqrt(v1 + v2 + 2 * s)
+        if not tracked:
+            t = t.clamp_min(tiny)
+        s11, s12, s22 = col(div(v1 + s, t)), col(div(k, t)), col(div(v2 + s, t))
         return s11 * ui + s12 * uj, s12 * ui + s22 * uj, lambda p: p + p.transpose(1, 2)
 
     def cholesky(a, b):  # X = sqrt(a) U, Y = k / sqrt(a) U + sqrt(b - k^2 / a) V
-        sa = torch.sqrt(a).clamp_min(tiny)
-        slope = k / sa
-        resid = _sqrt((b - slope * slope).clamp_min(0))
+        sa = _sqrt(a)
+        if not tracked:
+            sa = sa.clamp_min(tiny)
+        slope = div(k, sa)
+        resid = _sqrt((b - slope * slope).clamp_min(0), band * b)
         return (col(sa) * ui).expand(-1, -1, u.numel()), col(slope) * ui + col(resid) * uj
 
     x1, y1 = cholesky(v1, v2)  # both orders: swapping v1, v2 swaps the two halves
