@@ -1,6 +1,8 @@
 """The per-example-Jacobian engine of the empirical NTK ("jacobian" and "structured").
 
-Every parameter's per-example Jacobian is taken with ``vmap(jacrev)``, except those
+Every parameter's per-example Jacobian is taken with ``vmap(jacrev)`` (a loop of
+``jacrev`` over the examples for models with torch's recurrent modules, which vmap
+cannot batch: `Problem.over_examples`), except those
 of the structured sites (Linear and Conv layers, `_structured`), whose parts come
 from the layers' inputs ``u`` and output cotangents ``g``: per layer, whichever of
 two contractions costs fewer operations,
@@ -18,7 +20,7 @@ import math
 
 import torch
 from torch import Tensor
-from torch.func import jacrev, vmap
+from torch.func import jacrev
 
 from ._problem import Problem
 from ._structured import CallsChanged, Hooks, Site, zero_probes
@@ -104,7 +106,7 @@ class Jacobians:
         def f(rest, probes, xi):
             return hooks.run(lambda: problem.f({**self.fixed, **rest}, xi, a0, a1), probes)
 
-        jac = vmap(jacrev(f, argnums=(0, 1), has_aux=True), in_dims=(None, None, 0))
+        jac = problem.over_examples(jacrev(f, argnums=(0, 1), has_aux=True), (None, None, 0))
         with hooks:
             try:
                 (j_rest, j_probes), inputs = jac(self.rest, self.probes, x)

@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
+from torch.utils._pytree import tree_map
 
 from .._budget import parse_memory
 from ..kernel import same_inputs
 
 OUTPUTS = ("trace", "full", "diagonal")
+
+# modules whose fused kernels (torch._VF.rnn_tanh/gru/lstm and the cells) torch.func.vmap
+# cannot batch: it fails inside them with a broadcast error ("output with shape [1, H]
+# doesn't match the broadcast shape [N, 1, H]") when only the input carries the batch
+UNBATCHABLE = (nn.RNNBase, nn.RNNCellBase)
+_FLAT_WEIGHTS = "RNN module weights are not part of single contiguous chunk"
+
+
+def unbatchable_modules(model: nn.Module) -> list[str]:
+    """The names of ``model``'s submodules that `torch.func.vmap` cannot batch over
+    examples (torch's recurrent modules and cells), ``""`` for the model itself."""
+    return [name for name, m in model.named_modules() if isinstance(m, UNBATCHABLE)]
 
 
 def stochastic_modules(model: nn.Module) -> list[nn.Module]:
@@ -38,6 +52,7 @@ class Problem:
     out_shape: tuple[int, ...]
     output: str
     budget: int
+    unbatchable: list[str] = field(default_factory=list)
 
     @classmethod
     def make(cls, model, x1, x2, params, output, memory_budget) -> Problem:
@@ -64,7 +79,7 @@ class Problem:
                              f"{tuple(x1.shape[1:])} and {tuple(x2.shape[1:])}.")
         _check_independent(model, x1)
         return cls(model, params, buffers, x1, x2, out_shape, output,
-                   parse_memory(memory_budget))
+                   parse_memory(memory_budget), unbatchable_modules(model))
 
     @property
     def n_out(self) -> int:
@@ -95,9 +110,33 @@ class Problem:
                 f"'diagonal', or fewer inputs at a time."
             )
 
+    @property
+    def loop(self) -> bool:
+        """Whether examples go one at a time (the model holds modules vmap cannot batch)."""
+        return bool(self.unbatchable)
+
+    def over_examples(self, fn, in_dims: tuple):
+        """``vmap(fn, in_dims)``, or for a model with modules vmap cannot batch (torch's
+        RNN, GRU, LSTM and their cells) the same map as a loop over the examples (the
+        arguments with ``in_dims`` 0), its results stacked: the same values, one example
+        at a time, with torch's own kernels and autograd inside."""
+        if not self.loop:
+            return vmap(fn, in_dims=in_dims)
+
+        def looped(*args):
+            n = next(a.shape[0] for a, d in zip(args, in_dims) if d == 0)
+            outs = [fn(*(a[i] if d == 0 else a for a, d in zip(args, in_dims)))
+                    for i in range(n)]
+            return tree_map(lambda *t: torch.stack(t), outs[0], *outs[1:])
+        return looped
+
     def f(self, p: dict[str, Tensor], x: Tensor, a0: int = 0, a1: int | None = None) -> Tensor:
         """The flattened outputs ``a0:a1`` of one example (no batch axis)."""
-        out = functional_call(self.model, (p, self.buffers), (x.unsqueeze(0),)).reshape(-1)
+        with warnings.catch_warnings():
+            # functional_call swaps an RNN's weights for tensors outside its flat buffer
+            warnings.filterwarnings("ignore", message=_FLAT_WEIGHTS)
+            out = functional_call(self.model, (p, self.buffers), (x.unsqueeze(0),))
+        out = out.reshape(-1)
         return out if a0 == 0 and a1 in (None, out.shape[0]) else out[a0:a1]
 
 
@@ -222,7 +261,8 @@ def _check_independent(model: nn.Module, x: Tensor) -> None:
 
 def _output_shape(model, params, buffers, x: Tensor) -> tuple[int, ...]:
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_FLAT_WEIGHTS)
             out = functional_call(model, (params, buffers), (x[:1],))
     except Exception as e:
         raise ValueError(_misfit(model, x, e)) from e

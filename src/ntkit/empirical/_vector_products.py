@@ -13,7 +13,13 @@ class VectorProducts:
     """``J(x1) (J(x2)^T e)`` for every output basis vector ``e``: no Jacobian held.
 
     One forward-mode pass carries every parameter's tangent at once; with
-    ``split`` (contributions per parameter) there is one pass per parameter."""
+    ``split`` (contributions per parameter) there is one pass per parameter.
+
+    For a model with torch's recurrent modules (`Problem.loop`: vmap cannot batch
+    them over examples, and the float32 LSTM kernel has no forward-mode derivative)
+    both sides are pulled back instead, one example at a time: ``J(x1)^T e`` and
+    ``J(x2)^T e`` for every output ``e``, contracted over the parameters. Reverse mode
+    only, the same values."""
 
     def __init__(self, problem: Problem, split: bool):
         self.problem = problem
@@ -36,8 +42,12 @@ class VectorProducts:
 
         basis = torch.eye(problem.n_out, dtype=p0.dtype, device=p0.device)
         # (N2, O, *param): J2^T e for every example of b and output e
-        cot = vmap(vmap(pullback, in_dims=(None, 0)), in_dims=(0, None))(b, basis)
+        pullbacks = problem.over_examples(vmap(pullback, in_dims=(None, 0)), (0, None))
+        cot = pullbacks(b, basis)
         groups = [[name] for name in params] if self.split else [list(params)]
+        if problem.loop:
+            yield from self._pulled_both(pullbacks(a, basis), cot, groups)
+            return
         try:
             for names in groups:
                 def push(x: Tensor, t: dict[str, Tensor], names=names) -> Tensor:
@@ -62,3 +72,18 @@ class VectorProducts:
                 f"derivative)."
             ) from e
 
+
+    def _pulled_both(self, rows: dict[str, Tensor], cot: dict[str, Tensor], groups):
+        """``sum_k rows[i, a, k] cot[j, b, k]`` over each group's parameters, in the
+        output layout: the kernel from pullbacks of both sides."""
+        output = self.problem.output
+        for names in groups:
+            part = None
+            for k in names:
+                u = rows[k].reshape(rows[k].shape[0], rows[k].shape[1], -1)
+                v = cot[k].reshape(cot[k].shape[0], cot[k].shape[1], -1)
+                eq = {"full": "iak,jbk->ijab", "diagonal": "iak,jak->ija",
+                      "trace": "iak,jak->ij"}[output]
+                term = torch.einsum(eq, u, v)
+                part = term if part is None else part + term
+            yield names[0], part
