@@ -218,19 +218,21 @@ def _truncated_state(state: dict, length: int) -> dict:
 # ------------------------------------------------------------------------- formulas
 def test_window_mask_is_the_centre_of_each_window():
     """Output position o of a window (size s, stride t, padding before b) is present where
-    input position o t - b + (s - 1) // 2 is (neural-tangents' _pool_mask)."""
+    input position o t - b + (s - 1) // 2 is (neural-tangents' _pool_mask); a centre in
+    padding takes the nearest input position's mask."""
     from ntkit.layers._masks import window_mask
     from ntkit.layers._spatial import Axis
 
     m = torch.tensor([[True, True, True, True, True, False, False, False, False]])
     for size, stride, before, after in [(3, 2, 1, 1), (2, 1, 0, 0), (3, 1, 0, 0),
-                                        (4, 3, 1, 2), (3, 2, 0, 0)]:
+                                        (4, 3, 1, 2), (3, 2, 0, 0), (2, 1, 1, 1),
+                                        (2, 1, 3, 3)]:
         ax = Axis(9, before, after, size, stride, 1, "zeros")
         got = window_mask(m, [ax])[0].tolist()
         want = []
         for o in range(ax.m):
             p = o * stride - before + (size - 1) // 2
-            want.append(0 <= p < 9 and bool(m[0, p]))
+            want.append(bool(m[0, min(max(p, 0), 8)]))
         assert got == want, (size, stride, before, after)
 
 
@@ -360,3 +362,63 @@ def test_monte_carlo_of_masked_twins(name):
     assert excess <= 1, f"{name}: |mean - kernel| / bound = {excess:.2f}"
     unmasked = net.kernel(x1, x2).nngp
     assert float(((samples.mean(0) - unmasked).abs() / bound).max()) > 1.5
+
+
+# ------------------------------------------------------------ the contract, per layer
+def _battery():
+    """The spatial examples of the contract battery (tests/layers/test_contract.py)."""
+    from layers.test_contract import EXAMPLES, _x
+
+    return {cls: (case, _x) for cls, case in EXAMPLES.items() if case.kind != "dense"}
+
+
+BATTERY = _battery()
+#: Examples that honour masks in general but whose settings refuse them (padding that
+#: copies values), with the message.
+REFUSED_BY_SETTINGS = {nk.Conv2d: "padding_mode='zeros'"}
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("cls", [pytest.param(c, id=c.__name__) for c in BATTERY])
+def test_contract_every_spatial_layer_honours_or_refuses_masks(cls):
+    """Every spatial example of the battery, in its network (``before + [layer] +
+    [Flatten(), Linear]``): a layer with ``honours_masks`` gives, with a mask that marks
+    every position present, exactly the kernel without one, and its twin the same
+    outputs; with masks of different lengths its kernel is finite, its diagonal the
+    full kernel's, ``k(x, x)`` symmetric, and tiles agree. Any other layer refuses a
+    masked kernel with an error naming it."""
+    case, make_x = BATTERY[cls]
+    net = case.network()
+    x1, x2 = make_x(case, 0), make_x(case, 1, n=5)
+    full1 = torch.ones((x1.shape[0], *x1.shape[2:]), dtype=torch.bool)
+    full2 = torch.ones((x2.shape[0], *x2.shape[2:]), dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    part1, part2 = (full1.clone(), full2.clone())
+    for m in (part1, part2):  # drop a trailing block of positions from some examples
+        for i in range(0, m.shape[0], 2):
+            cut = int(torch.randint(1, m.shape[-1], (1,), generator=g))
+            m[i, ..., cut:] = False
+    if not case.make().honours_masks:
+        with pytest.raises(ValueError, match=rf"{cls.__name__}.*does not honour masks"):
+            net.kernel(x1, x2, mask=(part1, part2))
+        return
+    if cls in REFUSED_BY_SETTINGS:
+        with pytest.raises(ValueError, match=REFUSED_BY_SETTINGS[cls]):
+            net.kernel(x1, x2, mask=(part1, part2))
+        return
+    for args, mask in (((x1, x2), (full1, full2)), ((x1,), full1)):
+        got, want = net.kernel(*args, mask=mask), net.kernel(*args)
+        assert rel_err(got.nngp, want.nngp) < 1e-12 and rel_err(got.ntk, want.ntk) < 1e-12
+    model = net.build(tuple(x1.shape[1:]), generator=torch.Generator().manual_seed(1),
+                      dtype=x1.dtype)
+    model.train(False)
+    torch.testing.assert_close(model(x1, mask=full1), model(x1), rtol=1e-12, atol=1e-12)
+    k = net.kernel(x1, x2, mask=(part1, part2))
+    ks = net.kernel(x1, mask=part1)
+    kd = net.kernel(x1, mask=part1, diagonal=True)
+    tiled = net.kernel(x1, x2, mask=(part1, part2), memory_budget=3000)
+    assert bool(torch.isfinite(k.ntk).all())
+    assert torch.equal(ks.nngp, ks.nngp.T)
+    torch.testing.assert_close(kd.ntk, torch.diagonal(ks.ntk), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(tiled.ntk, k.ntk, rtol=1e-10, atol=1e-12)
+    assert rel_err(k.nngp, net.kernel(x1, x2).nngp) > 1e-6  # the masks matter

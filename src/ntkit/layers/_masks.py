@@ -26,6 +26,7 @@ The semantics are neural-tangents 0.6.5's (``mask_constant``, each layer's
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..kernel import Kernel
@@ -93,9 +94,11 @@ def window_mask(mask: Tensor, axes) -> Tensor:
     """The mask of a convolution's or pooling's output: ``(N, *S_out)`` from ``(N, *S)``.
 
     An output position is present where the centre of its window is (the tap
-    ``(size - 1) // 2``, at ``dilation`` spacing), padding being absent:
-    neural-tangents' ``_pool_mask``, which strides through the input mask from
-    ``(window - 1) // 2 - pad_before``.
+    ``(size - 1) // 2``, at ``dilation`` spacing): neural-tangents' ``_pool_mask``,
+    which strides through the input mask from ``(window - 1) // 2 - pad_before``.
+    With 'valid' or 'same' padding every centre is an input position; a centre in
+    wider (int) padding takes the mask of the nearest input position, so that a
+    mask with every position present stays so.
 
     Args:
         mask: booleans ``(N, *S)``, True where present.
@@ -105,12 +108,9 @@ def window_mask(mask: Tensor, axes) -> Tensor:
     out = mask
     for i, ax in enumerate(axes):
         dim = 1 + i
-        if ax.before or ax.after:
-            shape = list(out.shape)
-            shape[dim] = ax.n + ax.before + ax.after
-            padded = out.new_zeros(shape)
-            padded.narrow(dim, ax.before, ax.n).copy_(out)
-            out = padded
+        if ax.before or ax.after:  # padding repeats the edge positions' mask
+            edge = torch.arange(-ax.before, ax.n + ax.after, device=out.device)
+            out = out.index_select(dim, edge.clamp(0, ax.n - 1))
         index = [slice(None)] * out.ndim
         index[dim] = ax.taps((ax.size - 1) // 2)
         out = out[tuple(index)]
