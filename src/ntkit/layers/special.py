@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,7 @@ def _poly(coef: Sequence[float], x: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------ Hermite
-@lru_cache(maxsize=None)
+@cache
 def _hermite_terms(n: int) -> tuple[tuple[float, int, int], ...]:
     """``E[He_n(X) He_n(Y)] / n! = sum_j c_j q^j k^(n - 2j)``, ``q = (v1 - 1)(v2 - 1) / 4``,
     as terms ``(c_j, j, n - 2j)`` with ``c_j = n! / (j!^2 (n - 2j)!)``.
@@ -126,7 +126,7 @@ class Polynomial(Activation):
 
     def __init__(self, coef: Sequence[float]) -> None:
         if isinstance(coef, torch.Tensor):
-            coef = coef.detach().reshape(-1).tolist() if coef.ndim <= 1 else coef
+            coef = coef.detach().double().reshape(-1).tolist() if coef.ndim <= 1 else coef
         if isinstance(coef, (str, bytes)) or not hasattr(coef, "__len__") or (
                 hasattr(coef, "ndim") and coef.ndim != 1):
             raise TypeError(f"Polynomial: coef must be a 1-D sequence of numbers (lowest "
@@ -324,7 +324,7 @@ class ExpNormalizedFeatures(nn.Module):
         channels = x.shape[1]
         norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
         unit = x / norm.clamp_min(torch.finfo(x.dtype).tiny)
-        proj = torch.einsum("oc,nc...->no...", self.weight.to(x.dtype), unit)
+        proj = (unit.movedim(1, -1) @ self.weight.to(x.dtype).T).movedim(-1, 1)
         scale = norm / math.sqrt(channels)
         return scale * torch.exp(proj * math.sqrt(self.gamma)
                                  + self.gamma * (self.shift - 1) / 2)
