@@ -422,3 +422,13 @@ def test_contract_every_spatial_layer_honours_or_refuses_masks(cls):
     torch.testing.assert_close(kd.ntk, torch.diagonal(ks.ntk), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(tiled.ntk, k.ntk, rtol=1e-10, atol=1e-12)
     assert rel_err(k.nngp, net.kernel(x1, x2).nngp) > 1e-6  # the masks matter
+
+
+def test_twins_of_layers_without_a_masked_rule_refuse_masks():
+    x, m = _sequences(2, 2, 6, [6, 3], seed=17)
+    net = nk.Sequential(nk.Conv1d(4, 3, padding="same"), nk.LocallyConnected1d(4, 3),
+                        nk.GlobalAvgPool(), nk.Linear(1))
+    model = net.build((2, 6), dtype=x.dtype)
+    with pytest.raises(ValueError, match="LocallyConnected1d.*does not honour masks"):
+        model(x, mask=m)
+    assert model(x).shape == (2, 1)  # without a mask the twin runs as before

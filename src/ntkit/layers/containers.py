@@ -72,6 +72,8 @@ class Sequential(Layer):
         modules = []
         for layer in self.layers:
             module, shape = layer._build(shape, ctx)
+            if not layer.honours_masks and "mask" not in layer.side_inputs():
+                module.refuses_masks = repr(layer)  # SideSequential refuses a mask here
             modules.append(module)
         if any(getattr(m, "takes_side", False) for m in modules):
             return SideSequential(*modules), shape
@@ -328,6 +330,11 @@ class SideSequential(nn.Sequential, SideModule):
 
     def forward_side(self, x, side: dict):
         for module in self:
+            if "mask" in side and getattr(module, "refuses_masks", None):
+                raise ValueError(
+                    f"{module.refuses_masks} does not honour masks (model(x, mask=m) marks the "
+                    f"present positions of variable-length inputs); drop mask= or replace "
+                    f"that layer (see ntkit.layers._masks).")
             x = call_with_side(module, x, side)
             if "mask" in side:  # absent positions are zeros after every layer, as in the kernel
                 x = _zero_absent_outputs(x, side["mask"])

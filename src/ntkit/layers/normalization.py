@@ -68,6 +68,9 @@ class LayerNorm(Layer):
                 "elementwise_affine=False), whose twin is nk.LayerNorm", supported=False)
         return TorchLayerNorm(tuple(module.normalized_shape), module.eps, ctx.where)
 
+    def side_inputs(self) -> frozenset[str]:
+        return frozenset({"mask"}) if self.axis == "all" else frozenset()
+
     def spec_call(self):
         kw = {k: v for k, v, d in (("axis", self.axis, "channels"), ("eps", self.eps, 1e-5))
               if v != d}
