@@ -125,8 +125,17 @@ def test_from_torch():
 def test_validation():
     with pytest.raises(ValueError, match="output_padding"):
         ConvTranspose1d(2, 3, stride=2, output_padding=2)
-    with pytest.raises(ValueError, match="needs the kernel between every pair"):
-        ConvTranspose1d(2, 3).propagate(input_kernel(_x(2, 2, 4), None))
+    # matching positions need only matching positions (the same tap on both sides):
+    # without position pairs the rule gives the position diagonal of the pair rule
+    x = _x(3, 2, 4)
+    for layer in (ConvTranspose1d(2, 3, stride=2, padding=1, b_std=0.3), ConvTranspose1d(
+            2, 2, stride=3, padding="same", parameterization="standard")):
+        plain = layer.propagate(input_kernel(x, None))
+        pairs = layer.propagate(input_kernel(x, None, position_pairs=True))
+        for name in ("nngp", "ntk", "cov1"):
+            want = pairs.to_position_diagonal()
+            torch.testing.assert_close(getattr(plain, name), getattr(want, name),
+                                       rtol=1e-12, atol=1e-12)
 
 
 _NT = json.loads((pathlib.Path(__file__).parent / "data" / "conv_transpose_nt.json").read_text())

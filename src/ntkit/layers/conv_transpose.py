@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..kernel import Kernel, position_diagonal
+from ..kernel import Kernel
 from ._affine import ScaledAffine, check_b_init, split_bias_variance
-from ._spatial import Spatial, int_tuple, require_pairs, same_ints
+from ._spatial import Spatial, int_tuple, same_ints
 from .base import BuildContext, Kernels, Shapes, affine_variances, number, single
 from .linear import BInit, Parameterization, affine_spec, uninitialised
 
@@ -57,6 +57,18 @@ def _map_pairs(t: Tensor, maps: list[Tensor], batch: int) -> Tensor:
         t = torch.einsum("dpi,...ij,dqj->...pq", a, t, a)
         t = t.movedim((-2, -1), (dp, dq))
     return t.contiguous()  # later layers take views of the position diagonal
+
+
+def _map_positions(t: Tensor, maps: list[Tensor], batch: int) -> Tensor:
+    """The same map at matching positions: ``t`` laid out ``(*batch, *S)``.
+
+    Both sides of ``K(i_d(o), i_d(o'))`` use the same tap ``d``, so at ``o = o'`` only
+    the input's matching positions enter: ``K'(o, o) = sum_d K(i_d(o), i_d(o))``, on
+    each axis ``(sum_d A_d) diag(K)``."""
+    for ax, a in enumerate(maps):
+        dim = batch + ax
+        t = torch.matmul(a.sum(0), t.movedim(dim, -2)).movedim(-2, dim)
+    return t.contiguous()
 
 
 class _ConvTranspose(Spatial):
@@ -147,7 +159,7 @@ class _ConvTranspose(Spatial):
         return type(self).spec_names[0], [self.out_channels, same_ints(self.kernel_size)], kw
 
     def needs_position_pairs(self) -> bool:
-        return True
+        return False  # matching positions map from matching positions (`_map_positions`)
 
     def _geometry(self, spatial: tuple[int, ...]) -> list[tuple[int, int]]:
         """Per axis ``(m, lo)``: output size and the crop before (output ``o`` is
@@ -190,7 +202,6 @@ class _ConvTranspose(Spatial):
         k = single(k, self)
         spatial = self._spatial(k.shape)
         self._check_channels(k.shape[0])
-        require_pairs(k, self)
         geometry = self._geometry(spatial)
         out = tuple(m for m, _ in geometry)
         maps = [_tap_maps(n, m, self.kernel_size[i], self.stride[i], lo, self.dilation[i],
@@ -207,23 +218,28 @@ class _ConvTranspose(Spatial):
             t = t * scale
             return t + b2 if b2 is not None else t
 
-        nngp_sum = _map_pairs(k.nngp, maps, b)
+        pairs = k.position_pairs
+        spread = _map_pairs if pairs else _map_positions
+        nngp_sum = spread(k.nngp, maps, b)
         nngp = affine(nngp_sum)
         if self.parameterization == "standard":  # fan_in mean(K) + w^2 mean(Theta) + 1
             ntk = nngp_sum * (fan_in / taps)
             if not k.is_input:
-                ntk = ntk + _map_pairs(k.ntk, maps, b) * scale
+                ntk = ntk + spread(k.ntk, maps, b) * scale
             if self.b_std is not None:
                 ntk = ntk + 1.0
         elif k.is_input:
             ntk = nngp.clone()
         else:
-            ntk = nngp + _map_pairs(k.ntk, maps, b) * scale
+            ntk = nngp + spread(k.ntk, maps, b) * scale
         if trained_b2 is not None and self.parameterization == "ntk":
             ntk = ntk + trained_b2  # the gradient of a bias that starts at zero
-        cov1, cov2 = k.self_covariances(lambda c: affine(_map_pairs(c, maps, 1)),
-                                        lambda c: position_diagonal(c, 1),
-                                        diagonal_result=nngp)
+        if k.diagonal:
+            cov1 = cov2 = nngp
+        else:  # per-example covariances (N, *S, *S), or per-position variances (N, *S)
+            own = _map_pairs if pairs and k.cov_pairs else _map_positions
+            cov1 = affine(own(k.cov1, maps, 1))
+            cov2 = cov1 if k.cov2 is k.cov1 else affine(own(k.cov2, maps, 1))
         return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2,
                          shape=(self.out_channels,) + out,
                          is_gaussian=True, is_input=False, inputs=None)
@@ -283,8 +299,9 @@ class ConvTranspose2d(_ConvTranspose):
     parameterization the weight is ``w_std / sqrt(fan_in)`` times a standard
     normal. Kernel: ``w_std^2 / prod(kernel_size)`` times the sum over taps of
     the input kernel at the input positions that feed ``(o, o')`` through that
-    tap, plus ``b_std^2`` (module docstring). Mixes positions, so it takes the
-    kernel between every pair of positions (as pooling); `kernel` arranges that.
+    tap, plus ``b_std^2`` (module docstring). Both sides use the same tap, so
+    matching output positions need only matching input positions: the layer
+    works on either form, and needs pairs only when a later layer does (pooling).
 
     Args:
         out_channels: the width.
