@@ -29,10 +29,24 @@ from ._eigenlearning import (
     measure_learning_curve,
 )
 from ._plots import convergence_figure, learning_curve_figure, sphere_spectrum_figure
-from ._sphere import SphereSpectrum, harmonic_multiplicity, sphere_spectrum
 from ._spectrum import Spectrum, nystrom_spectrum, pool_spectrum
+from ._sphere import SphereSpectrum, harmonic_multiplicity, sphere_spectrum
 
-__all__ = ["Convergence", "LearningCurve", "MeasuredCurve", "SphereSpectrum", "Spectrum",
-           "convergence", "convergence_figure", "eigenlearning", "harmonic_multiplicity",
-           "learning_curve", "learning_curve_figure", "measure_learning_curve",
-           "nystrom_spectrum", "pool_spectrum", "sphere_spectrum", "sphere_spectrum_figure"]
+__all__ = [
+    "Convergence",
+    "LearningCurve",
+    "MeasuredCurve",
+    "Spectrum",
+    "SphereSpectrum",
+    "convergence",
+    "convergence_figure",
+    "eigenlearning",
+    "harmonic_multiplicity",
+    "learning_curve",
+    "learning_curve_figure",
+    "measure_learning_curve",
+    "nystrom_spectrum",
+    "pool_spectrum",
+    "sphere_spectrum",
+    "sphere_spectrum_figure",
+]

@@ -36,8 +36,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._spectrum import Spectrum, _square_kernel, _targets, check_nonnegative, check_sizes, \
-    pool_spectrum
+from ._spectrum import (
+    Spectrum,
+    _square_kernel,
+    _targets,
+    check_nonnegative,
+    check_sizes,
+    pool_spectrum,
+)
 
 __all__ = ["LearningCurve", "MeasuredCurve", "eigenlearning", "learning_curve",
            "measure_learning_curve"]
@@ -148,7 +154,7 @@ def eigenlearning(spectrum: Spectrum, n, *, ridge: float = 0.0,
     bias = ((1 - learn) ** 2 * power).sum(1) + float(spectrum.residual_power)
     test = e0 * (bias + noise * spectrum.outputs)
     train = (ridge / (nn * kappa)) ** 2 * test
-    as_t = lambda a: torch.as_tensor(a, dtype=torch.float64)      # noqa: E731
+    as_t = lambda a: torch.as_tensor(a, dtype=torch.float64)
     return LearningCurve(n=sizes, test_mse=as_t(test), train_mse=as_t(train),
                          kappa=as_t(kappa), e0=as_t(e0), learnability=as_t(learn),
                          spectrum=spectrum, ridge=ridge, noise=noise)
@@ -244,18 +250,23 @@ def measure_learning_curve(k_pool: Tensor, y_pool: Tensor, n, *, ridge: float = 
     for s, size in enumerate(sizes.tolist()):
         size = int(size)
         eye = torch.eye(size, dtype=torch.float64)
-        for t in range(trials):
-            idx = torch.randperm(p, generator=generator)[:size]
-            yn = y[idx]
+        batch = max(1, min(trials, int(2e7 // (size * max(size, p)))))   # ~160 MB a batch
+        for start in range(0, trials, batch):
+            count = min(batch, trials - start)
+            idx = torch.stack([torch.randperm(p, generator=generator)[:size]
+                               for _ in range(count)])                     # (B, n)
+            yn = y[idx]                                                     # (B, n, O)
             if noise > 0:
                 yn = yn + noise ** 0.5 * torch.randn(yn.shape, generator=generator,
                                                      dtype=torch.float64)
-            kn = k[idx][:, idx]
-            a, info = torch.linalg.solve_ex(kn + ridge * eye, yn)
-            if int(info) != 0 or not bool(torch.isfinite(a).all()):   # singular: min norm
-                a = torch.linalg.lstsq(kn + ridge * eye, yn, driver="gelsd").solution
-            test[s, t] = ((k[:, idx] @ a - y) ** 2).sum(1).mean() + noise * y.shape[1]
-            train[s, t] = ((kn @ a - yn) ** 2).sum(1).mean()
+            kn = k[idx[:, :, None], idx[:, None, :]] + ridge * eye          # (B, n, n)
+            a, info = torch.linalg.solve_ex(kn, yn)
+            for b in torch.nonzero(info).reshape(-1).tolist():              # singular: min norm
+                a[b] = torch.linalg.lstsq(kn[b], yn[b], driver="gelsd").solution
+            pred = torch.einsum("bpn,bno->bpo", k[idx].transpose(1, 2), a)  # (B, P, O)
+            test[s, start:start + count] = ((pred - y) ** 2).sum(2).mean(1) + noise * y.shape[1]
+            fit = kn @ a - ridge * a
+            train[s, start:start + count] = ((fit - yn) ** 2).sum(2).mean(1)
     sem = test.std(1) / trials ** 0.5 if trials > 1 else torch.full((len(sizes),), float("nan"))
     return MeasuredCurve(n=sizes, test_mse=test.mean(1), train_mse=train.mean(1),
                          test_mse_sem=sem, trials=trials)
