@@ -85,7 +85,55 @@ CASES = {
                "with eval_gradient=True (what GaussianProcessRegressor.fit calls), x: 300 x 20 "
                "float64; best of 30 calls; target: no slower than scikit-ntk"),
                [("scikit-ntk", "skntk", "--skntk-peer", "sk_ntk_N300_d20_L3_grad")]),
+    # "ntx": neural-tangents on benchmarks/nt_extra_bench.py (the same workloads, NT layout)
+    "graph": (("graph NTK (Du et al. 2019): 200 graphs of 30 nodes, 8 features, per-example "
+               "dense random patterns (p = 0.2, self loops), 2 x [Conv1d(64, 1, w_std=1.4, "
+               "b_std=0.1) over channels, ReLU, Aggregate()] + GlobalSumPool + Linear(1), "
+               "float32, NNGP and NTK k(x, x); target: at most 0.3x neural-tangents"),
+              [("neural-tangents", "ntx", "graph", "graph_gcn2_N200_V30_ntk")]),
+    "conv_transpose": (("transposed convolution: ConvTranspose2d(64, 3, stride=2, "
+                        "padding='same', w_std=1.4, b_std=0.1) 8x8 -> 16x16, ReLU, Conv2d(64, "
+                        "3, padding='same'), ReLU, Flatten, Linear(1); 64 images 3 x 8 x 8 "
+                        "float32, NNGP and NTK k(x, x); target: at most 0.2x neural-tangents"),
+                       [("neural-tangents", "ntx", "conv_transpose",
+                         "conv_transpose_N64_8x8x3_s2_ntk")]),
+    "conv_local": (("unshared convolution: Conv2d(64, 3, padding='same', w_std=1.4, b_std=0.1), "
+                    "ReLU, LocallyConnected2d(64, 3, padding='same'), ReLU, Flatten, "
+                    "Linear(1); 64 images 3 x 16 x 16 float32, NNGP and NTK k(x, x); target: "
+                    "at most 0.2x neural-tangents"),
+                   [("neural-tangents", "ntx", "conv_local", "conv_local_N64_16x16x3_ntk")]),
 }
+
+
+def extra_case(case: str):
+    """``(run, entries)`` of the graph / transposed / unshared convolution workloads
+    (the same as benchmarks/nt_extra_bench.py's)."""
+    import torch
+
+    import ntkit as nk
+
+    gen = torch.Generator().manual_seed(0)
+    if case == "graph":
+        n, v, c = 200, 30, 8
+        x = torch.randn(n, c, v, generator=gen)
+        a = (torch.rand(n, v, v, generator=gen) < 0.2).float() + torch.eye(v)
+        conv = lambda: nk.Conv1d(64, 1, w_std=1.4, b_std=0.1)
+        net = nk.Sequential(conv(), nk.ReLU(), nk.Aggregate(), conv(), nk.ReLU(), nk.Aggregate(),
+                            nk.GlobalSumPool(), nk.Linear(1))
+        return (lambda: net.kernel(x, pattern=a)), n * n
+    if case == "conv_transpose":
+        x = torch.randn(64, 3, 8, 8, generator=gen)
+        net = nk.Sequential(
+            nk.ConvTranspose2d(64, 3, stride=2, padding="same", w_std=1.4, b_std=0.1), nk.ReLU(),
+            nk.Conv2d(64, 3, padding="same", w_std=1.4, b_std=0.1), nk.ReLU(), nk.Flatten(),
+            nk.Linear(1))
+        return (lambda: net.kernel(x)), 64 * 64
+    x = torch.randn(64, 3, 16, 16, generator=gen)
+    net = nk.Sequential(
+        nk.Conv2d(64, 3, padding="same", w_std=1.4, b_std=0.1), nk.ReLU(),
+        nk.LocallyConnected2d(64, 3, padding="same", w_std=1.4, b_std=0.1), nk.ReLU(),
+        nk.Flatten(), nk.Linear(1))
+    return (lambda: net.kernel(x)), 64 * 64
 
 
 def entk_models(case: str):
@@ -345,6 +393,8 @@ def _ntkit_case(case: str, reps: int) -> dict:
         return large_n_case(baseline)
     elif case == "sk_ntk":
         return sk_ntk_case(baseline)
+    elif case in ("graph", "conv_transpose", "conv_local"):
+        run, entries = extra_case(case)
     elif case.startswith("entk"):
         model, x, output = entk_models(case)
         run = lambda: nk.empirical_ntk(model, x, output=output)
@@ -438,6 +488,8 @@ def main() -> None:
         nt_py, nt_script = _nt_python(args.nt_python), _peer_script("nt_bench.py")
         if nt_py and nt_script:
             runners["nt"] = (nt_py, nt_script)
+        if nt_py:  # workloads nt_bench.py lacks (graph, conv_transpose, conv_local)
+            runners["ntx"] = (nt_py, HERE / "nt_extra_bench.py")
         tf_script = _peer_script("torchfunc_bench.py")
         if tf_script:
             runners["torchfunc"] = (Path(sys.executable), tf_script)
@@ -464,7 +516,7 @@ def main() -> None:
                 continue
             if (runner, peer_case) not in runs:
                 runs[runner, peer_case] = _run_peer(*runners[runner], peer_case, args.reps,
-                                                    nt=runner == "nt")
+                                                    nt=runner in ("nt", "ntx"))
             got = runs[runner, peer_case]
             if got and key in got:
                 row["peers"][label] = {"seconds": got[key], "peak_mb": got["peak_mb"],
