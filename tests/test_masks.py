@@ -432,3 +432,49 @@ def test_twins_of_layers_without_a_masked_rule_refuse_masks():
     with pytest.raises(ValueError, match="LocallyConnected1d.*does not honour masks"):
         model(x, mask=m)
     assert model(x).shape == (2, 1)  # without a mask the twin runs as before
+
+
+NTK_SAMPLES = 96
+
+
+def _mc_ntk(net: nk.Layer, x1, m1, x2, m2, seed: int) -> torch.Tensor:
+    """Empirical NTKs of the masked twins, ``J(x1) J(x2)^T`` over all parameters."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    with one_thread():
+        for _ in range(NTK_SAMPLES):
+            model = net.build(tuple(x1.shape[1:]), generator=gen, dtype=x1.dtype)
+            params = list(model.parameters())
+
+            def jac(x, m, model=model, params=params):
+                rows = []
+                for y in model(x, mask=m)[:, 0]:
+                    grads = torch.autograd.grad(y, params, retain_graph=True)
+                    rows.append(torch.cat([g.flatten() for g in grads]))
+                return torch.stack(rows)
+
+            out.append(jac(x1, m1) @ jac(x2, m2).T)
+    return torch.stack(out)
+
+
+def test_monte_carlo_ntk_of_masked_twins():
+    """The masked twins' mean empirical NTK (conv with stride, average pooling, softmax
+    attention with embeddings, global average over present positions) matches the
+    masked analytic NTK, and misses the NTK computed without the masks."""
+    net = nk.Sequential(
+        nk.Conv1d(128, 3, stride=2, padding="same", b_std=0.3), nk.ReLU(),
+        nk.SelfAttention(128, 2, key_channels=96, value_channels=64, w_key_std=1.5,
+                         b_std=0.1, pos_emb="sum"),
+        nk.AvgPool1d(2, 1), nk.Erf(), nk.GlobalAvgPool(), nk.Linear(1, b_std=0.1))
+    x1, m1 = _sequences(3, 3, 9, [9, 3, 6], seed=18)
+    x2, m2 = _sequences(2, 3, 9, [2, 8], seed=19)
+    samples = _mc_ntk(net, x1, m1, x2, m2, seed=20)
+    d1 = net.kernel(x1, mask=m1, diagonal=True).ntk
+    d2 = net.kernel(x2, mask=m2, diagonal=True).ntk
+    bound = (Z * samples.std(0) / math.sqrt(NTK_SAMPLES)
+             + BIAS_TOL * (d1[:, None] * d2).sqrt())
+    want = net.kernel(x1, x2, mask=(m1, m2)).ntk
+    excess = float(((samples.mean(0) - want).abs() / bound).max())
+    assert excess <= 1, f"|mean - ntk| / bound = {excess:.2f}"
+    unmasked = net.kernel(x1, x2).ntk
+    assert float(((samples.mean(0) - unmasked).abs() / bound).max()) > 1.5
