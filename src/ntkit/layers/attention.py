@@ -92,6 +92,11 @@ class SelfAttention(Layer):
     ``n_heads`` (for the ``d^-1/2`` limit) and ``key_channels`` (for the ``d^-1``
     one) grow.
 
+    Masks (``kernel(..., mask=)``, neural-tangents' ``GlobalSelfAttention``): each
+    ``A_i`` gives absent keys no weight (``-inf`` logits before the softmax, 0
+    for the other mechanisms), ``R`` is zero at absent positions, and outputs at
+    absent queries are zero; the twin does the same with ``model(x, mask=m)``.
+
     Args:
         out_channels: output width.
         n_heads: number of heads.

@@ -266,6 +266,10 @@ class Conv2d(_Conv):
     positions); padded positions contribute zero to the mean, which is always
     over ``prod(kernel_size)`` taps.
 
+    Masks (``kernel(..., mask=)``): absent positions are zeros like padding; an
+    output position is present where its window's centre is (neural-tangents'
+    ``Conv``); zero padding only (see the module docstring).
+
     Args:
         out_channels: the width.
         kernel_size, stride, dilation: ints or one per spatial axis.

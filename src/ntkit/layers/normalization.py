@@ -170,6 +170,8 @@ class Dropout(Layer):
     ``net.kernel(x1)`` (``x2=None``): ``cov`` and the diagonal of ``nngp`` and
     ``ntk`` are scaled. In ``"eval"`` mode the layer is the identity.
 
+    Masks (``kernel(..., mask=)``): applied at each position, it keeps the mask.
+
     Args:
         p: probability of zeroing a feature, in [0, 1).
         mode: ``"train"`` or ``"eval"``, like `torch.nn.Module.train` / ``eval``.

@@ -181,6 +181,10 @@ class AvgPool2d(_Pool):
         padding: ints (zeros, symmetric), ``"valid"`` or ``"same"``.
         count_include_pad: divide by the whole window (True, as torch's default
             and neural-tangents' ``AvgPool``) or by its unpadded positions.
+
+    Masks (``kernel(..., mask=)``): absent positions count as zeros in the
+    window's mean (the divisor is unchanged, as neural-tangents' ``AvgPool``);
+    an output position is present where its window's centre is.
     """
 
     ndim = 2
