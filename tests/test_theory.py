@@ -501,7 +501,7 @@ def test_eigenlearning_equations_hold(digits_pool):
     conservation law); E0 and the errors follow the formulas written out here."""
     k, y = digits_pool
     c = th.learning_curve(k, y, [10, 40, 160], ridge=0.2, noise=0.1)
-    lam = k.shape[0] and torch.linalg.eigvalsh(k).clamp_min(0) / k.shape[0]
+    lam = torch.linalg.eigvalsh(k).clamp_min(0) / k.shape[0]
     for i, n in enumerate([10, 40, 160]):
         kappa = float(c.kappa[i])
         assert float((lam / (lam + kappa)).sum() + 0.2 / kappa) == pytest.approx(n, rel=1e-9)
@@ -513,7 +513,7 @@ def test_eigenlearning_equations_hold(digits_pool):
         assert float(c.test_mse[i]) == pytest.approx(test, rel=1e-12)
         assert float(c.train_mse[i]) == pytest.approx((0.2 / (n * kappa)) ** 2 * test,
                                                       rel=1e-12)
-    assert float((c.spectrum.target_power.sum())) == pytest.approx(
+    assert float(c.spectrum.target_power.sum()) == pytest.approx(
         float((y ** 2).sum(1).mean()), rel=1e-10)
 
 

@@ -104,6 +104,10 @@ ADVERSARIAL_CASES: dict[str, tuple[str, ...] | Exempt | Pending] = {
     "ntkit.EdgeList": Exempt("a graph value (edge lists for Aggregate): its constructor's "
                              "hostile inputs (float or out-of-range nodes, shapes, weights) "
                              "are tests/test_graph.py::test_per_example_errors_say_what_to_do"),
+    "ntkit.Embedding": Exempt("a layer whose hostile inputs (float, out-of-range or "
+                              "misshapen token ids, ids given to a network without an "
+                              "Embedding first) are tests/test_embedding.py::"
+                              "test_token_id_errors_say_what_to_do"),
     "ntkit.TileDone": _RESULT,
     "ntkit.TaylorModel": Exempt("returned by ntkit.taylor, whose hostile inputs are "
                                 "test_numerics.py's; not constructed by users"),
@@ -244,4 +248,9 @@ ADVERSARIAL_CASES: dict[str, tuple[str, ...] | Exempt | Pending] = {
     ),
     "ntkit bench": (_CLI + "test_bench_unknown_case_is_one_line",),
     "ntkit demo": (_CLI + "test_demo_refuses_a_file_as_its_folder",),
+    "ntkit curve": Exempt(
+        "its hostile inputs (an output that is the data, an existing output without --force, "
+        "sizes past the pool, non-numeric sizes, a negative ridge) are tested in "
+        "tests/test_cli_curve.py; outputs go through the shared check_outputs and "
+        "write_atomically"),
 }

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import click
 
+from ._curve import curve
 from ._demo import bench, demo, run_demo
 from ._errors import Commands
 from ._fit import fit, predict_cmd
@@ -40,7 +41,7 @@ def cli(ctx: click.Context) -> None:
         ctx.invoke(demo)
 
 
-for _command in (demo, kernel, fit, predict_cmd, bench):
+for _command in (demo, kernel, fit, predict_cmd, bench, curve):
     cli.add_command(_command)
 
 
