@@ -661,3 +661,16 @@ def test_train_loss_matches_gradient_descent_of_a_wide_network():
     measured = torch.tensor(list(checks.values()), dtype=F64)
     assert float(measured[-1]) < 0.01 * float(measured[0])
     torch.testing.assert_close(measured, predicted, rtol=0.1, atol=0)
+
+
+def test_theory_figures_have_labelled_axes():
+    pytest.importorskip("matplotlib")
+    x, y = _train_data()
+    nets = {f"relu depth {depth}": _relu_net(depth=depth) for depth in (1, 3)}
+    fig = th.sphere_spectrum_figure({k: th.sphere_spectrum(v, 4, 6) for k, v in nets.items()})
+    ax = fig.axes[0]
+    assert ax.get_xlabel() and ax.get_ylabel() and len(ax.get_lines()) == 2
+    fig = th.convergence_figure({k: th.convergence(v.kernel(x).ntk, y)
+                                 for k, v in nets.items()}, [0.1, 1.0, 10.0])
+    assert len(fig.axes[0].get_lines()) == 2 and "condition" in fig.axes[0].get_legend(
+    ).get_texts()[0].get_text()
