@@ -122,7 +122,8 @@ def as_input_tensor(x: Any, name: str) -> Tensor:
     if x.dtype not in _FLOATS:
         raise TypeError(
             f"{name} has dtype {x.dtype}; kernels need floating-point inputs. "
-            f"Convert with {name}.float() (float32) or {name}.double() (float64)."
+            f"Convert with {name}.float() (float32) or {name}.double() (float64); integer "
+            f"token ids are taken only by a network whose first layer is nk.Embedding."
         )
     if x.ndim == 0:
         raise ValueError(

@@ -44,7 +44,8 @@ def _inputs(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 #: Per-example shapes of the input kinds, and the layer each starts with.
-SHAPES = {"dense": (4,), "seq": (3, 6), "image": (2, 4, 4), "volume": (2, 3, 3, 3)}
+SHAPES = {"dense": (4,), "seq": (3, 6), "image": (2, 4, 4), "volume": (2, 3, 3, 3),
+          "tokens": (6,)}
 FIRST: dict[str, Callable[[], L.Layer]] = {
     "dense": lambda: L.Linear(W, w_std=1.5, b_std=0.2),
     "seq": lambda: L.Conv1d(W, 3, padding="same", w_std=1.5, b_std=0.2),
@@ -143,6 +144,8 @@ EXAMPLES: dict[type, Case] = {
     L.GlobalSumPool: Case(L.GlobalSumPool, "seq"),
     L.SelfAttention: Case(lambda: L.SelfAttention(W, 2, w_query_std=0.5, b_std=0.1), "seq",
                           slow_mc=True),
+    L.Embedding: Case(lambda: L.Embedding(W, 5, w_std=1.3, pos_emb="learned", pos_std=0.7),
+                      "tokens", before=lambda: []),
     L.Aggregate: Case(lambda: L.Aggregate(torch.eye(6) + torch.rand(
         6, 6, generator=torch.Generator().manual_seed(3)).round()), "seq"),
     # from_torch's twins that check torch's axes
@@ -194,6 +197,9 @@ MC_CASES = [pytest.param(cls, id=cls.__name__,
 
 
 def _x(case: Case, seed: int = 0, n: int = N) -> torch.Tensor:
+    if case.kind == "tokens":  # token ids (as whole float64 numbers) for an Embedding
+        return torch.randint(0, 5, (n, *SHAPES["tokens"]),
+                             generator=torch.Generator().manual_seed(seed)).double()
     return _inputs((n, *SHAPES[case.kind]), seed)
 
 

@@ -21,6 +21,7 @@ from .activations import (
     Sin,
 )
 from .attention import SelfAttention
+from .embedding import Embedding
 from .base import Layer, input_kernel
 from .containers import (
     FanInConcat,
@@ -40,6 +41,7 @@ from .graph import Aggregate, EdgeList
 from .linear import Flatten, Linear
 from .normalization import Dropout, LayerNorm
 from .polynomial import Monomial, RectifiedMonomial
+from .gated import GRU, LSTM
 from .recurrent import RNN
 from .recurrent_twin import TorchRNN
 from .special import ExpNormalized, Gabor, Hermite, Polynomial, SigmoidLike
@@ -58,6 +60,8 @@ __all__ = [
     "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
     "Aggregate",
     "RNN", "TorchRNN",
+    "GRU", "LSTM",
+    "Embedding",
     "EdgeList",
     "Hermite", "Polynomial", "ExpNormalized", "Gabor", "SigmoidLike",
     "Layer", "input_kernel", "Linear", "Flatten", "Activation", "ReLU", "LeakyReLU", "ABReLU",

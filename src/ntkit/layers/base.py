@@ -121,6 +121,14 @@ class Layer:
         kernel must hold every pair of positions (pooling, attention)."""
         return False
 
+    def token_input_layer(self) -> Layer | None:
+        """The layer that reads integer token ids as this network's inputs (its first
+        layer when that is an `ntkit.layers.embedding.Embedding`), or None."""
+        layers = getattr(self, "layers", None)
+        if type(self).__name__ in ("Sequential", "Repeat") and layers:
+            return layers[0].token_input_layer()
+        return None
+
     def side_inputs(self) -> frozenset[str]:
         """The per-example side inputs this layer (or one inside it) reads, among
         "mask" and "pattern" (see `ntkit._side`); `kernel` refuses others."""
@@ -183,6 +191,9 @@ class Layer:
         memory) is computed as ``x2=None``, the gradient flowing through both
         slots.
         """
+        tokens = self.token_input_layer()
+        if tokens is not None:  # integer token ids, valid only before an Embedding
+            x1, x2 = tokens.token_inputs(x1, x2)
         x1, x2 = as_input_pair(x1, x2)
         side = check_side_inputs(x1, x2, {"mask": mask, "pattern": pattern},
                                  self.side_inputs(), type(self).__name__)
