@@ -393,25 +393,20 @@ class Erf(Activation):
 
 class GELU(Activation):
     """The GELU ``x Phi(x)``, or with ``approximate="tanh"`` (torch's argument) its tanh
-    approximation ``x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2``.
-
-    The exact one has a closed form (Tsuchida et al. 2021, "Avoiding kernel fixed
-    points"). With ``d^2 = (1 + v1)(1 + v2) - k^2`` and ``alpha = atan2(k, d)``::
+    approximation. The exact one has a closed form (Tsuchida et al. 2021, "Avoiding
+    kernel fixed points"). With ``d^2 = (1 + v1)(1 + v2) - k^2``, ``alpha = atan2(k, d)``::
 
         E[f f]   = k/4 + (k alpha + (k^2 + v1 v2 d^2) / ((1 + v1)(1 + v2) d)) / (2 pi)
         E[f' f'] = 1/4 + alpha / (2 pi)
                    + k (1/d^2 + (1 - v1 v2)/((1 + v1)(1 + v2)) + 1) / (2 pi d)
 
-    The tanh approximation has none: its kernels are computed by quadrature
-    (`Elementwise`, with its error control). neural-tangents' ``Gelu(approximate=True)``
-    uses the tanh function only in its finite network and the exact kernel above,
-    which differs from the tanh function's kernel by up to about 1e-4 (relative);
-    ntkit's kernel is the one of the function its twin applies.
+    The tanh one has none: quadrature (`Elementwise` with ``degree``, its error
+    control). neural-tangents' ``Gelu(approximate=True)`` keeps the exact kernel (about
+    1e-4 away); ntkit's is the kernel of the function its twin applies.
 
     Args:
         approximate: ``"none"`` (exact) or ``"tanh"``, as in `torch.nn.GELU`.
-        degree: quadrature nodes per axis for ``"tanh"``, or ``"auto"`` (see
-            `Elementwise`); unused by the exact GELU.
+        degree: quadrature nodes per axis or ``"auto"``, for ``"tanh"`` only.
     """
 
     spec_names = ("gelu",)
@@ -424,9 +419,7 @@ class GELU(Activation):
         if approximate == "none" and degree != "auto":
             raise ValueError(f"GELU: degree={degree!r} applies to approximate='tanh' only "
                              f"(the exact GELU has a closed form); leave it out.")
-        self.approximate = approximate
-        self.degree = degree
-        self._quadrature = None
+        self.approximate, self.degree, self._quadrature = approximate, degree, None
         if approximate == "tanh":
             from .elementwise import Elementwise  # imports this module
 
@@ -440,9 +433,7 @@ class GELU(Activation):
 
     def spec_call(self):
         kw = {} if self.approximate == "none" else {"approximate": self.approximate}
-        if self._quadrature is not None and self.degree != "auto":
-            kw["degree"] = self.degree
-        return "gelu", [], kw
+        return "gelu", [], kw if self.degree == "auto" else {**kw, "degree": self.degree}
 
     def fn(self, x: Tensor) -> Tensor:
         return nn.functional.gelu(x, approximate=self.approximate)
@@ -460,32 +451,27 @@ class GELU(Activation):
         return nngp, dot
 
     def _nngp(self, k, v1, v2):
-        if self._quadrature is not None:
-            return self._quadrature._nngp(k, v1, v2)
-        return self._nngp_and_dot(k, v1, v2)[0]
+        q = self._quadrature
+        return q._nngp(k, v1, v2) if q is not None else self._nngp_and_dot(k, v1, v2)[0]
 
     def _variance(self, c):
-        if self._quadrature is not None:
-            return self._quadrature._variance(c)
-        return super()._variance(c)
+        q = self._quadrature
+        return q._variance(c) if q is not None else super()._variance(c)
 
     def _self_dot(self, c):
-        if self._quadrature is not None:
-            return self._quadrature._self_dot(c)
-        return super()._self_dot(c)
+        q = self._quadrature
+        return q._self_dot(c) if q is not None else super()._self_dot(c)
 
     def _build(self, shape, ctx):
         return nn.GELU(approximate=self.approximate), shape
 
     def __repr__(self) -> str:
-        if self.approximate == "none":
-            return "GELU()"
         degree = "" if self.degree == "auto" else f", degree={self.degree}"
-        return f"GELU(approximate={self.approximate!r}{degree})"
+        tanh = f"approximate={self.approximate!r}" if self.approximate != "none" else ""
+        return f"GELU({tanh}{degree})"
 
 
 def _gelu_tanh(x: Tensor) -> Tensor:
-    """torch's tanh approximation of the GELU."""
     return nn.functional.gelu(x, approximate="tanh")
 
 
