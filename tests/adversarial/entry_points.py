@@ -104,6 +104,11 @@ ADVERSARIAL_CASES: dict[str, tuple[str, ...] | Exempt | Pending] = {
     "ntkit.EdgeList": Exempt("a graph value (edge lists for Aggregate): its constructor's "
                              "hostile inputs (float or out-of-range nodes, shapes, weights) "
                              "are tests/test_graph.py::test_per_example_errors_say_what_to_do"),
+    "ntkit.GRU": Exempt("a gated layer without a kernel rule: its hostile arguments and "
+                        "inputs (shapes, NaN, lengths, scales) are tests/test_gated.py::"
+                        "test_bad_arguments_say_what_was_wrong"),
+    "ntkit.LSTM": Exempt("as ntkit.GRU: tests/test_gated.py::"
+                         "test_bad_arguments_say_what_was_wrong"),
     "ntkit.Embedding": Exempt("a layer whose hostile inputs (float, out-of-range or "
                               "misshapen token ids, ids given to a network without an "
                               "Embedding first) are tests/test_embedding.py::"

@@ -41,6 +41,7 @@ from .graph import Aggregate, EdgeList
 from .linear import Flatten, Linear
 from .normalization import Dropout, LayerNorm
 from .polynomial import Monomial, RectifiedMonomial
+from .gated import GRU, LSTM
 from .recurrent import RNN
 from .recurrent_twin import TorchRNN
 from .special import ExpNormalized, Gabor, Hermite, Polynomial, SigmoidLike
@@ -59,6 +60,7 @@ __all__ = [
     "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
     "Aggregate",
     "RNN", "TorchRNN",
+    "GRU", "LSTM",
     "Embedding",
     "EdgeList",
     "Hermite", "Polynomial", "ExpNormalized", "Gabor", "SigmoidLike",
