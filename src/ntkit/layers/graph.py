@@ -378,6 +378,8 @@ class AggregateModule(SideModule):
                                  "was given too; build Aggregate() to read per-example "
                                  "patterns, or drop pattern=.")
             return aggregate_axis(x, self.pattern, 2, None)
+        if given is None and x.device.type == "meta":
+            return x  # a shape-only pass (ntkit.tiling.peak_positions): nodes stay nodes
         if given is None:
             raise ValueError("Aggregate() reads each example's adjacency pattern: call "
                              "model(x, pattern=p) with p (N, V, V) or an EdgeList.")
