@@ -172,7 +172,9 @@ def learning_curve(k_pool: Tensor, y_pool: Tensor, n, *, ridge: float = 0.0,
     at random, and the test MSE is the mean over the pool (`measure_learning_curve` runs
     that experiment). The spectrum is that of ``K_pool / P`` (`pool_spectrum`); the
     prediction is `eigenlearning`'s. One eigendecomposition of ``(P, P)``: for pools
-    too large for it use `nystrom_spectrum` and `eigenlearning`.
+    too large for it use `nystrom_spectrum` and `eigenlearning`. Keep ``n`` below about
+    ``P / 8``: the measured gap to the experiment grows as ``n`` nears ``P`` (module
+    docstring).
 
     Args:
         k_pool: ``(P, P)`` kernel on the pool, e.g. ``net.kernel(x_pool).ntk``.
