@@ -181,3 +181,11 @@ def test_bad_arguments_say_what_was_wrong():
         layer.nngp(torch.randn(2, 1, 3), torch.randn(2, 1, 4))
     with pytest.raises(ValueError, match="sequences of per-example shape"):
         layer.build((5,))
+
+
+@pytest.mark.parametrize("module", [torch.nn.GRU(3, 4), torch.nn.LSTM(3, 4)],
+                         ids=["GRU", "LSTM"])
+def test_from_torch_refuses_gated_modules_and_names_what_works(module):
+    with pytest.raises(nk.ConversionError, match=r"gates multiply.*\.nngp\(x1, x2\).*"
+                                                 r"empirical_ntk"):
+        nk.from_torch(torch.nn.Sequential(module))

@@ -55,6 +55,16 @@ _NO_KERNEL = {
         "has no closed-form Gaussian expectation. nn.AvgPool (nk.AvgPool) has one"
     ),
     "PReLU": "has a learnable slope, which the kernel does not model",
+    "GRU": (
+        "has no layer-wise kernel rule: its gates multiply Gaussian processes, so ntkit offers "
+        "its NNGP only by Monte Carlo, nk.GRU(hidden, ...).nngp(x1, x2), and no NTK. For the "
+        "model's NTK use nk.empirical_ntk(model.eval(), x1, x2)"
+    ),
+    "LSTM": (
+        "has no layer-wise kernel rule: its gates multiply Gaussian processes, so ntkit offers "
+        "its NNGP only by Monte Carlo, nk.LSTM(hidden, ...).nngp(x1, x2), and no NTK. For the "
+        "model's NTK use nk.empirical_ntk(model.eval(), x1, x2)"
+    ),
 }
 _NO_KERNEL_FUNCTIONS = {
     "batch_norm": _NO_KERNEL["BatchNorm"],
