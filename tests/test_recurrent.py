@@ -414,3 +414,15 @@ def test_shapes_spec_and_errors():
     with pytest.raises(ValueError, match="prefix"):
         bad = torch.tensor([[True, False, True, True, True]] * 4)
         nk.RNN(8, readout="last").kernel(x, mask=bad)
+
+
+def test_torch_rnn_wrapper_refuses_bad_input():
+    with pytest.raises(TypeError, match="wraps an nn.RNN"):
+        nk.TorchRNN(nn.GRU(3, 4))
+    with pytest.raises(ValueError, match="readout"):
+        nk.TorchRNN(nn.RNN(3, 4), readout="first")
+    with pytest.raises(ValueError, match=r"\(N, C, L\)"):
+        nk.TorchRNN(nn.RNN(3, 4))(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="dropout"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nk.from_torch(nn.Sequential(nn.RNN(3, 4, num_layers=2, dropout=0.5)))

@@ -61,6 +61,7 @@ _RESULT = Exempt("a result value returned by a checked computation (its fields a
 _LAYERS = (
     "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
     "Aggregate",
+    "RNN",
     "ExpNormalized", "Gabor", "Hermite", "Polynomial", "SigmoidLike",
     "ABReLU", "Abs", "Activation", "AvgPool1d", "AvgPool2d", "AvgPool3d", "Conv1d", "Conv2d",
     "Conv3d", "Cos", "Dropout", "Elementwise", "Erf", "Exp", "FanInConcat", "FanInProd",
@@ -104,6 +105,9 @@ ADVERSARIAL_CASES: dict[str, tuple[str, ...] | Exempt | Pending] = {
     "ntkit.EdgeList": Exempt("a graph value (edge lists for Aggregate): its constructor's "
                              "hostile inputs (float or out-of-range nodes, shapes, weights) "
                              "are tests/test_graph.py::test_per_example_errors_say_what_to_do"),
+    "ntkit.TorchRNN": Exempt("a torch module wrapping nn.RNN for from_torch: its bad "
+                             "arguments and inputs are tests/test_recurrent.py::"
+                             "test_torch_rnn_wrapper_refuses_bad_input"),
     "ntkit.GRU": Exempt("a gated layer without a kernel rule: its hostile arguments and "
                         "inputs (shapes, NaN, lengths, scales) are tests/test_gated.py::"
                         "test_bad_arguments_say_what_was_wrong"),

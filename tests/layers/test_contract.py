@@ -146,6 +146,8 @@ EXAMPLES: dict[type, Case] = {
                           slow_mc=True),
     L.Embedding: Case(lambda: L.Embedding(W, 5, w_std=1.3, pos_emb="learned", pos_std=0.7),
                       "tokens", before=lambda: []),
+    L.RNN: Case(lambda: L.RNN(W, L.Erf(), w_std=1.2, u_std=1.0, b_std=0.2, bidirectional=True),
+                "seq"),
     L.Aggregate: Case(lambda: L.Aggregate(torch.eye(6) + torch.rand(
         6, 6, generator=torch.Generator().manual_seed(3)).round()), "seq"),
     # from_torch's twins that check torch's axes

@@ -100,6 +100,8 @@ TORCH_EXAMPLES = {
     nn.GELU: (nn.GELU, (3,)),
     nn.LeakyReLU: (lambda: nn.LeakyReLU(0.3), (3,)),
     nn.ReLU: (nn.ReLU, (3,)),
+    nn.RNN: (lambda: nn.RNN(2, 4, num_layers=1), (2, 5)),
+    L.TorchRNN: (lambda: L.TorchRNN(nn.RNN(2, 4, batch_first=True), readout="last"), (2, 5)),
 }
 
 
