@@ -211,8 +211,10 @@ EDGE_ULPS = 32
 def _flat_at_edges(fn, c: Tensor) -> Tensor:
     if not c.requires_grad:
         return fn(c)
-    edge = c.abs() >= 1 - EDGE_ULPS * torch.finfo(c.dtype).eps
-    return torch.where(edge, fn(c.detach()), fn(torch.where(edge, 0.0, c)))
+    edge = c.detach().abs() >= 1 - EDGE_ULPS * torch.finfo(c.dtype).eps
+    # One evaluation: at the edges fn sees a constant, and the (possibly infinite)
+    # slope there is routed to it, never to c.
+    return fn(torch.where(edge, c.detach(), c))
 
 
 # ---------------------------------------------------------------- ReLU family
