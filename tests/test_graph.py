@@ -327,3 +327,19 @@ def test_per_example_errors_say_what_to_do():
     assert repr(Aggregate()) == "Aggregate()"
     assert repr(_edges(2)) == "EdgeList(graphs=2, edges=9, num_nodes=5)"
     assert len(_edges(4)[1:3]) == 2 and _edges(4)[2].shape == (1, V, V)
+
+
+def test_hyperparameter_gradients_through_sparse_patterns():
+    """d kernel / d w_std is the same through an EdgeList as through its dense form,
+    tiled or not (the sparse product keeps the autograd graph)."""
+    x, e = _x(6), _edges(6)
+    grads = []
+    for p, budget in ((e.to_dense(), None), (e, None), (e, 8 * V**2 * 24 * 9)):
+        w = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+        net = L.Sequential(L.Conv1d(8, 1, w_std=w, b_std=0.1), L.ReLU(), Aggregate(),
+                           L.GlobalSumPool(), L.Linear(1))
+        net.kernel(x, pattern=p, memory_budget=budget, progress=False).ntk.sum().backward()
+        grads.append(w.grad)
+    assert abs(float(grads[0])) > 1e-3
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=0)
+    torch.testing.assert_close(grads[2], grads[0], rtol=1e-10, atol=0)

@@ -207,6 +207,26 @@ def aggregate_axis(t: Tensor, pattern, dim: int, batch_axis: int | None) -> Tens
     return torch.einsum(f"{lhs},{inp}->{out}", a, t)
 
 
+def _edge_matrix(pattern: EdgeList, like: Tensor) -> Tensor:
+    """The block-diagonal sparse matrix ``(B V, B V)`` of ``B`` graphs (COO)."""
+    src, dst, w = (p.to(like.device) for p in pattern.parts(like.dtype))
+    b, v = src.shape[0], pattern.num_nodes
+    offset = (torch.arange(b, device=like.device) * v)[:, None]
+    index = torch.stack([(dst + offset).reshape(-1), (src + offset).reshape(-1)])
+    return torch.sparse_coo_tensor(index, w.reshape(-1), (b * v, b * v),
+                                   check_invariants=False).coalesce()
+
+
+def _edge_product(t: Tensor, pattern: EdgeList, dim: int, batch_axis: int) -> Tensor:
+    """`aggregate_axis` for an `EdgeList` as one sparse-dense matrix product: the axes
+    ``(batch_axis, dim)`` become rows ``b V + u`` of a ``(B V, rest)`` matrix, so the
+    cost is ``O(E)`` per column and no ``(.., E, ..)`` temporary is made."""
+    moved = t.movedim((batch_axis, dim), (0, 1))
+    shape = moved.shape
+    out = torch.sparse.mm(_edge_matrix(pattern, t), moved.reshape(shape[0] * shape[1], -1))
+    return out.reshape(shape).movedim((0, 1), (batch_axis, dim))
+
+
 def aggregate_pairs(t: Tensor, p1, p2, *, per_example: bool) -> Tensor:
     """``A1 K A2^T`` on the last two (node) axes of a kernel between node pairs.
 
@@ -227,6 +247,8 @@ def aggregate_pairs(t: Tensor, p1, p2, *, per_example: bool) -> Tensor:
         a = p1.to(dtype=t.dtype, device=t.device)
         return torch.matmul(torch.matmul(a, t), a.T)
     if per_example:
+        if isinstance(p1, EdgeList):
+            return _edge_product(_edge_product(t, p1, 1, 0), p2, 2, 0).contiguous()
         return aggregate_axis(aggregate_axis(t, p1, 1, 0), p2, 2, 0)
     if not isinstance(p1, EdgeList) and not isinstance(p2, EdgeList):
         # dense: A1[n] K[n, m] then (.) A2[m]^T, each one matrix product batched over
@@ -235,7 +257,9 @@ def aggregate_pairs(t: Tensor, p1, p2, *, per_example: bool) -> Tensor:
         a2 = p2.to(dtype=t.dtype, device=t.device)
         left = torch.einsum("nvu,nmuw->nmvw", a1, t)
         return torch.einsum("nmvw,mxw->nmvx", left, a2).contiguous()  # later: views
-    return aggregate_axis(aggregate_axis(t, p1, nodes, 0), p2, nodes + 1, 1)
+    left = (_edge_product if isinstance(p1, EdgeList) else aggregate_axis)(t, p1, nodes, 0)
+    right = (_edge_product if isinstance(p2, EdgeList) else aggregate_axis)(left, p2, nodes + 1, 1)
+    return right.contiguous()
 
 
 class Aggregate(Layer):
