@@ -30,8 +30,10 @@ in float64. The same draws (from one seed) serve every pair of inputs, so the
 estimate is a deterministic, smooth function of the inputs.
 
 Each pair of inputs is computed as a two-example program (the NNGP of a pair
-depends only on that pair): cost ``O(N1 N2 S L G (L + ...))`` operations and
-``O(P S L)`` memory for ``P`` pairs at a time.
+depends only on that pair): per pair ``O(S L^2 (G + L))`` operations for ``S``
+samples, ``L`` steps and ``G`` gates (the state moments, the draws and the
+step-ordered Cholesky factors), ``O(S L G)`` memory, pairs chunked by the memory
+budget; ``K(x, x)`` computes the pairs ``i <= j`` only.
 
 Only the NNGP: the NTK of a gated network needs the backward program as well
 (Yang 2020, Tensor Programs II), which ntkit does not implement; the layers
