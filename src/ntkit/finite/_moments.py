@@ -1,0 +1,253 @@
+"""Gaussian expectations of activation products and their covariance derivatives.
+
+For ``m`` inputs whose pre-activations are jointly ``Z ~ N(0, G)`` (``G`` an
+``m x m`` covariance, parametrised by its ``P = m (m + 1) / 2`` entries on and
+above the diagonal, each symmetric entry one parameter), the 1/width
+corrections need, over the pairs ``p = (a, b)``, ``a <= b``:
+
+- ``g_p = E[s(Z_a) s(Z_b)]`` and ``d_p = E[s'(Z_a) s'(Z_b)]`` with their first
+  and second derivatives in the entries of ``G``;
+- the fourth moments ``E[s_a s_b s_c s_d]``, ``E[s_a s_b s'_c s'_d]`` and
+  ``E[s'_a s'_b s'_c s'_d]`` (``p = (a, b)``, ``q = (c, d)``).
+
+Two quadrature rules:
+
+- positively homogeneous activations (`ABReLU` and its subclasses ReLU,
+  LeakyReLU, Abs; `Sign`) with ``m <= 2``: exact polar integration. With
+  ``Z = r L e(t)`` (``L`` the Cholesky factor, ``e(t) = (cos t, sin t)``), a
+  product of homogeneous degree ``h`` is ``E[r^h]`` times an angular average;
+  the angle is split where a pre-activation changes sign, so each arc's
+  integrand is a trigonometric polynomial and Gauss-Legendre is exact to
+  rounding. The arc ends move with ``G``, so derivatives of ``E[s' s']`` (a
+  step function) come out right (Leibniz's rule), which a fixed grid would miss.
+- otherwise: the Gauss-Hermite product rule on ``Z = L u`` (spectral for smooth
+  activations; for kinked activations and ``m > 2`` only an approximation).
+
+Derivatives are taken by forward-mode autodiff (`torch.func.jacfwd`) through the
+rule, vectorised over a batch of input sets (`torch.func.vmap`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..layers.activations import ABReLU, Activation, Sign
+
+__all__ = ["Moments", "pair_index", "moments"]
+
+#: Gauss-Legendre nodes per arc of the polar rule (trigonometric degree <= 4).
+ARC_NODES = 16
+#: Gauss-Hermite nodes per axis for ``m`` = 1, 2, 3, 4 inputs (smooth activations).
+HERMITE_NODES = {1: 96, 2: 48, 3: 20, 4: 12}
+
+
+def pair_index(m: int) -> tuple[list[int], list[int]]:
+    """The pairs ``(a, b)``, ``a <= b``, of ``m`` inputs, as two index lists."""
+    ia, ib = [], []
+    for a in range(m):
+        for b in range(a, m):
+            ia.append(a)
+            ib.append(b)
+    return ia, ib
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Expectations for a batch of ``B`` covariances over ``P`` pairs.
+
+    Attributes:
+        g, d: ``(B, P)``: ``E[s_a s_b]`` and ``E[s'_a s'_b]``.
+        jac_g, jac_d: ``(B, P, P)``: derivatives in the covariance entries.
+        hess_g, hess_d: ``(B, P, P, P)``: second derivatives.
+        f4: ``(B, P, P)``: ``E[s_a s_b s_c s_d]``.
+        x4: ``(B, P, P)``: ``E[s_a s_b s'_c s'_d]``.
+        d4: ``(B, P, P)``: ``E[s'_a s'_b s'_c s'_d]``.
+    """
+
+    g: Tensor
+    d: Tensor
+    jac_g: Tensor
+    jac_d: Tensor
+    hess_g: Tensor
+    hess_d: Tensor
+    f4: Tensor
+    x4: Tensor
+    d4: Tensor
+
+
+def _homogeneity(act: Activation) -> int | None:
+    """The degree of positive homogeneity of ``act`` (None if it is not one we know)."""
+    if isinstance(act, ABReLU):
+        return 1
+    if isinstance(act, Sign):
+        return 0
+    return None
+
+
+def _derivative(act: Activation):
+    """``s'`` as an elementwise function that forward-mode autodiff can see through."""
+    if isinstance(act, ABReLU):
+        a, b = float(act.a), float(act.b)
+        return lambda z: torch.where(z < 0, a, b) * torch.ones_like(z)
+    if isinstance(act, Sign):
+        return torch.zeros_like
+    own = getattr(act, "derivative", None)
+    if callable(own):
+        return own
+    return lambda z: torch.func.jvp(act.fn, (z,), (torch.ones_like(z),))[1]
+
+
+def _matrix(params: Tensor, m: int) -> list[list[Tensor]]:
+    """The symmetric ``m x m`` covariance (nested lists) of its pair entries."""
+    ia, ib = pair_index(m)
+    g = [[None] * m for _ in range(m)]
+    for p, (a, b) in enumerate(zip(ia, ib)):
+        g[a][b] = g[b][a] = params[p]
+    return g
+
+
+def _cholesky(g: list[list[Tensor]]) -> list[list[Tensor]]:
+    """The lower Cholesky factor, written out so that forward-mode AD and vmap see it;
+    residual variances are floored at a tiny number (coincident inputs)."""
+    m = len(g)
+    zero = g[0][0] * 0
+    low = [[zero] * m for _ in range(m)]
+    for i in range(m):
+        for j in range(i + 1):
+            s = g[i][j] - sum((low[i][k] * low[j][k] for k in range(j)), zero)
+            if i == j:
+                low[i][i] = torch.sqrt(torch.clamp(s, min=1e-300))
+            else:
+                low[i][j] = s / low[j][j]
+    return low
+
+
+@functools.lru_cache(maxsize=16)
+def _hermite_grid(m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Product Gauss-Hermite nodes ``(n^m, m)`` and weights for ``N(0, I_m)``."""
+    import scipy.special  # noqa: PLC0415 (scipy: already a dependency of the layers)
+
+    u, w = scipy.special.roots_hermitenorm(n)  # stable at high degree
+    w = w / w.sum()
+    grids = np.meshgrid(*([u] * m), indexing="ij")
+    wgrid = np.ones([n] * m)
+    for axis in range(m):
+        shape = [1] * m
+        shape[axis] = n
+        wgrid = wgrid * w.reshape(shape)
+    return np.stack([gr.ravel() for gr in grids], 1), wgrid.ravel()
+
+
+@functools.lru_cache(maxsize=4)
+def _legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.polynomial.legendre.leggauss(n)
+
+
+def _radial_moment(dim: int, degree: int) -> float:
+    """``E[r^degree]`` for ``r = |u|``, ``u ~ N(0, I_dim)`` (0 for negative degrees:
+    those products carry a factor ``s' = 0``)."""
+    if degree < 0:
+        return 0.0
+    return 2 ** (degree / 2) * math.gamma((dim + degree) / 2) / math.gamma(dim / 2)
+
+
+class _Rule:
+    """Quadrature nodes ``Z (Q, m)``, weights ``(Q,)`` and the radial factor of each
+    product degree, as a function of one covariance's pair entries."""
+
+    def __init__(self, act: Activation, m: int, dtype: torch.dtype) -> None:
+        self.m, self.dtype = m, dtype
+        self.h = _homogeneity(act) if m <= 2 else None
+        if self.h is None:
+            u, w = _hermite_grid(m, HERMITE_NODES.get(m, 8))
+            self.u = torch.as_tensor(u, dtype=dtype)
+            self.w = torch.as_tensor(w, dtype=dtype)
+        else:
+            x, w = _legendre(ARC_NODES)
+            self.x = torch.as_tensor(x, dtype=dtype)
+            self.wl = torch.as_tensor(w, dtype=dtype)
+
+    def radial(self, degree: int) -> float:
+        """Factor of a product of (activation degree) ``degree`` terms."""
+        if self.h is None:
+            return 1.0
+        return _radial_moment(self.m, degree)
+
+    def nodes(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        low = _cholesky(_matrix(params, self.m))
+        if self.h is None:
+            lmat = torch.stack([torch.stack(row) for row in low])
+            return self.u @ lmat.T, self.w
+        if self.m == 1:
+            s = low[0][0]
+            z = torch.stack([s, -s])[:, None]
+            return z, torch.full((2,), 0.5, dtype=self.dtype)
+        # Angles where Z_1 = L11 cos t = 0 (t = -pi/2, pi/2) and Z_2 = 0 (t0, t0 + pi).
+        t0 = torch.atan2(-low[1][0], low[1][1])
+        half = torch.as_tensor(math.pi / 2, dtype=self.dtype)
+        ends = torch.stack([-half, t0, half, t0 + math.pi, 3 * half])
+        lo, hi = ends[:-1], ends[1:]
+        t = ((lo + hi) / 2)[:, None] + ((hi - lo) / 2)[:, None] * self.x[None, :]
+        w = ((hi - lo) / 2)[:, None] * self.wl[None, :] / (2 * math.pi)
+        t, w = t.reshape(-1), w.reshape(-1)
+        c, s = torch.cos(t), torch.sin(t)
+        z = torch.stack([low[0][0] * c, low[1][0] * c + low[1][1] * s], 1)
+        return z, w
+
+
+def moments(act: Activation, cov: Tensor, *, chunk: int = 4096) -> Moments:
+    """The expectations of `Moments` for a batch of covariances.
+
+    Args:
+        act: an ntkit activation layer.
+        cov: ``(B, P)`` float64: each row the pair entries (order of `pair_index`)
+            of an ``m x m`` covariance of pre-activations.
+        chunk: covariances per vectorised call (bounds memory).
+
+    Returns:
+        `Moments` for the batch.
+    """
+    b, p = cov.shape
+    m = int(round((math.sqrt(8 * p + 1) - 1) / 2))
+    ia, ib = pair_index(m)
+    rule = _Rule(act, m, cov.dtype)
+    fn, dfn = act.fn, _derivative(act)
+    h = rule.h if rule.h is not None else 1
+
+    def products(params):
+        z, w = rule.nodes(params)
+        s, sd = fn(z), dfn(z)
+        return s[:, ia] * s[:, ib], sd[:, ia] * sd[:, ib], w
+
+    def two(params):
+        a, bb, w = products(params)
+        return torch.cat([rule.radial(2 * h) * (w @ a), rule.radial(2 * h - 2) * (w @ bb)])
+
+    def fourth(params):
+        a, bb, w = products(params)
+        aw = a * w[:, None]
+        return (rule.radial(4 * h) * aw.T @ a, rule.radial(4 * h - 2) * aw.T @ bb,
+                rule.radial(4 * h - 4) * (bb * w[:, None]).T @ bb)
+
+    jac = torch.func.jacfwd(two)
+    hess = torch.func.jacfwd(jac)
+    outs = {k: [] for k in ("v", "j", "h", "f4", "x4", "d4")}
+    for start in range(0, b, chunk):
+        c = cov[start:start + chunk]
+        outs["v"].append(torch.func.vmap(two)(c))
+        outs["j"].append(torch.func.vmap(jac)(c))
+        outs["h"].append(torch.func.vmap(hess)(c))
+        f4, x4, d4 = torch.func.vmap(fourth)(c)
+        outs["f4"].append(f4)
+        outs["x4"].append(x4)
+        outs["d4"].append(d4)
+    v, j, hh = (torch.cat(outs[k]) for k in ("v", "j", "h"))
+    return Moments(g=v[:, :p], d=v[:, p:], jac_g=j[:, :p], jac_d=j[:, p:], hess_g=hh[:, :p],
+                   hess_d=hh[:, p:], f4=torch.cat(outs["f4"]), x4=torch.cat(outs["x4"]),
+                   d4=torch.cat(outs["d4"]))
