@@ -102,7 +102,72 @@ CASES = {
                     "Linear(1); 64 images 3 x 16 x 16 float32, NNGP and NTK k(x, x); target: "
                     "at most 0.2x neural-tangents"),
                    [("neural-tangents", "ntx", "conv_local", "conv_local_N64_16x16x3_ntk")]),
+    "rnn": (("recurrent NTK: RNN(256, ReLU, w_std=1, u_std=1, b_std=0.1, num_layers=2, "
+             "readout='last') + Linear(1), 256 sequences of length 32 with 8 channels, float64, "
+             "NNGP and NTK k(x, x); peer: the same recursion written plainly in NumPy as "
+             "research code does (loops over all step pairs (t, t'), NumPy over the 256 x 256 "
+             "sequence pairs); target: under 10 s, at most 0.1x the peer"),
+            [("NumPy step-pair loops", "rnnpy", "--rnn-peer", "rnn_numpy_N256_L32_2layers")]),
 }
+
+
+def _rnn_inputs():
+    import numpy as np
+
+    return np.random.default_rng(0).standard_normal((256, 8, 32))
+
+
+def rnn_case(baseline: float) -> dict:
+    """The ``rnn`` workload on ntkit's side."""
+    import torch
+
+    import ntkit as nk
+
+    x = torch.from_numpy(_rnn_inputs())
+    net = nk.Sequential(nk.RNN(256, nk.ReLU(), w_std=1.0, u_std=1.0, b_std=0.1, num_layers=2,
+                               readout="last"), nk.Linear(1))
+    return {"seconds": _best_of(lambda: net.kernel(x), calls=3), "baseline_mb": baseline,
+            "entries": x.shape[0] ** 2}
+
+
+def _rnn_numpy_kernel(x):
+    """The peer: the recurrent NTK recursion (Alemohammad et al. 2021) for a ReLU RNN in
+    plain NumPy, one step pair (t, t') at a time over all pairs, as research code does."""
+    import numpy as np
+
+    n, c, steps = x.shape
+    w2, u2, b2 = 1.0, 1.0, 0.01
+    kin = [[x[:, :, t] @ x[:, :, s].T / c for s in range(steps)] for t in range(steps)]
+    tin = [[np.zeros((n, n)) for _ in range(steps)] for _ in range(steps)]
+    qin = [np.einsum("nc,nc->n", x[:, :, t], x[:, :, t]) / c for t in range(steps)]
+    for _ in range(2):
+        q, prev = [], np.zeros(n)
+        for t in range(steps):
+            q.append(w2 * prev + u2 * qin[t] + b2)
+            prev = q[-1] / 2
+        e = [[None] * steps for _ in range(steps)]
+        th = [[None] * steps for _ in range(steps)]
+        for t in range(steps):
+            for s in range(steps):
+                pe = e[t - 1][s - 1] if t and s else 0.0
+                pth = th[t - 1][s - 1] if t and s else 0.0
+                sig = w2 * pe + u2 * kin[t][s] + b2
+                theta = sig + u2 * tin[t][s] + w2 * pth
+                norm = np.sqrt(q[t][:, None] * q[s][None, :])
+                cos = np.clip(sig / norm, -1.0, 1.0)
+                ang = np.arccos(cos)
+                e[t][s] = norm / (2 * np.pi) * (np.sin(ang) + (np.pi - ang) * cos)
+                th[t][s] = (np.pi - ang) / (2 * np.pi) * theta
+        kin, tin, qin = e, th, [qq / 2 for qq in q]
+    nngp = kin[-1][-1]
+    return nngp, nngp + tin[-1][-1]  # + Linear(1), w_std=1, b_std=0
+
+
+def _rnn_peer() -> None:
+    """The ``rnn`` workload's peer (``run.py --rnn-peer``)."""
+    x = _rnn_inputs()
+    print(json.dumps({"case": "rnn_numpy_N256_L32_2layers",
+                      "seconds": _best_of(lambda: _rnn_numpy_kernel(x), calls=1)}))
 
 
 def extra_case(case: str):
@@ -393,6 +458,8 @@ def _ntkit_case(case: str, reps: int) -> dict:
         return large_n_case(baseline)
     elif case == "sk_ntk":
         return sk_ntk_case(baseline)
+    elif case == "rnn":
+        return rnn_case(baseline)
     elif case in ("graph", "conv_transpose", "conv_local"):
         run, entries = extra_case(case)
     elif case.startswith("entk"):
@@ -475,12 +542,16 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--skntk-peer", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rnn-peer", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args.child, args.reps)
         return
     if args.skntk_peer:
         _sk_ntk_peer()
+        return
+    if args.rnn_peer:
+        _rnn_peer()
         return
 
     runners = {}
@@ -495,6 +566,7 @@ def main() -> None:
             runners["torchfunc"] = (Path(sys.executable), tf_script)
         if importlib.util.find_spec("skntk") is not None:    # scikit-ntk: this script
             runners["skntk"] = (Path(sys.executable), Path(__file__))
+        runners["rnnpy"] = (Path(sys.executable), Path(__file__))  # NumPy recursion: here
     rows = []
     for case in args.cases:
         desc, peers = CASES[case]

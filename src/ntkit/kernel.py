@@ -380,7 +380,11 @@ def input_kernel(x1: Tensor, x2: Tensor | None, *, diagonal: bool = False,
         elif x1.ndim == 2:
             nngp = (x1 @ x2.T) / channels
         else:
-            nngp = torch.einsum("ic...,jc...->ij...", x1, x2) / channels
+            # channels last and contiguous: torch's einsum over (N, C, *S) as laid out
+            # takes a strided batched-matmul path ~40x slower (1.5 s for 256 x 8 x 32).
+            c1 = x1.movedim(1, -1).contiguous()
+            c2 = c1 if x2 is x1 else x2.movedim(1, -1).contiguous()
+            nngp = torch.einsum("i...c,j...c->ij...", c1, c2) / channels
     if x1_is_x2 and not diagonal:
         # BLAS need not round (i, j) and (j, i) alike; k(x, x) must be exactly symmetric
         # (a + b rounds as b + a), or every layer after it inherits the asymmetry.

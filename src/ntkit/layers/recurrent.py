@@ -148,9 +148,10 @@ class RNN(Layer):
 
     # ---------------------------------------------------------------- the rule
     def needs_position_pairs(self) -> bool:
-        # Readouts of other than matching steps (the mean, each sequence's own last
-        # step under masks, the backward direction under masks) read pairs (t, t').
-        return True
+        # The mean reads every step pair (t, t'). Each sequence's own last step and the
+        # backward direction under masks of different lengths read pairs too; a first
+        # layer computes those from the inputs themselves (see `propagate`).
+        return self.readout == "mean"
 
     def side_inputs(self) -> frozenset[str]:
         return frozenset({"mask"})
@@ -171,11 +172,9 @@ class RNN(Layer):
         varied = len1 is not None
         grid_needed = (self.readout == "mean" or (self.readout == "all" and k.position_pairs)
                        or (varied and (self.bidirectional or self.readout == "last")))
-        if grid_needed and not k.position_pairs:
-            raise ValueError(
-                f"{self!r} needs the input kernel between all pairs of steps here, but "
-                f"receives matching steps only; compute it with net.kernel(...) (which "
-                f"provides them) rather than calling propagate on such a kernel.")
+        built_pairs = grid_needed and not k.position_pairs
+        if built_pairs:
+            k = _with_step_pairs(k, self)
         grid = PairGrid(diagonal=k.diagonal, chain=not grid_needed,
                         self_pairs=k.x1_is_x2 or k.diagonal)
         b = 1 if k.diagonal else 2
@@ -186,7 +185,8 @@ class RNN(Layer):
             kin, tin = k.nngp, k.ntk
         qin1, qin2 = k.position_variances()
         nngp, ntk, e1, e2 = self._run(grid, kin, tin, qin1, qin2, len1, len2, k.shape[0])
-        return self._read(k, grid, nngp, ntk, e1, e2, len1, len2, masks)
+        out = self._read(k, grid, nngp, ntk, e1, e2, len1, len2, masks)
+        return out.to_position_diagonal() if built_pairs else out
 
     def _coefficients(self, layer: int, fan_in: int, like: Tensor) -> ElmanCoefficients:
         w, u = scalar(self.w_std, like), scalar(self.u_std, like)
@@ -366,6 +366,26 @@ def _lengths(k: Kernel, steps: int):
     if bool((out[0] == steps).all()) and bool((out[1] == steps).all()):
         return None, None, None
     return out[0], out[1], (m1, m2)
+
+
+def _with_step_pairs(k: Kernel, layer: RNN) -> Kernel:
+    """The input kernel ``k`` (matching steps only) with every step pair, computed from
+    the inputs it holds; an error when it is not the inputs' kernel."""
+    if not k.is_input or k.inputs is None:
+        raise ValueError(
+            f"{layer!r} reads every pair of steps here (sequences of different lengths with "
+            f"readout='last' or bidirectional), but after other layers it receives matching "
+            f"steps only. Make the RNN the first layer, or put a layer that mixes positions "
+            f"after it (e.g. RNN(readout='all') then nk.GlobalAvgPool()), or use "
+            f"readout='mean'.")
+    x1, x2 = k.inputs
+    c = x1.shape[1]
+    if k.diagonal:
+        nngp = torch.einsum("ncl,ncm->nlm", x1, x1) / c
+    else:
+        nngp = torch.einsum("icl,jcm->ijlm", x1, x1 if x2 is None else x2) / c
+    return k.replace(nngp=nngp, ntk=torch.zeros_like(nngp), position_pairs=True, cov_pairs=False,
+                     inputs=k.inputs)
 
 
 def _last(grid: PairGrid, t: Tensor, len1, len2) -> Tensor:
