@@ -426,3 +426,22 @@ def test_torch_rnn_wrapper_refuses_bad_input():
     with pytest.raises(ValueError, match="dropout"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         nk.from_torch(nn.Sequential(nn.RNN(3, 4, num_layers=2, dropout=0.5)))
+
+
+def test_estimator_on_sequences_from_a_spec_string():
+    """NTKRegressor(architecture="rnn(...)-linear(1)", input_shape=(C, L)) reshapes rows
+    to sequences and predicts with the RNN's NTK: equal to kernel regression by hand."""
+    from ntkit.sklearn import NTKRegressor
+
+    x, _ = _seqs(12, 2, 4, 5)
+    y = torch.sin(x.sum((1, 2))).numpy()
+    spec = "rnn(16, erf, w_std=1.3, u_std=0.9, b_std=0.2, readout=last)-linear(1)"
+    est = NTKRegressor(spec, input_shape=(2, 4), diag_reg=1e-3).fit(x[:9].reshape(9, -1), y[:9])
+    got = est.predict(x[9:].reshape(3, -1))
+    net = nk.spec.parse_architecture(spec)
+    k_tr = net.kernel(x[:9]).ntk
+    k_te = net.kernel(x[9:], x[:9]).ntk
+    reg = 1e-3 * k_tr.diagonal().mean()
+    want = k_te @ torch.linalg.solve(k_tr + reg * torch.eye(9, dtype=k_tr.dtype),
+                                     torch.from_numpy(y[:9]))
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-8)
