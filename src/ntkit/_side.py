@@ -166,6 +166,8 @@ def mask_input(x: Tensor, mask: Tensor | None) -> Tensor:
     """``x`` ``(N, C, *S)`` with the positions absent under ``mask`` ``(N, *S)`` set to 0."""
     if mask is None:
         return x
+    if x.ndim == mask.ndim:  # token ids (N, L) before an Embedding: no channel axis
+        return x * mask.to(x.dtype)
     return x * mask.unsqueeze(1).to(x.dtype)
 
 

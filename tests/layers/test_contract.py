@@ -148,6 +148,10 @@ EXAMPLES: dict[type, Case] = {
                       "tokens", before=lambda: []),
     L.RNN: Case(lambda: L.RNN(W, L.Erf(), w_std=1.2, u_std=1.0, b_std=0.2, bidirectional=True),
                 "seq"),
+    L.MultiheadAttention: Case(lambda: L.MultiheadAttention(W, 2, w_query_std=1.5, b_std=0.1,
+                                                            causal=True, n_samples=64), "seq",
+                               slow_mc=True),
+    L.TokenReadout: Case(lambda: L.TokenReadout("last"), "seq"),
     L.Aggregate: Case(lambda: L.Aggregate(torch.eye(6) + torch.rand(
         6, 6, generator=torch.Generator().manual_seed(3)).round()), "seq"),
     # from_torch's twins that check torch's axes

@@ -22,6 +22,8 @@ from .activations import (
 )
 from .attention import SelfAttention
 from .embedding import Embedding
+from .mha import MultiheadAttention, numerical_error
+from .transformer import TokenReadout, encoder, encoder_block, readout
 from .base import Layer, input_kernel
 from .containers import (
     FanInConcat,
@@ -61,7 +63,8 @@ __all__ = [
     "Aggregate",
     "RNN", "TorchRNN",
     "GRU", "LSTM",
-    "Embedding",
+    "Embedding", "MultiheadAttention", "TokenReadout", "encoder", "encoder_block", "readout",
+    "numerical_error",
     "EdgeList",
     "Hermite", "Polynomial", "ExpNormalized", "Gabor", "SigmoidLike",
     "Layer", "input_kernel", "Linear", "Flatten", "Activation", "ReLU", "LeakyReLU", "ABReLU",
