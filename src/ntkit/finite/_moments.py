@@ -68,6 +68,8 @@ class Moments:
         f4: ``(B, P, P)``: ``E[s_a s_b s_c s_d]``.
         x4: ``(B, P, P)``: ``E[s_a s_b s'_c s'_d]``.
         d4: ``(B, P, P)``: ``E[s'_a s'_b s'_c s'_d]``.
+        y3: ``(B, m, m, m)``: ``E[Z_i s'(Z_a) s(Z_c)]`` at ``[i, a, c]`` (Stein's
+            lemma turns it into ``E[d/dZ_j (s'_a s_c)]``).
     """
 
     g: Tensor
@@ -79,6 +81,7 @@ class Moments:
     f4: Tensor
     x4: Tensor
     d4: Tensor
+    y3: Tensor
 
 
 def _homogeneity(act: Activation) -> int | None:
@@ -235,9 +238,15 @@ def moments(act: Activation, cov: Tensor, *, chunk: int = 4096) -> Moments:
         return (rule.radial(4 * h) * aw.T @ a, rule.radial(4 * h - 2) * aw.T @ bb,
                 rule.radial(4 * h - 4) * (bb * w[:, None]).T @ bb)
 
+    def third(params):
+        z, w = rule.nodes(params)
+        s, sd = fn(z), dfn(z)
+        prod = z[:, :, None, None] * sd[:, None, :, None] * s[:, None, None, :]
+        return rule.radial(2 * h) * torch.einsum("q,qiac->iac", w, prod)
+
     jac = torch.func.jacfwd(two)
     hess = torch.func.jacfwd(jac)
-    outs = {k: [] for k in ("v", "j", "h", "f4", "x4", "d4")}
+    outs = {k: [] for k in ("v", "j", "h", "f4", "x4", "d4", "y3")}
     for start in range(0, b, chunk):
         c = cov[start:start + chunk]
         outs["v"].append(torch.func.vmap(two)(c))
@@ -247,7 +256,8 @@ def moments(act: Activation, cov: Tensor, *, chunk: int = 4096) -> Moments:
         outs["f4"].append(f4)
         outs["x4"].append(x4)
         outs["d4"].append(d4)
+        outs["y3"].append(torch.func.vmap(third)(c))
     v, j, hh = (torch.cat(outs[k]) for k in ("v", "j", "h"))
     return Moments(g=v[:, :p], d=v[:, p:], jac_g=j[:, :p], jac_d=j[:, p:], hess_g=hh[:, :p],
                    hess_d=hh[:, p:], f4=torch.cat(outs["f4"]), x4=torch.cat(outs["x4"]),
-                   d4=torch.cat(outs["d4"]))
+                   d4=torch.cat(outs["d4"]), y3=torch.cat(outs["y3"]))

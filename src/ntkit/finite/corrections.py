@@ -101,16 +101,9 @@ class FiniteWidthKernel:
     nngp_var: Tensor
     nngp_mean: Tensor
     ntk_var: Tensor
+    ntk_mean: Tensor
     kurtosis: Tensor
     width: tuple[int, ...]
-
-    @property
-    def ntk_mean(self) -> Tensor:
-        """Not computed: the NTK's 1/width mean shift is not implemented (see the
-        module docstring of `ntkit.finite.corrections`)."""
-        raise NotImplementedError(
-            "ntk_mean (the NTK's 1/width mean shift) is not implemented yet; ntk is the "
-            "infinite-width mean and ntk_var the leading-order variance.")
 
 
 @dataclass(frozen=True)
@@ -188,16 +181,44 @@ def _propagate(linears, acts, widths, k0: Tensor, fan_in0: int) -> dict[str, Ten
     diag = {a: ia.index(a) for a in range(m) if (a, a) in zip(ia, ib)}
     paa = torch.tensor([diag[a] for a in ia])
     pbb = torch.tensor([diag[c] for c in ib])
+    pmat = torch.tensor([[min(ia.index(min(a, c)) + (max(a, c) - min(a, c)), p - 1)
+                          for c in range(m)] for a in range(m)])
     first = _layer(linears[0], fan_in0)
     kk = first.sw2 * k0 + first.sb2
     tt = first.lam_w * k0 + first.lam_b
     cov = k0.new_zeros(b, 2 * p, 2 * p)
-    o_same, o_swap, mu_g = k0.new_zeros(b, p), k0.new_zeros(b, p), k0.new_zeros(b, p)
+    o_same, o_swap = k0.new_zeros(b, p), k0.new_zeros(b, p)
+    mu_g, mu_t = k0.new_zeros(b, p), k0.new_zeros(b, p)
+    u = k0.new_zeros(b, p, m, m)  # U^l_p[a', c'] (module docstring); 0 after layer 1
+    prev = None  # (sw^2, fan-in) of the layer that made the current pre-activations
     eye = torch.eye(p, dtype=k0.dtype)
     for act, lin, n in zip(acts, linears[1:], widths):
         lay = _layer(lin, n)
         mo = moments(act, kk)
         g, d = mo.g, mo.d
+        # Means (delta method to second order; c: a neuron's NTK noise against its s's).
+        cov_gg = cov[:, :p, :p]
+        mu_phi = (torch.einsum("bpq,bq->bp", mo.jac_g, mu_g)
+                  + 0.5 * torch.einsum("bpqr,bqr->bp", mo.hess_g, cov_gg))
+        cov_tg = cov[:, p:, :p]  # [p, q] = Cov[T_p, G_q]
+        own = 0.0
+        if prev is not None:
+            usym = (u + u.transpose(-1, -2))[:, :, ia, ib]
+            own = prev[0] / prev[1] * (mo.jac_d * usym).sum(-1)
+        mu_psi = (d * mu_t + tt * torch.einsum("bpq,bq->bp", mo.jac_d, mu_g)
+                  + 0.5 * tt * torch.einsum("bpqr,bqr->bp", mo.hess_d, cov_gg)
+                  + (mo.jac_d * cov_tg).sum(-1) + own)
+        mu_g, mu_t = lay.sw2 * mu_phi, lay.lam_w * mu_phi + lay.sw2 * mu_psi
+        # U^{l+1}: E[s'_a s'_b s_a' s_c'] (own neurons) + off-diagonal NTK entries.
+        x_ac = mo.x4[:, pmat, :].permute(0, 3, 1, 2)  # [p, a', c'] = E[s'_a s'_b s_a' s_c']
+        kmat = kk[:, pmat]
+        grad = torch.einsum("bji,biac->bacj", torch.linalg.pinv(kmat, hermitian=True), mo.y3)
+        u_new = lay.sw2 * tt[:, :, None, None] * x_ac
+        if prev is not None:
+            u_new = u_new + lay.sw2 * prev[0] * (n / prev[1]) * (grad[:, ia] @ u @ grad[:, ib]
+                                                                  .transpose(-1, -2))
+        u, prev = u_new, (lay.sw2, n)
+        # Covariances.
         jac = k0.new_zeros(b, 2 * p, 2 * p)
         jac[:, :p, :p] = mo.jac_g
         jac[:, p:, :p] = tt[:, :, None] * mo.jac_d
@@ -211,16 +232,14 @@ def _propagate(linears, acts, widths, k0: Tensor, fan_in0: int) -> dict[str, Ten
                                                                        * tt[:, None, :])
         mix = torch.cat([torch.cat([lay.sw2 * eye, 0 * eye], 1),
                          torch.cat([lay.lam_w * eye, lay.sw2 * eye], 1)], 0)
-        inner = jac @ cov @ jac.transpose(1, 2) + noise / n
-        mu_g = lay.sw2 * (torch.einsum("bpq,bq->bp", mo.jac_g, mu_g)
-                          + 0.5 * torch.einsum("bpqr,bqr->bp", mo.hess_g, cov[:, :p, :p]))
-        cov = mix @ inner @ mix.T
+        cov = mix @ (jac @ cov @ jac.transpose(1, 2) + noise / n) @ mix.T
         d4pp = torch.diagonal(mo.d4, dim1=1, dim2=2)
-        own = lay.sw2**2 * d4pp * tt * tt / n
-        o_same = own + lay.sw2**2 * d[:, paa] * d[:, pbb] * o_same
-        o_swap = own + lay.sw2**2 * d * d * o_swap
+        own_var = lay.sw2**2 * d4pp * tt * tt / n
+        o_same = own_var + lay.sw2**2 * d[:, paa] * d[:, pbb] * o_same
+        o_swap = own_var + lay.sw2**2 * d * d * o_swap
         kk, tt = lay.sw2 * g + lay.sb2, lay.lam_b + lay.lam_w * g + lay.sw2 * d * tt
-    return {"K": kk, "T": tt, "cov": cov, "o_same": o_same, "o_swap": o_swap, "mu_g": mu_g}
+    return {"K": kk, "T": tt, "cov": cov, "o_same": o_same, "o_swap": o_swap, "mu_g": mu_g,
+            "mu_t": mu_t}
 
 
 def _as_float64(x: Tensor, name: str) -> Tensor:
@@ -273,7 +292,7 @@ def finite_width(net, x1: Tensor, x2: Tensor | None = None, *, width: int | Sequ
     k0 = torch.stack([(a[ii] ** 2).sum(1), (a[ii] * bmat[jj]).sum(1), (bmat[jj] ** 2).sum(1)],
                      1) / f
     out = {k: torch.zeros(n1, n2, dtype=torch.float64)
-           for k in ("nngp", "ntk", "nngp_var", "ntk_var", "nngp_mean")}
+           for k in ("nngp", "ntk", "nngp_var", "ntk_var", "nngp_mean", "ntk_mean")}
 
     def fill(res, rows, cols, pidx, p) -> None:
         cov = res["cov"]
@@ -281,7 +300,8 @@ def finite_width(net, x1: Tensor, x2: Tensor | None = None, *, width: int | Sequ
                 "nngp_var": cov[:, pidx, pidx],
                 "ntk_var": cov[:, p + pidx, p + pidx] + res["o_same"][:, pidx]
                 + res["o_swap"][:, pidx],
-                "nngp_mean": res["K"][:, pidx] + res["mu_g"][:, pidx]}
+                "nngp_mean": res["K"][:, pidx] + res["mu_g"][:, pidx],
+                "ntk_mean": res["T"][:, pidx] + res["mu_t"][:, pidx]}
         for k, v in vals.items():
             out[k][rows, cols] = v
             if x2 is None:
@@ -295,6 +315,7 @@ def finite_width(net, x1: Tensor, x2: Tensor | None = None, *, width: int | Sequ
     kurt = 1 + s1["cov"][:, 0, 0] / s1["K"][:, 0] ** 2
     return FiniteWidthKernel(nngp=out["nngp"], ntk=out["ntk"], nngp_var=out["nngp_var"],
                              nngp_mean=out["nngp_mean"], ntk_var=out["ntk_var"],
+                             ntk_mean=out["ntk_mean"],
                              kurtosis=kurt, width=widths)
 
 
