@@ -28,9 +28,9 @@ import jax
 jax.config.update("jax_enable_x64", True)
 warnings.filterwarnings("ignore", message="Linear scaling attention used")
 
-import numpy as np  # noqa: E402
-from jax import numpy as jnp  # noqa: E402
-from neural_tangents import stax  # noqa: E402
+import numpy as np
+from jax import numpy as jnp
+from neural_tangents import stax
 
 OUT = Path(__file__).with_name("masks_nt.npz")
 DECAYS = {"exp(-d/3)": lambda d: jnp.exp(-d / 3)}
