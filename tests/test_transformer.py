@@ -218,3 +218,36 @@ def test_monte_carlo_of_a_two_block_encoder(masked):
         assert bool(((vals.mean(0) - want).abs() <= bound).all()), (name, vals.mean(0), want)
         if name == "ntk" and not masked:  # (with causal masks 12 samples are too few)
             assert bool(((vals.mean(0) - getattr(wrong, name)).abs() > bound).any())
+
+
+class _TorchEncoderHead(torch.nn.Module):
+    def __init__(self, norm_first: bool) -> None:
+        super().__init__()
+        layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True,
+                                                 norm_first=norm_first)
+        self.enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(self.enc(x).mean(1))
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_ln", "pre_ln"])
+def test_vector_products_run_through_torchs_attention(norm_first):
+    """method='vector_products' (forward mode) through nn.TransformerEncoder (fused fast
+    path, scaled_dot_product_attention) and through the ntkit twin: equal to the
+    explicit Jacobian product; torch's fast-path switch is restored."""
+    torch.manual_seed(0)
+    model = _TorchEncoderHead(norm_first).double().eval()
+    x = torch.randn(4, 5, 16, dtype=torch.float64)
+    want = nk.empirical_ntk(model, x, method="jacobian")
+    got = nk.empirical_ntk(model, x, method="vector_products")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert torch.backends.mha.get_fastpath_enabled()
+    twin = nk.Sequential(nk.Conv1d(16, 1), encoder_block(16, 2, 32, n_samples=4),
+                         readout("last"), nk.Linear(2)).build(
+        (3, 5), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    xs = _x(3, 3, 5, 9)
+    torch.testing.assert_close(nk.empirical_ntk(twin, xs, method="vector_products"),
+                               nk.empirical_ntk(twin, xs, method="jacobian"),
+                               rtol=1e-10, atol=1e-12)

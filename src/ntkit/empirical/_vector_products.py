@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
 from ._problem import Problem
+
+
+@contextlib.contextmanager
+def forward_mode_attention():
+    """torch's attention on a path with forward-mode derivatives, for the pushes: the
+    math backend of ``scaled_dot_product_attention`` (its fused CPU/GPU kernels have
+    no forward-mode rule) and no fused ``TransformerEncoderLayer`` fast path (torch's
+    process-wide switch, restored on exit). Same values, other kernels."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 class VectorProducts:
@@ -56,8 +75,9 @@ class VectorProducts:
                     return jvp(lambda p: f(p, x), (params,), (tangent,))[1]
 
                 # (N1, N2, O_b, O_a): J1 J2^T restricted to these parameters
-                pushed = vmap(vmap(vmap(push, in_dims=(None, 0)), in_dims=(None, 0)),
-                              in_dims=(0, None))(a, {k: cot[k] for k in names})
+                with forward_mode_attention():
+                    pushed = vmap(vmap(vmap(push, in_dims=(None, 0)), in_dims=(None, 0)),
+                                  in_dims=(0, None))(a, {k: cot[k] for k in names})
                 full = pushed.transpose(-1, -2)  # (N1, N2, O_a, O_b)
                 if problem.output == "full":
                     yield names[0], full
