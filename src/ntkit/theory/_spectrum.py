@@ -169,8 +169,9 @@ def nystrom_spectrum(net, x_pool: Tensor, y_pool: Tensor, *, landmarks: int,
     itself stands for the data distribution: for a curve up to ``n`` it should hold at
     least 8-10 times ``n`` points (tests/test_theory.py measures the theory's gap growing
     as ``n`` nears ``P``). Memory: ``O(m^2 + block m)``, independent of ``P`` beyond the
-    inputs themselves (measured: P = 20,000, m = 2,000, 1-hidden-layer ReLU, peak RSS
-    1.6 GB with the earlier (P, m) SVD; the Gram form holds only (m, m)).
+    inputs themselves. Measured (1-hidden-layer ReLU NTK, d = 20, float64, the 2-core
+    machine under load): P = 100,000 with m = 2,000 in 185 s at a peak RSS of 0.70 GB;
+    P = 20,000 in 132 s at 0.75 GB (1.56 GB when B was stored).
 
     Args:
         net: an ntkit network (``net.kernel(x1, x2)`` gives a `Kernel`).
