@@ -251,3 +251,43 @@ def test_vector_products_run_through_torchs_attention(norm_first):
     torch.testing.assert_close(nk.empirical_ntk(twin, xs, method="vector_products"),
                                nk.empirical_ntk(twin, xs, method="jacobian"),
                                rtol=1e-10, atol=1e-12)
+
+
+NT_REFERENCE = __import__("pathlib").Path(__file__).parent / "data" / "transformer_nt.npz"
+
+
+def _nt_block(norm_first: bool) -> nk.Sequential:
+    """tests/data/gen_transformer_nt.py's block: SelfAttention (1/n scaling, tied keys,
+    neural-tangents' convention) with residuals, LayerNorm and a position-wise MLP."""
+    attn = nk.SelfAttention(16, 2, w_key_std=1.3, w_value_std=1.1, w_query_std=0.9,
+                            b_std=0.1)
+    mlp = nk.Sequential(nk.Conv1d(32, 1, w_std=1.4, b_std=0.2), nk.ReLU(),
+                        nk.Conv1d(16, 1, w_std=1.2, b_std=0.1))
+
+    def res(inner):
+        return [nk.FanOut(2), nk.Parallel(nk.Identity(), inner), nk.FanInSum()]
+
+    ln = nk.LayerNorm(eps=1e-12)
+    if norm_first:
+        return nk.Sequential(*res(nk.Sequential(ln, attn)), *res(nk.Sequential(ln, mlp)))
+    return nk.Sequential(*res(attn), ln, *res(mlp), ln)
+
+
+@pytest.mark.parametrize("name", ["post_ln", "pre_ln", "post_ln_masked"])
+def test_neural_tangents_parity_of_full_blocks(name):
+    """Where the conventions coincide (1/n_key scaling, tied keys), two full encoder
+    blocks equal neural-tangents 0.6.5's (float64; k(x1, x2) and k(x1, x1))."""
+    import numpy as np
+
+    ref = np.load(NT_REFERENCE)
+    t = {k.split("/", 1)[1]: torch.from_numpy(ref[k]) for k in ref.files
+         if k.startswith(name + "/")}
+    norm_first = name.startswith("pre")
+    net = nk.Sequential(nk.Conv1d(16, 1, w_std=1.5, b_std=0.3), _nt_block(norm_first),
+                        _nt_block(norm_first), nk.GlobalAvgPool(), nk.Linear(1))
+    masked = name.endswith("masked")
+    k12 = net.kernel(t["x1"], t["x2"], **({"mask": (t["m1"], t["m2"])} if masked else {}))
+    k11 = net.kernel(t["x1"], **({"mask": t["m1"]} if masked else {}))
+    for got, key in ((k12.nngp, "nngp"), (k12.ntk, "ntk"), (k11.nngp, "nngp_11"),
+                     (k11.ntk, "ntk_11")):
+        torch.testing.assert_close(got, t[key], rtol=1e-6, atol=1e-9)
