@@ -91,7 +91,7 @@ __version__ = "0.1.0"
 #: Public submodules imported on first access as ``nk.<name>`` (module-level
 #: ``__getattr__``, PEP 562). ``nk.kernel_matrix`` is the function of that name;
 #: its module is ``importlib.import_module("ntkit.kernel_matrix")``.
-_LAZY_SUBMODULES = ("cli", "datasets", "demo", "errors", "plot", "predict", "solvers",
+_LAZY_SUBMODULES = ("cli", "datasets", "demo", "errors", "features", "plot", "predict", "solvers",
                     "sklearn", "spec", "theory")
 
 __all__ = [

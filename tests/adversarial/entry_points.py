@@ -246,6 +246,10 @@ ADVERSARIAL_CASES: dict[str, tuple[str, ...] | Exempt | Pending] = {
         "a closed-form NumPy kernel; its hostile inputs (NaN and infinite inputs, overflow, "
         "wrong shapes, bad depth or bias, a gradient with Z) are tested in "
         "tests/test_scikit_ntk.py::test_bad_input_is_refused_with_a_clear_error"),
+    "ntkit.sklearn.NTKRandomFeatures": Exempt(
+        "a transformer over ntkit.features.RandomFeatureMap: scikit-learn's check_estimator "
+        "(NaN, infinite, empty and mis-shaped X) and the map's hostile inputs are tested in "
+        "tests/test_random_features.py"),
     # the command line (area C)
     "ntkit kernel": (
         _CLI + "test_kernel_output_that_is_its_data_is_refused",

@@ -16,9 +16,10 @@ Needs scikit-learn (``pip install 'ntkit[sklearn]'``).
 """
 
 from ._estimators import NNGPRegressor, NTKClassifier, NTKRegressor
+from ._features import NTKRandomFeatures
 from ._io import load, save
 from ._kernels import NNGPKernel, NTKKernel
 from ._scikit_ntk import NeuralTangentKernel
 
-__all__ = ["NNGPKernel", "NNGPRegressor", "NTKClassifier", "NTKKernel", "NTKRegressor",
-           "NeuralTangentKernel", "load", "save"]
+__all__ = ["NNGPKernel", "NNGPRegressor", "NTKClassifier", "NTKKernel", "NTKRandomFeatures",
+           "NTKRegressor", "NeuralTangentKernel", "load", "save"]

@@ -1,0 +1,16 @@
+"""Random features of ntkit networks' kernels: a second route to large N.
+
+- `random_features`: ``phi(x)`` ``(N, n_features)`` with ``E[phi(x) . phi(x')]`` the
+  network's NTK (or NNGP), for fully connected and convolutional networks (Zandieh et
+  al. 2021, "Scaling neural tangent kernels via sketching and random features").
+- `RandomFeatureMap`: the same map drawn once, applied to many batches (training and
+  test inputs must share it).
+
+Any linear model on ``phi`` approximates kernel regression with the network's kernel at
+cost ``O(N D^2)`` instead of ``O(N^2)``; ``ntkit.sklearn.NTKRandomFeatures`` is the
+scikit-learn transformer. Bias and variance are stated in `RandomFeatureMap`.
+"""
+
+from ._random import RandomFeatureMap, random_features
+
+__all__ = ["RandomFeatureMap", "random_features"]
