@@ -111,7 +111,7 @@ ADVERSARIAL_CASES: dict[str, tuple[str, ...] | Exempt | Pending] = {
     "ntkit.GRU": Exempt("a gated layer without a kernel rule: its hostile arguments and "
                         "inputs (shapes, NaN, lengths, scales) are tests/test_gated.py::"
                         "test_bad_arguments_say_what_was_wrong"),
-    "ntkit.LSTM": Exempt("as ntkit.GRU: tests/test_gated.py::"
+    "ntkit.LSTM": Exempt("a gated layer like ntkit.GRU, tested the same way in tests/test_gated.py::"
                          "test_bad_arguments_say_what_was_wrong"),
     "ntkit.Embedding": Exempt("a layer whose hostile inputs (float, out-of-range or "
                               "misshapen token ids, ids given to a network without an "
