@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..layers.activations import ABReLU, Activation, Sign
+from ..layers.activations import ABReLU, Activation, Erf, Sign
 
 __all__ = ["Moments", "pair_index", "moments"]
 
@@ -97,9 +97,12 @@ def _derivative(act: Activation):
     """``s'`` as an elementwise function that forward-mode autodiff can see through."""
     if isinstance(act, ABReLU):
         a, b = float(act.a), float(act.b)
-        return lambda z: torch.where(z < 0, a, b) * torch.ones_like(z)
+        return lambda z: torch.where(z < 0, torch.full_like(z, a), torch.full_like(z, b))
     if isinstance(act, Sign):
         return torch.zeros_like
+    if isinstance(act, Erf):  # written out: nested forward-mode AD of erf is slow
+        scale = float(act.a) * float(act.b) * 2 / math.sqrt(math.pi)
+        return lambda z: scale * torch.exp(-(float(act.b) * z) ** 2)
     own = getattr(act, "derivative", None)
     if callable(own):
         return own
