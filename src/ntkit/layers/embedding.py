@@ -111,11 +111,12 @@ class Embedding(Layer):
     @classmethod
     def from_torch_module(cls, module: nn.Embedding, ctx) -> Embedding:
         if module.max_norm is not None:
-            ctx.fail(module, "max_norm renormalises looked-up rows during forward, which has "
-                             "no Gaussian limit; set max_norm=None")
+            raise ctx.fail("nn.Embedding with max_norm renormalises looked-up rows during "
+                           "forward, which has no Gaussian limit; set max_norm=None")
         if module.padding_idx is not None:
-            ctx.fail(module, "padding_idx keeps one row at zero (never drawn nor trained); "
-                             "use a padding mask, net.kernel(..., mask=...), instead")
+            raise ctx.fail("nn.Embedding with padding_idx keeps one row at zero (never drawn "
+                           "nor trained); drop padding_idx and pass a padding mask, "
+                           "net.kernel(..., mask=...), instead")
         return cls(module.embedding_dim, module.num_embeddings)
 
     # ---------------------------------------------------------------- the rule
