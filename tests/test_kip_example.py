@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -20,8 +21,10 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "examples" / "kip.py"
 def kip():
     spec = importlib.util.spec_from_file_location("kip_example", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
-    return module
+    yield module
+    sys.modules.pop(spec.name, None)
 
 
 def test_steps_lower_the_loss_on_the_training_set(kip):
