@@ -172,7 +172,7 @@ def elman_pairs(
 
     With ``g_t = (w/sqrt(n)) W h_{t-1} + (u/sqrt(m)) U x_t + b beta`` (NTK
     parameterization), the recursion of Alemohammad et al. 2021 (*The recurrent
-    neural tangent kernel*, ICLR; eqs. 4-5 / Theorem 1, with an input kernel
+    neural tangent kernel*, ICLR; Theorem 1, the RNTK recursion, with an input kernel
     from earlier layers and a random initial state) is, at step pair ``(t, t')``::
 
         Sigma_{t,t'}  = w^2 E[phi(g_{t-1}) phi(g'_{t'-1})] + u^2 K^in_{t,t'} + b^2

@@ -70,7 +70,11 @@ class RNN(Layer):
     steps, the backward direction starts at each sequence's own last step); the
     hidden states at absent steps are zero (``"all"``, as ``pad_packed_sequence``
     gives); ``"last"`` reads each sequence's own last step and ``"mean"``
-    averages its own steps.
+    averages its own steps. Different lengths with ``"last"`` or a backward
+    direction read step pairs ``(t, t')`` off the diagonal: a first layer
+    computes them from the inputs; after other layers only ``readout="mean"``
+    (or a later layer that mixes positions) provides them, and otherwise the
+    kernel call says so.
 
     Args:
         out_channels: the hidden width ``n`` (used by `build` and by the standard
