@@ -150,11 +150,9 @@ def _cos_and_scale(k: Tensor, v1: Tensor, v2: Tensor, sign: float = 1.0
     Zero variances give correlation 0 instead of NaN. ``sign=-1`` gives the
     negated correlation without an extra pass over the tile.
 
-    With gradients, a zero variance (an all-zero input, or a convolution
-    window over zeros, without bias) has zero gradient through its square root
-    and correlation, as neural-tangents' safe ``_sqrt`` and ``_arctan2``
-    (``stax/elementwise.py``) give, instead of ``0 * inf = NaN``: the kernel
-    is a cone ``|x|`` there, and 0 is its symmetric subgradient.
+    A zero variance (a zero input or window, no bias) has zero gradient through
+    its square root and correlation (a cone ``|x|``: 0 is its symmetric
+    subgradient), as neural-tangents' ``_sqrt`` and ``_arctan2`` give.
     """
     r1, r2 = _safe_sqrt(v1), _safe_sqrt(v2)
     if sign != 1.0:
@@ -169,8 +167,7 @@ def _cos_and_scale(k: Tensor, v1: Tensor, v2: Tensor, sign: float = 1.0
 
 
 def _safe_sqrt(t: Tensor) -> Tensor:
-    """``sqrt(t)`` for ``t >= 0`` whose gradient is 0 at 0 instead of infinite (see
-    `_cos_and_scale`); the same values as `torch.sqrt`."""
+    """`torch.sqrt` of ``t >= 0`` with gradient 0 at 0 instead of infinite."""
     if not t.requires_grad:
         return torch.sqrt(t)
     positive = t > 0
@@ -185,14 +182,12 @@ def _arccos(c: Tensor) -> Tensor:
     hyperparameter, so 0 is the right derivative there, and it keeps
     ``0 * inf = NaN`` out of the gradients of everything else.
 
-    In the inputs, the angle ``theta = arccos(c)`` between an input and itself
-    is a kink (a cone ``|x2 - x1|`` across ``x1``); neural-tangents' custom
-    derivatives of ``sqrt(v1 v2 - k^2)`` and ``arctan2`` (``stax/elementwise.py``)
-    give it derivative 0 there, and so does this. The flat band is
-    ``|c| >= 1 - EDGE_ULPS * eps`` of the dtype: a duplicate in another tensor
-    (``k(x, x.clone())``) reaches correlation 1 only up to rounding, where the
-    slope ``1 / sqrt(1 - c^2)`` would amplify the rounding of ``dc`` (itself 0
-    in exact arithmetic) to errors of ``sqrt(eps)``. Values are unchanged.
+    In the inputs, ``theta = arccos(c)`` is a kink at a self-pair (a cone
+    across ``x1``), given derivative 0 as neural-tangents' custom ``_sqrt`` and
+    ``_arctan2`` (``stax/elementwise.py``) do. The flat band is ``|c| >= 1 -
+    EDGE_ULPS * eps``: a duplicate in another tensor reaches 1 only up to
+    rounding, which the slope ``1 / sqrt(1 - c^2)`` would amplify. Values are
+    unchanged.
     """
     return _flat_at_edges(torch.arccos, c)
 
