@@ -445,3 +445,15 @@ def test_estimator_on_sequences_from_a_spec_string():
     want = k_te @ torch.linalg.solve(k_tr + reg * torch.eye(9, dtype=k_tr.dtype),
                                      torch.from_numpy(y[:9]))
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-8)
+
+
+def test_different_lengths_after_other_layers():
+    """After a Conv1d, readout='mean' gets the step pairs from the network; 'last' with
+    different lengths cannot, and says what to do."""
+    x, mask = _seqs(3, 2, 5, 1, [5, 3, 4])
+    conv = nk.Conv1d(8, 1, w_std=1.2)
+    rnn = {"w_std": 1.1, "u_std": 1.0, "b_std": 0.1}
+    k = nk.Sequential(conv, nk.RNN(8, nk.Erf(), readout="mean", **rnn)).kernel(x, mask=mask)
+    assert torch.isfinite(k.ntk).all()
+    with pytest.raises(ValueError, match="Make the RNN the first layer"):
+        nk.Sequential(conv, nk.RNN(8, nk.Erf(), readout="last", **rnn)).kernel(x, mask=mask)
