@@ -230,8 +230,7 @@ class MultiheadAttention(Layer):
         """The sample means of ``A1 K12 A2^T`` and of the NTK's bracket (``t12`` not
         None) over the logit draws ``xi``, for a batch of input pairs ``(B, P, P)``
         (``m1``, ``m2``: present positions ``(B, P)``, or None)."""
-        sums = _moments(self, k11, k12, k22, t12, m1, m2, xi, want_sq=False)
-        return sums[0], sums[1]
+        return _sample_means(self, k11, k12, k22, t12, m1, m2, xi)
 
     # ---------------------------------------------------------------- finite twin
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
@@ -310,9 +309,13 @@ def _attend(g: Tensor, present: Tensor | None, causal: bool, mechanism: str) -> 
     return torch.where(keep.any(-1, keepdim=True), a, 0.0)
 
 
-def _moments(layer: MultiheadAttention, k11, k12, k22, t12, m1, m2, xi, *, want_sq: bool):
-    """Means (and with ``want_sq`` the standard errors over groups of four) of the
-    NNGP and NTK brackets of `MultiheadAttention` over the draws ``xi``."""
+def _sample_means(layer: MultiheadAttention, k11: Tensor, k12: Tensor, k22: Tensor,
+                  t12: Tensor | None, m1: Tensor | None, m2: Tensor | None, xi: Tensor
+                  ) -> tuple[Tensor, Tensor | None]:
+    """The means over the draws ``xi`` ``(S, 2P, 2P)`` of the NNGP bracket
+    ``A1 K12 A2^T`` and (``t12`` not None) the NTK bracket of `MultiheadAttention`,
+    for pairs of inputs ``(B, P, P)``; the draws are processed in chunks that keep
+    ``B x chunk x P x P`` under ``_CHUNK_ELEMENTS``."""
     b, p, _ = k12.shape
     joint = torch.cat((torch.cat((k11, k12), -1), torch.cat((k12.transpose(-1, -2), k22), -1)),
                       -2)
