@@ -20,7 +20,9 @@ per class (the initial support sets) and on the whole training set.
 Run (under a minute on one CPU core)::
 
     python examples/kip.py                      # writes examples/kip_digits.png
-    python examples/kip.py --arch conv --out /tmp/kip
+    python examples/kip.py --arch conv --steps 100 --draws 1 --out /tmp/kip
+
+(the CNN's NTK costs about 0.8 s of CPU per step against 0.02 s for the MLP's)
 
 and it prints a Markdown table of test accuracies.
 """
