@@ -41,8 +41,9 @@ from ..layers.activations import ABReLU, Activation, Erf, Sign
 
 __all__ = ["Moments", "pair_index", "moments"]
 
-#: Gauss-Legendre nodes per arc of the polar rule (trigonometric degree <= 4).
-ARC_NODES = 16
+#: Gauss-Legendre nodes per arc of the polar rule (trigonometric degree <= 4; 12 nodes
+#: reach ~1e-14 relative, 8 only ~1e-9).
+ARC_NODES = 12
 #: Gauss-Hermite nodes per axis for ``m`` = 1, 2, 3, 4 inputs (smooth activations).
 HERMITE_NODES = {1: 96, 2: 48, 3: 20, 4: 12}
 
@@ -207,7 +208,7 @@ class _Rule:
         return z, w
 
 
-def moments(act: Activation, cov: Tensor, *, chunk: int = 4096) -> Moments:
+def moments(act: Activation, cov: Tensor, *, chunk: int = 16384) -> Moments:
     """The expectations of `Moments` for a batch of covariances.
 
     Args:
@@ -236,16 +237,14 @@ def moments(act: Activation, cov: Tensor, *, chunk: int = 4096) -> Moments:
         return torch.cat([rule.radial(2 * h) * (w @ a), rule.radial(2 * h - 2) * (w @ bb)])
 
     def fourth(params):
-        a, bb, w = products(params)
-        aw = a * w[:, None]
-        return (rule.radial(4 * h) * aw.T @ a, rule.radial(4 * h - 2) * aw.T @ bb,
-                rule.radial(4 * h - 4) * (bb * w[:, None]).T @ bb)
-
-    def third(params):
         z, w = rule.nodes(params)
         s, sd = fn(z), dfn(z)
+        a, bb = s[:, ia] * s[:, ib], sd[:, ia] * sd[:, ib]
+        aw = a * w[:, None]
         prod = z[:, :, None, None] * sd[:, None, :, None] * s[:, None, None, :]
-        return rule.radial(2 * h) * torch.einsum("q,qiac->iac", w, prod)
+        return (rule.radial(4 * h) * aw.T @ a, rule.radial(4 * h - 2) * aw.T @ bb,
+                rule.radial(4 * h - 4) * (bb * w[:, None]).T @ bb,
+                rule.radial(2 * h) * torch.einsum("q,qiac->iac", w, prod))
 
     jac = torch.func.jacfwd(two)
     hess = torch.func.jacfwd(jac)
@@ -255,11 +254,8 @@ def moments(act: Activation, cov: Tensor, *, chunk: int = 4096) -> Moments:
         outs["v"].append(torch.func.vmap(two)(c))
         outs["j"].append(torch.func.vmap(jac)(c))
         outs["h"].append(torch.func.vmap(hess)(c))
-        f4, x4, d4 = torch.func.vmap(fourth)(c)
-        outs["f4"].append(f4)
-        outs["x4"].append(x4)
-        outs["d4"].append(d4)
-        outs["y3"].append(torch.func.vmap(third)(c))
+        for key, val in zip(("f4", "x4", "d4", "y3"), torch.func.vmap(fourth)(c)):
+            outs[key].append(val)
     v, j, hh = (torch.cat(outs[k]) for k in ("v", "j", "h"))
     return Moments(g=v[:, :p], d=v[:, p:], jac_g=j[:, :p], jac_d=j[:, p:], hess_g=hh[:, :p],
                    hess_d=hh[:, p:], f4=torch.cat(outs["f4"]), x4=torch.cat(outs["x4"]),
