@@ -239,3 +239,6 @@ def test_bad_inputs():
         finite_width(net, x[0], width=8)
     with pytest.raises(ValueError, match="index"):
         nngp_four_point(net, x, torch.tensor([[0, 1, 2]]), width=8)
+    with pytest.raises(ValueError, match="index must lie"):
+        nngp_four_point(net, x, torch.tensor([[0, 1, 2, 3]]), width=8)
+    assert nk.finite_width is finite_width

@@ -85,6 +85,7 @@ from .layers import (
 )
 from .linearize import TaylorModel, linearize, taylor
 from .monte_carlo import empirical_kernels, monte_carlo_kernel
+from .finite import finite_width, nngp_four_point
 
 __version__ = "0.1.0"
 
@@ -165,6 +166,8 @@ __all__ = [
     "empirical_nngp",
     "empirical_ntk",
     "empirical_ntk_by_layer",
+    "finite_width",
+    "nngp_four_point",
     "from_torch",
     "kernel_matrix",
     "linearize",

@@ -163,6 +163,12 @@ ADVERSARIAL_CASES: dict[str, tuple[str, ...] | Exempt | Pending] = {
                             _OUTPUTS + "test_empirical_mixed_dtypes_are_named"),
     "ntkit.empirical_ntk_by_layer": (_OUTPUTS + "test_empirical_overflow_is_a_non_finite_"
                                                 "error",),
+    "ntkit.finite_width": Exempt(
+        "1/width corrections of an MLP: its input checks (non-MLP networks, widths, input "
+        "shapes) are tested in tests/test_finite_width.py::test_bad_inputs"),
+    "ntkit.nngp_four_point": Exempt(
+        "the four-point vertex of finite_width's recursion: index shape and range checks "
+        "are tested in tests/test_finite_width.py::test_bad_inputs"),
     "ntkit.monte_carlo_kernel": (_OUTPUTS + "test_monte_carlo_refuses_non_finite_inputs_and_"
                                             "outputs",),
     "ntkit.predict.gp_inference": (
