@@ -1,11 +1,14 @@
 """Nystrom kernel ridge regression by FALKON: ``M`` centres, kernel blocks recomputed
-on the fly in row tiles, never the ``N x N`` matrix."""
+on the fly in row tiles (in this process or on Dask), never the ``N x N`` matrix; a fit
+checkpointed to disk resumes after a kill (`.checkpoint`)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -21,23 +24,47 @@ from ._common import (
     default_tol,
     diag_reg_absolute,
     kernel_diagonal,
-    row_ranges,
     tile_rows,
 )
+from ._falkon_tiles import DaskTiles, RowTiles
 from .cg import conjugate_gradient
+from .checkpoint import Checkpoint, CheckpointStore, as_checkpoint, describe_tensor, resumable_cg
 from .predictor import KernelRidgePredictor
 
-__all__ = ["nystrom_krr"]
+__all__ = ["auto_centers", "nystrom_krr"]
+
+#: Bytes per entry of the ``M x M`` float64 matrices FALKON holds at once (``K_mm`` or
+#: ``T``, ``A`` and a temporary): the memory side of `auto_centers`.
+_MM_BYTES = 3 * 8
 
 
-def nystrom_krr(kernel_fn: KernelFn, x_train: Tensor, y_train: Tensor, *, n_centers: int,
-                diag_reg: float, generator: torch.Generator | None = None,
+def auto_centers(n: int, memory_budget: int | str | None = None) -> int:
+    """The number of centres ``n_centers="auto"`` takes: ``min(N, ceil(sqrt(N) log N),
+    sqrt(budget / 24))``.
+
+    ``sqrt(N) log N`` centres give FALKON the optimal statistical rate of kernel ridge
+    regression under the usual source and capacity conditions (Rudi, Carratino &
+    Rosasco 2017, Thm. 3 with uniform sampling); more centres only bring the solution
+    closer to the exact ``N``-point one. The preconditioner holds about three ``M x M``
+    float64 matrices, which ``memory_budget`` (default 1 GiB) bounds. Each CG iteration
+    computes ``N M`` kernel entries: time, not memory, limits ``M`` when ``K_nm`` is
+    recomputed (``cache=False``).
+    """
+    budget = parse_memory(memory_budget)
+    rule = math.ceil(math.sqrt(n) * math.log(max(n, 2)))
+    return max(1, min(n, rule, math.isqrt(max(budget // _MM_BYTES, 1))))
+
+
+def nystrom_krr(kernel_fn: KernelFn, x_train: Tensor, y_train: Tensor, *,
+                n_centers: int | Literal["auto"], diag_reg: float,
+                generator: torch.Generator | None = None,
                 diag_reg_absolute_scale: bool = False,
                 kernel_diag_fn: Callable[[Tensor], Tensor] | None = None,
                 tol: float | None = None, max_iter: int | None = None,
                 memory_budget: int | str | None = None, cache: bool | None = None,
                 dtype: torch.dtype | None = None, on_failure: OnFailure = "raise",
-                progress: bool | None = None) -> KernelRidgePredictor:
+                progress: bool | None = None, client=None, n_workers: int | None = None,
+                checkpoint: str | Checkpoint | None = None) -> KernelRidgePredictor:
     """Nystrom kernel ridge regression by FALKON: ``M`` centres, preconditioned CG.
 
     Rudi, Carratino & Rosasco, "FALKON: An optimal large scale kernel method" (NeurIPS
@@ -66,8 +93,10 @@ def nystrom_krr(kernel_fn: KernelFn, x_train: Tensor, y_train: Tensor, *, n_cent
         kernel_fn: ``(a, b) -> (Na, Nb)`` kernel, e.g. ``kernel_function(net, "ntk")``.
         x_train: ``(N, ...)``.
         y_train: ``(N, O)`` or ``(N,)``.
-        n_centers: ``M``, at most ``N``; FALKON's theory asks ``M ~ sqrt(N) log N`` for
-            optimal statistical rates; more centres, closer to the exact solution.
+        n_centers: ``M``, at most ``N``, or ``"auto"``: `auto_centers` (``sqrt(N) log N``,
+            FALKON's rule for optimal statistical rates, within ``memory_budget``); more
+            centres, closer to the exact solution, at ``N M`` kernel entries per
+            iteration.
         diag_reg: ``> 0``, relative to the mean diagonal (see above).
         generator: draws the centres; required when ``M < N`` (at ``M = N`` the centres
             are all training points, in order).
@@ -87,6 +116,17 @@ def nystrom_krr(kernel_fn: KernelFn, x_train: Tensor, y_train: Tensor, *, n_cent
             default the kernel's. A cache stays in the kernel's dtype.
         on_failure: ``"raise"`` `ConvergenceError` or ``"warn"`` when CG stalls.
         progress: CG progress bar (relative residual as postfix).
+        client: a `distributed.Client`: each iteration's row tiles of ``K_nm`` become
+            tasks on its cluster (the engine of `ntkit.kernel_matrix`); each returns
+            ``t^T (t u)``, summed here in tile order. Implies ``cache=False``.
+        n_workers: start a `distributed.LocalCluster` of this many single-threaded
+            workers for the fit (closed after). At most one of ``client``/``n_workers``.
+        checkpoint: a directory (or `ntkit.solvers.Checkpoint` with ``every`` and
+            ``key``): the preconditioner and CG's state are saved there every few
+            iterations; called again with the same arguments after a kill, the fit
+            resumes and returns exactly the uninterrupted result (see
+            `ntkit.solvers.checkpoint`). A checkpoint of other data or settings is
+            refused (`CheckpointError`).
 
     Returns:
         A `KernelRidgePredictor`: ``.predict(x_test)``, ``.centers`` ``(M, ...)``,
@@ -96,9 +136,12 @@ def nystrom_krr(kernel_fn: KernelFn, x_train: Tensor, y_train: Tensor, *, n_cent
     n = x.shape[0]
     y, vector = check_targets(y_train, n)
     diag_reg = check_diag_reg(diag_reg)
+    if isinstance(n_centers, str) and n_centers == "auto":
+        n_centers = auto_centers(n, memory_budget)
     if isinstance(n_centers, bool) or not isinstance(n_centers, numbers.Integral) or \
             not 1 <= n_centers <= n:
-        raise ValueError(f"n_centers must be an int between 1 and N = {n}, got {n_centers!r}.")
+        raise ValueError(f"n_centers must be an int between 1 and N = {n} (or 'auto', "
+                         f"sqrt(N) log N within the memory budget), got {n_centers!r}.")
     n_centers = int(n_centers)
     if diag_reg == 0:
         raise ValueError("nystrom_krr needs diag_reg > 0 (its preconditioner and the Nystrom "
@@ -118,91 +161,101 @@ def nystrom_krr(kernel_fn: KernelFn, x_train: Tensor, y_train: Tensor, *, n_cent
     kdtype = x.dtype
     wdtype = dtype or kdtype
     tol = default_tol(wdtype) if tol is None else tol
-    s = diag_reg if diag_reg_absolute_scale else diag_reg_absolute(
-        kernel_diagonal(kernel_fn, x, kernel_diag_fn), diag_reg)
-    if not (s > 0 and math.isfinite(s)):
-        raise ValueError(f"the regulariser diag_reg * trace(K)/N = {s!r} is not positive; "
-                         f"check the kernel's diagonal, or pass diag_reg_absolute_scale=True.")
-    lam = s / n
-    y = y.to(device=x.device, dtype=wdtype)
-
-    # preconditioner factors (Alg. 1): K_mm = T^T T, T T^T / M + lam I = A^T A
-    kmm = kernel_fn(centers, centers).to(wdtype)
-    kmm = 0.5 * (kmm + kmm.T)
-    t_up = _cholesky_upper(kmm, "K_mm (the kernel between the centres)")
-    eye = torch.eye(m, dtype=wdtype, device=kmm.device)
-    a_up = _cholesky_upper(t_up @ t_up.T / m + lam * eye, "T T^T / M + lam I")
-    del kmm
-
+    max_iter = 500 if max_iter is None else max_iter
+    spec = as_checkpoint(checkpoint)
+    distributed = client is not None or n_workers is not None
     knm_bytes = n * m * x.element_size()
-    keep = (knm_bytes <= budget) if cache is None else bool(cache)
+    keep = False if distributed else (knm_bytes <= budget) if cache is None else bool(cache)
     # tiles share the budget with a kept K_nm: what it leaves, at least a sixteenth
     tile_budget = max(budget - knm_bytes, budget // 16) if keep else budget
     rows = tile_rows(m, max(x.element_size(), torch.finfo(wdtype).bits // 8), tile_budget)
-    tiles = _RowTiles(kernel_fn, x, centers, rows, wdtype, keep)
-    rhs = _b_t(t_up, a_up, tiles.knm_t(y) / n)                         # B^T K_nm^T y / N
+    y = y.to(device=x.device, dtype=wdtype)
 
-    def matvec(u: Tensor) -> Tensor:                                   # B^T H B u
-        au = _solve_upper(a_up, u)                                     # A^-1 u
-        w = tiles.knm_t_knm(_solve_upper(t_up, au)) / n                # K^T K T^-1 A^-1 u / N
-        return _solve_upper(a_up, _solve_upper(t_up, w, left_t=True) + lam * au, left_t=True)
+    with contextlib.ExitStack() as stack:
+        store = None
+        if spec is not None:
+            store = CheckpointStore(spec, _identity(kernel_fn, x, y, centers, spec.key, {
+                "n_centers": m, "diag_reg": diag_reg, "absolute": diag_reg_absolute_scale,
+                "tol": tol, "max_iter": max_iter, "dtype": str(wdtype), "tile_rows": rows}))
+            stack.callback(store.close)
+        setup = store.load("setup") if store is not None else None
+        if setup is None:
+            s = diag_reg if diag_reg_absolute_scale else diag_reg_absolute(
+                kernel_diagonal(kernel_fn, x, kernel_diag_fn), diag_reg)
+            if not (s > 0 and math.isfinite(s)):
+                raise ValueError(f"the regulariser diag_reg * trace(K)/N = {s!r} is not "
+                                 f"positive; check the kernel's diagonal, or pass "
+                                 f"diag_reg_absolute_scale=True.")
+            t_up, a_up = _preconditioner(kernel_fn, centers, wdtype, s / n)
+        else:
+            s, t_up, a_up = setup["s"], setup["t_up"].to(x.device), setup["a_up"].to(x.device)
+        lam = s / n
+        tiles = _tiles(stack, kernel_fn, x, centers, rows, wdtype, keep, client, n_workers)
+        if setup is None:
+            rhs = _b_t(t_up, a_up, tiles.knm_t(y) / n)                 # B^T K_nm^T y / N
+            if store is not None:
+                store.save("setup", {"t_up": t_up, "a_up": a_up, "rhs": rhs}, {"s": float(s)},
+                           tag="0")
+        else:
+            rhs = setup["rhs"].to(x.device)
 
-    beta, info = conjugate_gradient(matvec, rhs, tol=tol, max_iter=500 if max_iter is None
-                                    else max_iter, on_failure=on_failure, progress=progress,
-                                    what=f"FALKON (N={n}, M={m})")
+        def matvec(u: Tensor) -> Tensor:                               # B^T H B u
+            au = _solve_upper(a_up, u)                                 # A^-1 u
+            w = tiles.knm_t_knm(_solve_upper(t_up, au)) / n            # K^T K T^-1 A^-1 u / N
+            return _solve_upper(a_up, _solve_upper(t_up, w, left_t=True) + lam * au,
+                                left_t=True)
+
+        what = f"FALKON (N={n}, M={m})"
+        if store is None:
+            beta, info = conjugate_gradient(matvec, rhs, tol=tol, max_iter=max_iter,
+                                            on_failure=on_failure, progress=progress, what=what)
+        else:
+            beta, info = resumable_cg(matvec, rhs, store=store, tol=tol, max_iter=max_iter,
+                                      on_failure=on_failure, progress=progress, what=what)
     alpha = _solve_upper(t_up, _solve_upper(a_up, beta))
     return KernelRidgePredictor(kernel_fn, centers, alpha, info=info, solver="nystrom",
                                 diag_reg_absolute=s, memory_budget=memory_budget,
                                 vector=vector)
 
 
-class _RowTiles:
-    """``K_nm = k(x, centers)`` by row tiles: recomputed on each pass, or kept in one
-    preallocated ``(N, M)`` tensor (one block: no heap fragmentation by many tiles)."""
+def _preconditioner(kernel_fn: KernelFn, centers: Tensor, wdtype: torch.dtype,
+                    lam: float) -> tuple[Tensor, Tensor]:
+    """FALKON's factors (Alg. 1): ``K_mm = T^T T``, ``T T^T / M + lam I = A^T A``."""
+    m = centers.shape[0]
+    kmm = kernel_fn(centers, centers).to(wdtype)
+    kmm = 0.5 * (kmm + kmm.T)
+    t_up = _cholesky_upper(kmm, "K_mm (the kernel between the centres)")
+    del kmm
+    eye = torch.eye(m, dtype=wdtype, device=t_up.device)
+    a_up = _cholesky_upper(t_up @ t_up.T / m + lam * eye, "T T^T / M + lam I")
+    return t_up, a_up
 
-    def __init__(self, kernel_fn: KernelFn, x: Tensor, centers: Tensor, rows: int,
-                 dtype: torch.dtype, keep: bool):
-        self.kernel_fn, self.x, self.centers = kernel_fn, x, centers
-        self.ranges = row_ranges(x.shape[0], rows)
-        self.dtype = dtype
-        self.keep = keep
-        self.kept: Tensor | None = None       # K_nm, once every tile is in it
-        self.passes = 0
 
-    def _tiles(self):
-        self.passes += 1
-        if self.kept is not None:
-            for i0, i1 in self.ranges:
-                yield i0, i1, self.kept[i0:i1].to(self.dtype)
-            return
-        store = None
-        for i0, i1 in self.ranges:
-            t = self.kernel_fn(self.x[i0:i1], self.centers)
-            if t.shape != (i1 - i0, self.centers.shape[0]):
-                raise ValueError(f"kernel_fn(a, b) must return (Na, Nb) = ({i1 - i0}, "
-                                 f"{self.centers.shape[0]}), got {tuple(t.shape)}.")
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError("kernel_fn returned NaN or infinite entries.")
-            if self.keep:
-                if store is None:
-                    store = t.new_empty((self.x.shape[0], self.centers.shape[0]))
-                store[i0:i1] = t
-            yield i0, i1, t.to(self.dtype)
-        self.kept = store
+def _tiles(stack: contextlib.ExitStack, kernel_fn, x, centers, rows, wdtype, keep, client,
+           n_workers):
+    """The passes over ``K_nm``: in this process, or on the Dask cluster of ``client`` or
+    one of ``n_workers`` started for the fit (closed with ``stack``)."""
+    if client is None and n_workers is None:
+        return RowTiles(kernel_fn, x, centers, rows, wdtype, keep)
+    from ..kernel_matrix._cluster import _cluster
 
-    def knm_t(self, v: Tensor) -> Tensor:
-        """``K_nm^T v`` for ``v`` ``(N, O)``."""
-        out = v.new_zeros((self.centers.shape[0], v.shape[1]))
-        for i0, i1, t in self._tiles():
-            out += t.T @ v[i0:i1]
-        return out
+    dask_client = stack.enter_context(_cluster(client, n_workers, None))
+    tiles = DaskTiles(dask_client, kernel_fn, x, centers, rows, wdtype)
+    stack.callback(tiles.close)
+    return tiles
 
-    def knm_t_knm(self, u: Tensor) -> Tensor:
-        """``K_nm^T K_nm u`` for ``u`` ``(M, O)``."""
-        out = torch.zeros_like(u)
-        for _, _, t in self._tiles():
-            out += t.T @ (t @ u)
-        return out
+
+def _identity(kernel_fn, x: Tensor, y: Tensor, centers: Tensor, key: str | None,
+              settings: dict) -> dict:
+    """What a checkpoint must agree on: data, centres, kernel and settings."""
+    from ..kernel_matrix._identity import fingerprint
+
+    found = fingerprint((getattr(kernel_fn, "source", kernel_fn), getattr(kernel_fn, "get",
+                                                                          None)))
+    return {"x_train": describe_tensor(x), "y_train": describe_tensor(y),
+            "centers": describe_tensor(centers),
+            "kernel": found.sha256,
+            "callables": list(found.callables), "key": key, **settings}
 
 
 def _cholesky_upper(k: Tensor, name: str) -> Tensor:
