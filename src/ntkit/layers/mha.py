@@ -345,8 +345,10 @@ def _sample_means(layer: MultiheadAttention, k11: Tensor, k12: Tensor, k22: Tens
                 f_k = _bracket_identity(kv, kv)
                 f_t = _bracket_identity(kv, t12[:, None])
             else:
-                f_k = _bracket(a1, a2, a2t, kv, kv, nn_s, nn_s)
-                f_t = _bracket(a1, a2, a2t, kv, t12[:, None], nn_s, a1 @ t12[:, None] @ a2t)
+                shared = (kv @ a2t, kv.transpose(-1, -2) @ a1.transpose(-1, -2))
+                f_k = _bracket(a1, a2, a2t, kv, kv, nn_s, nn_s, shared)
+                # A1 T12 A2^T = A1 (T12 + 2 K12) A2^T - 2 A1 K12 A2^T
+                f_t = _bracket(a1, a2, a2t, kv, t12[:, None], nn_s, val - 2 * nn_s, shared)
             k_pp, t_pp = k12[:, None], t12[:, None]
             logit = s2 * ((2 * k_pp + t_pp) * f_k + k_pp * f_t)
             sum_t += (val + logit).sum(1)
@@ -355,14 +357,15 @@ def _sample_means(layer: MultiheadAttention, k11: Tensor, k12: Tensor, k22: Tens
     return mean_n, mean_t
 
 
-def _bracket(a1, a2, a2t, kv, bm, a_kv_a, a_b_a):
+def _bracket(a1, a2, a2t, kv, bm, a_kv_a, a_b_a, shared):
     """``<M_pp', B>`` for all query pairs: ``M_pp' = J(a1_p) Kv J(a2_p')`` with the softmax
     Jacobian ``J(a) = diag(a) - a a^T``, expanded into four products of ``(P, P)``
-    matrices (``a_kv_a = A1 Kv A2^T``, ``a_b_a = A1 B A2^T``)."""
+    matrices (``a_kv_a = A1 Kv A2^T``, ``a_b_a = A1 B A2^T``, ``shared`` =
+    ``(Kv A2^T, Kv^T A1^T)``, which do not depend on ``B``)."""
+    kv_a2t, kvt_a1t = shared
     term1 = a1 @ (kv * bm) @ a2t
-    term2 = a1 @ ((kv @ a2t) * (bm @ a2t))
-    a1t = a1.transpose(-1, -2)
-    term3 = (a2 @ ((kv.transpose(-1, -2) @ a1t) * (bm.transpose(-1, -2) @ a1t))).transpose(
+    term2 = a1 @ (kv_a2t * (bm @ a2t))
+    term3 = (a2 @ (kvt_a1t * (bm.transpose(-1, -2) @ a1.transpose(-1, -2)))).transpose(
         -1, -2)
     return term1 - term2 - term3 + a_kv_a * a_b_a
 
