@@ -102,6 +102,10 @@ CASES = {
                     "Linear(1); 64 images 3 x 16 x 16 float32, NNGP and NTK k(x, x); target: "
                     "at most 0.2x neural-tangents"),
                    [("neural-tangents", "ntx", "conv_local", "conv_local_N64_16x16x3_ntk")]),
+    "finite_width": (("leading-order 1/width corrections (nk.finite_width: NNGP/NTK variance, "
+                      "mean shifts, kurtosis) of 4 x [Linear(w_std=1.4, b_std=0.1), ReLU] + "
+                      "Linear(1) at width 512, x: 256 x 20, all 256 x 256 entries, float64; "
+                      "target: seconds, memory linear in the entries"), []),
     "rnn": (("recurrent NTK: RNN(256, ReLU, w_std=1, u_std=1, b_std=0.1, num_layers=2, "
              "readout='last') + Linear(1), 256 sequences of length 32 with 8 channels, float64, "
              "NNGP and NTK k(x, x); peer: the same recursion written plainly in NumPy as "
@@ -199,6 +203,22 @@ def extra_case(case: str):
         nk.LocallyConnected2d(64, 3, padding="same", w_std=1.4, b_std=0.1), nk.ReLU(),
         nk.Flatten(), nk.Linear(1))
     return (lambda: net.kernel(x)), 64 * 64
+
+
+def finite_width_case(baseline: float, reps: int) -> dict:
+    """The ``finite_width`` workload: one timed `nk.finite_width` call (no warm-up: the
+    first call is the one a user waits for)."""
+    import torch
+
+    import ntkit as nk
+
+    x = torch.randn(256, 20, generator=torch.Generator().manual_seed(0))
+    block = lambda: (nk.Linear(512, w_std=1.4, b_std=0.1), nk.ReLU())
+    net = nk.Sequential(*block(), *block(), *block(), *block(), nk.Linear(1, 1.4, 0.1))
+    t0 = time.perf_counter()
+    nk.finite_width(net, x, width=512)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "baseline_mb": baseline, "entries": x.shape[0] ** 2}
 
 
 def entk_models(case: str):
@@ -454,6 +474,8 @@ def _ntkit_case(case: str, reps: int) -> dict:
             assert p.factorisations == 1 and out.shape == (50, 20000, 10)
             return out
         entries = 50 * 20000 * 10
+    elif case == "finite_width":
+        return finite_width_case(baseline, reps)
     elif case == "large_n":
         return large_n_case(baseline)
     elif case == "sk_ntk":
