@@ -218,6 +218,14 @@ ADVERSARIAL_CASES: dict[str, tuple[str, ...] | Exempt | Pending] = {
         "made by ntkit.solvers.kernel_function from a network; tested through it"),
     "ntkit.solvers.KernelRidgePredictor": Exempt(
         "returned by the ntkit.solvers *_krr functions; tested through them"),
+    "ntkit.solvers.Checkpoint": Exempt(
+        "a checkpoint directory for nystrom_krr: its hostile inputs (foreign folders, files, "
+        "damaged arrays, other data or settings, a second writer, bad every/key, SIGKILL "
+        "mid-fit) are tested in tests/test_fit_checkpoint.py"),
+    "ntkit.solvers.CheckpointError": _ERROR,
+    "ntkit.solvers.auto_centers": Exempt(
+        "a rule on two numbers (N and a memory budget, parsed by parse_memory); its values "
+        "are tested in tests/test_falkon_uncached.py::test_auto_centers_rule"),
     # spec parser and model files (area P)
     "ntkit.spec.parse_architecture": (
         _PARSER + "test_truncated_spec_is_a_spec_error_with_position_and_caret",

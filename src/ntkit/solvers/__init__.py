@@ -13,6 +13,9 @@ solvers hold at most ``N x M``, and by default not even that:
 - `nystrom_krr`: Nystrom kernel ridge regression by FALKON (Rudi, Carratino & Rosasco
   2017): ``M`` centres, kernel blocks recomputed on the fly, never the ``N x N`` matrix
   (`.falkon`).
+- `Checkpoint`: ``nystrom_krr(..., checkpoint=Checkpoint(path, every=5))`` saves CG's
+  state to disk; a killed fit resumes exactly (`.checkpoint`). `auto_centers`: the
+  ``n_centers="auto"`` rule.
 - `solve_krr`: one entry point by name (``"exact"`` = `exact_krr`, ``"cg"``,
   ``"nystrom"``, ``"auto"``) for estimators and `ntkit.predict`; returns a
   `KernelRidgePredictor` (factor once, ``.predict(x)`` many times) (`.exact`).
@@ -32,16 +35,18 @@ from ..errors import ConvergenceError, ConvergenceWarning, NotPositiveDefiniteEr
 from ..kernel_function import KernelFunction, kernel_function
 from ._common import diag_reg_absolute, resolve_solver
 from .cg import CGInfo, cg_krr, conjugate_gradient
+from .checkpoint import Checkpoint, CheckpointError
 from .exact import exact_krr, solve_krr
-from .falkon import nystrom_krr
+from .falkon import auto_centers, nystrom_krr
 from .predictor import KernelRidgePredictor
 
 #: The adapter's former name, kept importable.
 NetworkKernel = KernelFunction
 
 __all__ = [
-    "CGInfo", "ConvergenceError", "ConvergenceWarning", "KernelFunction",
-    "KernelRidgePredictor", "NetworkKernel", "NotPositiveDefiniteError", "cg_krr",
+    "CGInfo", "Checkpoint", "CheckpointError", "ConvergenceError", "ConvergenceWarning",
+    "KernelFunction", "KernelRidgePredictor", "NetworkKernel", "NotPositiveDefiniteError",
+    "auto_centers", "cg_krr",
     "conjugate_gradient", "diag_reg_absolute", "exact_krr", "kernel_function", "nystrom_krr",
     "resolve_solver", "solve_krr",
 ]
