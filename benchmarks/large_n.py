@@ -1,0 +1,159 @@
+"""The ``large_n`` workload of benchmarks/run.py: kernel regression on N = 1,000,000 points
+past memory, by FALKON with K_nm recomputed every iteration (many centres) and by NTK
+random features, against the exact solve on the first 20,000 points.
+
+Environment (all optional):
+
+- ``NTKIT_LARGE_N`` (1,000,000): training points; ``NTKIT_LARGE_M`` (4000): centres of
+  the main fit; ``NTKIT_LARGE_CACHE`` (0): 1 keeps ``K_nm`` in memory (the old route,
+  M ~ 1500 within 6.5 GB); ``NTKIT_LARGE_WORKERS``: fit on a LocalCluster of that many
+  single-threaded workers;
+- ``NTKIT_LARGE_MS`` (e.g. ``"1000,2000"``): more fits on all N points, for error vs M;
+- ``NTKIT_LARGE_RF`` (e.g. ``"1024,2048"``): the random-features route, ridge regression
+  on ``D`` features (`ntkit.features.RandomFeatureMap`), error and time vs D;
+- ``NTKIT_LARGE_DASK`` (0): 1 times the same FALKON iterations (first
+  ``NTKIT_LARGE_DASK_N`` = 50,000 points, 1000 centres, 4 iterations) on a LocalCluster
+  of 1 and of 2 single-threaded workers (clusters started before timing);
+- ``NTKIT_LARGE_EXACT`` (1): 0 skips the exact 20,000-point solve;
+- ``NTKIT_BENCH_THREADS``: torch's threads in this process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+
+def _ints(name: str, default: str = "") -> list[int]:
+    text = os.environ.get(name, default).strip()
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def run(baseline: float, peak_rss_mb) -> dict:
+    """Runs the workload once; returns run.py's case record (notes hold the findings)."""
+    import numpy as np
+    import scipy.linalg
+    import torch
+
+    import ntkit as nk
+    from ntkit import solvers
+    from ntkit.features import RandomFeatureMap
+
+    if os.environ.get("NTKIT_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["NTKIT_BENCH_THREADS"]))
+    n = int(os.environ.get("NTKIT_LARGE_N", "1000000"))
+    m = int(os.environ.get("NTKIT_LARGE_M", "4000"))
+    cache = os.environ.get("NTKIT_LARGE_CACHE", "0") == "1"
+    workers = int(os.environ["NTKIT_LARGE_WORKERS"]) if os.environ.get(
+        "NTKIT_LARGE_WORKERS") else None
+    subset, n_test, d, diag_reg = min(n, 20_000), 10_000, 20, 0.1
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2, d, generator=gen)
+
+    def target(x):
+        z = x @ w.T / math.sqrt(d)
+        return torch.sin(z[:, :1]) + 0.5 * z[:, :1] * z[:, 1:2]
+
+    x = torch.randn(n, d, generator=gen)
+    y = target(x) + 0.1 * torch.randn(n, 1, generator=gen)
+    xt = torch.randn(n_test, d, generator=gen)
+    ft = target(xt).double()
+    net = nk.Sequential(nk.Linear(512, w_std=1.5, b_std=0.1), nk.ReLU(),
+                        nk.Linear(512, w_std=1.5, b_std=0.1), nk.ReLU(),
+                        nk.Linear(1, w_std=1.5, b_std=0.1))
+    kfn = solvers.kernel_function(net, "ntk")
+
+    def rel(a, b) -> float:             # relative RMS error
+        return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
+
+    def falkon(xs, ys, centres, **kw):
+        return solvers.nystrom_krr(kfn, xs, ys, n_centers=centres, diag_reg=diag_reg,
+                                   dtype=torch.float64, memory_budget="6.5GB",
+                                   generator=torch.Generator().manual_seed(1), **kw)
+
+    notes = []
+    t0 = time.perf_counter()
+    model = falkon(x, y, m, cache=cache, n_workers=workers)
+    fit_s = time.perf_counter() - t0
+    pred = model.predict(xt).double()
+    total_s = time.perf_counter() - t0
+    peak_fit = peak_rss_mb()
+    err_big = rel(pred, ft)
+    notes.append(f"N={n}, M={m} ({'K_nm cached' if cache else 'K_nm recomputed'}"
+                 f"{f', {workers} workers' if workers else ''}), {torch.get_num_threads()} "
+                 f"thread(s): fit {fit_s:.0f} s ({model.info.iterations} CG iterations, "
+                 f"residual {model.info.residual:.1e}), fit + predict {total_s:.0f} s, peak "
+                 f"{peak_fit:.0f} MB after the fit; test relative RMS error vs the true "
+                 f"function {err_big:.4f}")
+    del model
+    for mm in _ints("NTKIT_LARGE_MS"):
+        t1 = time.perf_counter()
+        fit = falkon(x, y, mm, cache=False)
+        notes.append(f"M={mm}: error {rel(fit.predict(xt).double(), ft):.4f} "
+                     f"({time.perf_counter() - t1:.0f} s, {fit.info.iterations} its)")
+    if _ints("NTKIT_LARGE_RF"):
+        mean_diag = float(kfn.diagonal(x[:20_000]).double().mean())
+        s = diag_reg * mean_diag
+        for dd in _ints("NTKIT_LARGE_RF"):
+            t1 = time.perf_counter()
+            fmap = RandomFeatureMap(net, (d,), n_features=dd,
+                                    generator=torch.Generator().manual_seed(2))
+            gram = torch.zeros(dd, dd, dtype=torch.float64)
+            rhs = torch.zeros(dd, 1, dtype=torch.float64)
+            for i in range(0, n, 20_000):
+                phi = fmap(x[i:i + 20_000]).double()
+                gram += phi.T @ phi
+                rhs += phi.T @ y[i:i + 20_000].double()
+            gram.diagonal().add_(s)
+            coef = torch.linalg.solve(gram, rhs)
+            rf_pred = fmap(xt).double() @ coef
+            notes.append(f"random features D={dd}: error {rel(rf_pred, ft):.4f} "
+                         f"({time.perf_counter() - t1:.0f} s)")
+    if os.environ.get("NTKIT_LARGE_DASK", "0") == "1":
+        notes.append(_dask_speedup(falkon, x, y))
+    if os.environ.get("NTKIT_LARGE_EXACT", "1") == "1":
+        xs, ys = x[:subset], y[:subset]
+        t1 = time.perf_counter()
+        k = np.empty((subset, subset))             # float64, filled by row blocks, in place
+        for i in range(0, subset, 2000):
+            k[i:i + 2000] = kfn(xs[i:i + 2000], xs).double().numpy()
+        s = diag_reg * float(k.diagonal().mean())
+        k[np.diag_indices(subset)] += s
+        # k is symmetric, so k.T (Fortran-ordered, no copy) is the same matrix, which
+        # LAPACK factorises in place
+        factor = scipy.linalg.cho_factor(k.T, lower=True, overwrite_a=True, check_finite=False)
+        alpha = torch.from_numpy(scipy.linalg.cho_solve(factor, ys.double().numpy()))
+        del k, factor
+        exact = torch.cat([kfn(xt[i:i + 1000], xs).double() @ alpha
+                           for i in range(0, n_test, 1000)])
+        notes.append(f"first {subset} points: exact (dense float64 Cholesky, "
+                     f"{time.perf_counter() - t1:.0f} s) vs truth {rel(exact, ft):.4f}; the "
+                     f"N-point model vs the {subset}-point exact {rel(pred, exact):.3f}")
+    text = "; ".join(notes)
+    print(text, file=sys.stderr)
+    return {"seconds": total_s, "baseline_mb": baseline, "entries": n * m, "notes": text}
+
+
+def _dask_speedup(falkon, x, y) -> str:
+    """The same 4 FALKON iterations on 1 and on 2 single-threaded LocalCluster workers."""
+    import logging
+
+    import torch
+    from distributed import Client, LocalCluster
+
+    n = min(int(os.environ.get("NTKIT_LARGE_DASK_N", "50000")), x.shape[0])
+    times = {}
+    for k in (1, 2):
+        with LocalCluster(n_workers=k, threads_per_worker=1, processes=True,
+                          dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+                Client(cluster) as client:
+            client.run(lambda: torch.set_num_threads(1))
+            t1 = time.perf_counter()
+            fit = falkon(x[:n], y[:n], 1000, client=client, max_iter=4, tol=1e-30,
+                         on_failure="warn", memory_budget="256MB")
+            times[k] = time.perf_counter() - t1
+            assert fit.info.iterations == 4
+    return (f"LocalCluster, N={n}, M=1000, 4 iterations: 1 worker {times[1]:.1f} s, 2 workers "
+            f"{times[2]:.1f} s ({times[1] / times[2]:.2f}x)")
