@@ -112,7 +112,35 @@ CASES = {
              "research code does (loops over all step pairs (t, t'), NumPy over the 256 x 256 "
              "sequence pairs); target: under 10 s, at most 0.1x the peer"),
             [("NumPy step-pair loops", "rnnpy", "--rnn-peer", "rnn_numpy_N256_L32_2layers")]),
+    "transformer": (("2-block post-LN encoder on token ids: Embedding(64, 100, learned "
+                     "positions), 2 x encoder_block(64, 4 heads, d_ff 128) with softmax "
+                     "MultiheadAttention at 1/sqrt(d_head) (sampled logits, n_samples=64), "
+                     "mean readout, Linear(1); 64 sequences of 16 tokens, float32, NNGP and "
+                     "NTK k(x, x); no peer (neural-tangents refuses this scaling); target: "
+                     "<= 60 s and 2 GB at relative numerical error <= 1e-2"), []),
 }
+
+
+def transformer_case(baseline: float) -> dict:
+    """The ``transformer`` workload: time of one kernel, and the numerical error of the
+    sampled attention (spread of 3 replicates on the first 16 sequences) as a note."""
+    import torch
+
+    import ntkit as nk
+    from ntkit.layers import encoder, readout
+
+    ids = torch.randint(0, 100, (64, 16), generator=torch.Generator().manual_seed(0))
+
+    def net():
+        return nk.Sequential(nk.Embedding(64, 100, pos_emb="learned"),
+                             encoder(2, 64, 4, 128, n_samples=64), readout("mean"),
+                             nk.Linear(1))
+
+    seconds = _best_of(lambda: net().kernel(ids), calls=1)
+    rel = nk.numerical_error(net(), ids[:16], replicates=3).relative()
+    return {"seconds": seconds, "baseline_mb": baseline, "entries": ids.shape[0] ** 2,
+            "notes": f"reported numerical error (max over max entry): NNGP {rel[0]:.1e}, "
+                     f"NTK {rel[1]:.1e}"}
 
 
 def _rnn_inputs():
@@ -482,6 +510,8 @@ def _ntkit_case(case: str, reps: int) -> dict:
         return sk_ntk_case(baseline)
     elif case == "rnn":
         return rnn_case(baseline)
+    elif case == "transformer":
+        return transformer_case(baseline)
     elif case in ("graph", "conv_transpose", "conv_local"):
         run, entries = extra_case(case)
     elif case.startswith("entk"):
