@@ -17,7 +17,6 @@ import ntkit as nk
 from ntkit.layers import mha as mha_module
 from ntkit.layers.mha import MultiheadAttention, numerical_error
 from ntkit.layers.transformer import TokenReadout, encoder, encoder_block, readout
-from ntkit.monte_carlo import monte_carlo_kernel
 
 
 def _x(n: int, c: int, length: int, seed: int) -> torch.Tensor:
@@ -34,7 +33,7 @@ def test_identity_mechanism_converges_to_selfattentions_closed_form():
     A = G have SelfAttention(linear_scaling=False, 'identity')'s closed form; the
     deviation is within a few reported standard errors."""
     x1, x2 = _x(3, 4, 4, 0), _x(2, 4, 4, 1)
-    opts = dict(w_query_std=0.7, w_key_std=0.9, b_std=0.1)
+    opts = {"w_query_std": 0.7, "w_key_std": 0.9, "b_std": 0.1}
     sampled = nk.Sequential(nk.Conv1d(16, 1, w_std=1.2), nk.ReLU(), MultiheadAttention(
         16, 2, mechanism="identity", n_samples=2048, **opts), nk.GlobalAvgPool())
     closed = nk.Sequential(nk.Conv1d(16, 1, w_std=1.2), nk.ReLU(), nk.SelfAttention(
@@ -49,7 +48,7 @@ def test_identity_mechanism_converges_to_selfattentions_closed_form():
 
 def test_dropping_the_query_key_terms_is_caught(monkeypatch):
     x1 = _x(3, 4, 4, 2)
-    opts = dict(w_query_std=0.9, w_key_std=0.9, b_std=0.1, mechanism="identity")
+    opts = {"w_query_std": 0.9, "w_key_std": 0.9, "b_std": 0.1, "mechanism": "identity"}
     closed = nk.Sequential(nk.Conv1d(16, 1), nk.ReLU(), nk.SelfAttention(
         16, 2, linear_scaling=False, **opts), nk.GlobalAvgPool()).kernel(x1)
     net = nk.Sequential(nk.Conv1d(16, 1), nk.ReLU(), MultiheadAttention(16, 2, n_samples=2048,
