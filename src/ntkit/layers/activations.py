@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .._checks import as_real
 from ..kernel import Kernel
+from ._arccos_fast import arc_cosine_tile
 from .base import BuildContext, Kernels, Layer, Shapes, single
 
 __all__ = [
@@ -57,6 +58,12 @@ class Activation(Layer):
         """Both expectations at once, sharing intermediate results."""
         return self._nngp(k, v1, v2), self._dot(k, v1, v2)
 
+    def _nngp_and_ntk(self, k: Tensor, v1: Tensor, v2: Tensor, ntk: Tensor
+                      ) -> tuple[Tensor, Tensor]:
+        """``E[f(X) f(Y)]`` and ``ntk * E[f'(X) f'(Y)]`` (a subclass may fuse them)."""
+        nngp, dot = self._nngp_and_dot(k, v1, v2)
+        return nngp, ntk * dot
+
     def _variance(self, c: Tensor) -> Tensor:
         """``E[f(X)^2]`` for ``X ~ N(0, c)``."""
         return self._nngp(c, c, c)
@@ -78,8 +85,7 @@ class Activation(Layer):
             ntk = k.ntk * self._self_dot(u1)
             return k.replace(nngp=var1, ntk=ntk, cov1=var1, cov2=var1, is_gaussian=False)
         v1, v2 = k.variances()
-        nngp, dot = self._nngp_and_dot(k.nngp, v1, v2)
-        ntk = k.ntk * dot
+        nngp, ntk = self._nngp_and_ntk(k.nngp, v1, v2, k.ntk)
         if k.x1_is_x2 or k.diagonal:
             k.self_pairs(nngp)[...] = var1
             k.self_pairs(ntk)[...] = k.self_pairs(k.ntk) * self._self_dot(u1)
@@ -247,6 +253,10 @@ class ABReLU(Activation):
         if ab == 0 and d2 == 1:
             return relu, dot
         return relu.mul_(d2).add_(k, alpha=ab), dot.mul_(d2).add_(ab)
+
+    def _nngp_and_ntk(self, k, v1, v2, ntk):
+        fused = arc_cosine_tile(k, v1, v2, ntk, self.a, self.b)  # no autograd: fewer passes
+        return fused if fused is not None else super()._nngp_and_ntk(k, v1, v2, ntk)
 
     def _variance(self, c: Tensor) -> Tensor:
         return c * ((self.a**2 + self.b**2) / 2)
