@@ -78,9 +78,10 @@ CASES = {
                 "kernels, float64 algebra, diag_reg 0.1, on N synthetic points in 20 dimensions "
                 "(sin(z1) + z1 z2 / 2 of two projections z, + noise 0.1; "
                 "N = NTKIT_LARGE_N, default 1,000,000; centres "
-                "NTKIT_LARGE_M, default 1500, K_nm kept in memory); time = fit + "
-                "predict on 10,000 test points; "
-                "target: 30 min, 8 GB"), []),
+                "NTKIT_LARGE_M, default 4000, K_nm recomputed every iteration); time = fit + "
+                "predict on 10,000 test points; optional: error vs M, random features vs D, "
+                "LocalCluster 1 vs 2 workers (benchmarks/large_n.py); "
+                "target: 30 min, 8 GB, error below the exact 20,000-point solve's"), []),
     "sk_ntk": (("scikit-ntk's kernel: ntkit.sklearn.NeuralTangentKernel(depth=3, bias=0.5) "
                "with eval_gradient=True (what GaussianProcessRegressor.fit calls), x: 300 x 20 "
                "float64; best of 30 calls; target: no slower than scikit-ntk"),
@@ -359,87 +360,11 @@ def cnn_dask_case(baseline: float, reps: int) -> dict:
 
 
 def large_n_case(baseline: float) -> dict:
-    """The ``large_n`` workload, run once (no warm-up: it is the 30-minute case).
+    """The ``large_n`` workload, run once (no warm-up: it is the 30-minute case); see
+    benchmarks/large_n.py for what it measures and its environment variables."""
+    import large_n
 
-    Fits FALKON on N points (``NTKIT_LARGE_N``) with M centres (``NTKIT_LARGE_M``),
-    K_nm kept in memory when it fits the 6.5 GB budget; then, on the first 20,000
-    points, the exact predictor (dense float64 Cholesky of the 20k x 20k NTK, in
-    place) and FALKON with the same M, all compared on one test set of 10,000 points.
-    ``NTKIT_BENCH_THREADS`` sets torch's threads (1 is much faster on a shared machine).
-    """
-    import math
-
-    import numpy as np
-    import scipy.linalg
-    import torch
-
-    import ntkit as nk
-    from ntkit import solvers
-
-    if os.environ.get("NTKIT_BENCH_THREADS"):
-        torch.set_num_threads(int(os.environ["NTKIT_BENCH_THREADS"]))
-    n = int(os.environ.get("NTKIT_LARGE_N", "1000000"))
-    m = int(os.environ.get("NTKIT_LARGE_M", "1500"))
-    subset, n_test, d, diag_reg = min(n, 20_000), 10_000, 20, 0.1
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(2, d, generator=gen)
-
-    def target(x):
-        z = x @ w.T / math.sqrt(d)
-        return torch.sin(z[:, :1]) + 0.5 * z[:, :1] * z[:, 1:2]
-
-    x = torch.randn(n, d, generator=gen)
-    y = target(x) + 0.1 * torch.randn(n, 1, generator=gen)
-    xt = torch.randn(n_test, d, generator=gen)
-    ft = target(xt).double()
-    net = nk.Sequential(nk.Linear(512, w_std=1.5, b_std=0.1), nk.ReLU(),
-                        nk.Linear(512, w_std=1.5, b_std=0.1), nk.ReLU(),
-                        nk.Linear(1, w_std=1.5, b_std=0.1))
-    kfn = solvers.kernel_function(net, "ntk")
-
-    def rel(a, b) -> float:             # relative RMS error
-        return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
-
-    opts = dict(n_centers=m, diag_reg=diag_reg, dtype=torch.float64, memory_budget="6.5GB")
-
-    t0 = time.perf_counter()
-    model = solvers.nystrom_krr(kfn, x, y, generator=torch.Generator().manual_seed(1), **opts)
-    fit_s = time.perf_counter() - t0
-    pred = model.predict(xt).double()
-    total_s = time.perf_counter() - t0
-    peak_fit = _peak_rss_mb()
-    its, resid = model.info.iterations, model.info.residual
-    err_big = rel(pred, ft)
-    del model
-
-    xs, ys = x[:subset], y[:subset]
-    t1 = time.perf_counter()
-    k = np.empty((subset, subset))                 # float64, filled by row blocks, in place
-    for i in range(0, subset, 2000):
-        k[i:i + 2000] = kfn(xs[i:i + 2000], xs).double().numpy()
-    s = diag_reg * float(k.diagonal().mean())
-    k[np.diag_indices(subset)] += s
-    # k is symmetric, so k.T (Fortran-ordered, no copy) is the same matrix, which LAPACK
-    # factorises in place
-    factor = scipy.linalg.cho_factor(k.T, lower=True, overwrite_a=True, check_finite=False)
-    alpha = torch.from_numpy(scipy.linalg.cho_solve(factor, ys.double().numpy()))
-    del k, factor
-    exact = torch.cat([kfn(xt[i:i + 1000], xs).double() @ alpha for i in range(0, n_test, 1000)])
-    exact_s = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    sub = solvers.nystrom_krr(kfn, xs, ys, generator=torch.Generator().manual_seed(1), **opts)
-    sub_pred = sub.predict(xt).double()
-    sub_s = time.perf_counter() - t2
-    notes = (f"N={n}, M={m}, {torch.get_num_threads()} thread(s): fit {fit_s:.0f} s "
-             f"({its} CG iterations, residual {resid:.1e}), fit + predict {total_s:.0f} s, "
-             f"peak {peak_fit:.0f} MB after the fit; test relative RMS error vs the true "
-             f"function {err_big:.4f}. First {subset} points: exact (dense float64 Cholesky, "
-             f"{exact_s:.0f} s) vs truth {rel(exact, ft):.4f}; FALKON M={m} ({sub_s:.0f} s, "
-             f"{sub.info.iterations} its) vs exact {rel(sub_pred, exact):.2e}, vs truth "
-             f"{rel(sub_pred, ft):.4f}; the N-point model vs the {subset}-point exact "
-             f"{rel(pred, exact):.3f}")
-    print(notes, file=sys.stderr)
-    return {"seconds": total_s, "baseline_mb": baseline, "entries": n * m, "notes": notes}
+    return large_n.run(baseline, _peak_rss_mb)
 
 
 # ----------------------------------------------------------------- ntkit side
