@@ -169,8 +169,11 @@ def test_sklearn_transformer_matches_the_map_and_passes_check_estimator():
     (lambda x: random_features(nk.Sequential(nk.Conv1d(4, 3), nk.ReLU(), nk.Linear(1)),
                                x[:, None], n_features=8, generator=torch.Generator()),
      ValueError, "Flatten"),
+    (lambda x: random_features(nk.Sequential(nk.Linear(8), nk.ReLU(), nk.ReLU(), nk.Linear(1)),
+                               x, n_features=8, generator=torch.Generator()), ValueError,
+     "Gaussian pre-activations"),
 ], ids=["n_features", "generator", "get", "layer", "standard", "readout", "shape", "nan",
-        "spatial_readout"])
+        "spatial_readout", "two_activations"])
 def test_bad_input_is_refused_with_what_to_do(call, error, match):
     with pytest.raises(error, match=match):
         call(torch.randn(3, 7))

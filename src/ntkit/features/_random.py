@@ -128,6 +128,7 @@ class RandomFeatureMap:
         ctx = BuildContext(generator=generator, dtype=self.dtype, device=torch.device("cpu"))
         self._steps: list[tuple] = []
         shape, psi_shape = self.input_shape, None
+        gaussian = False            # whether the current features are Gaussian pre-activations
         for layer in layers[:-1]:
             if isinstance(layer, _AFFINE):
                 _check_affine(layer)
@@ -142,9 +143,14 @@ class RandomFeatureMap:
                         mod_psi, _ = no_bias._build(psi_shape, ctx)
                     psi_shape = out_shape
                 self._steps.append(("affine", mod_u, mod_a, mod_psi))
-                shape = out_shape
+                shape, gaussian = out_shape, True
             elif isinstance(layer, Activation):
+                if not gaussian:
+                    raise ValueError(f"{layer!r} needs Gaussian pre-activations (the output of a "
+                                     f"Linear or Conv) as in the network's kernel; put a Linear "
+                                     f"or Conv before it.")
                 self._steps.append(("activation", layer.fn))
+                gaussian = False
             elif isinstance(layer, _LINEAR_OPS):
                 module, new_shape = layer._build(shape, ctx)
                 if psi_shape is not None:
