@@ -67,8 +67,9 @@ def _map_positions(t: Tensor, maps: list[Tensor], batch: int) -> Tensor:
     each axis ``(sum_d A_d) diag(K)``."""
     for ax, a in enumerate(maps):
         dim = batch + ax
-        # one matrix product over all other axes (not a batch of small ones)
-        t = torch.matmul(t.movedim(dim, -1), a.sum(0).T).movedim(-1, dim)
+        # one matrix product over all other axes (not a batch of small ones): a
+        # strided view would make matmul copy every (.., n) slice on its own
+        t = torch.matmul(t.movedim(dim, -1).contiguous(), a.sum(0).T).movedim(-1, dim)
     return t.contiguous()
 
 
