@@ -88,8 +88,8 @@ class VectorProducts:
             raise NotImplementedError(
                 f"method='vector_products' needs forward-mode AD through every operation of "
                 f"the model, which PyTorch lacks here ({e}). Use method='jacobian' or "
-                f"'structured' (PyTorch's attention kernels, for one, have no forward-mode "
-                f"derivative)."
+                f"'structured' (a custom autograd.Function without a jvp rule, for one, has "
+                f"no forward-mode derivative)."
             ) from e
 
 
