@@ -286,6 +286,11 @@ ADVERSARIAL_CASES: dict[str, tuple[str, ...] | Exempt | Pending] = {
     ),
     "ntkit bench": (_CLI + "test_bench_unknown_case_is_one_line",),
     "ntkit demo": (_CLI + "test_demo_refuses_a_file_as_its_folder",),
+    "ntkit regimes": Exempt(
+        "its hostile inputs (non-numeric widths, --train past the data, a figure suffix that "
+        "is not an image, an existing output without --force) are tested in "
+        "tests/test_parameterization.py::test_regimes_command_bad_input; outputs go through "
+        "the shared check_outputs and write_atomically"),
     "ntkit curve": Exempt(
         "its hostile inputs (an output that is the data, an existing output without --force, "
         "sizes past the pool, non-numeric sizes, a negative ridge) are tested in "

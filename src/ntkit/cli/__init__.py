@@ -25,6 +25,7 @@ from ._errors import Commands
 from ._fit import fit, predict_cmd
 from ._kernel import kernel
 from ._options import CONTEXT
+from ._regimes import regimes
 
 __all__ = ["cli", "main", "run_demo"]
 
@@ -41,7 +42,7 @@ def cli(ctx: click.Context) -> None:
         ctx.invoke(demo)
 
 
-for _command in (demo, kernel, fit, predict_cmd, bench, curve):
+for _command in (demo, kernel, fit, predict_cmd, bench, curve, regimes):
     cli.add_command(_command)
 
 
