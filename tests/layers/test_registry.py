@@ -102,6 +102,7 @@ TORCH_EXAMPLES = {
     nn.ReLU: (nn.ReLU, (3,)),
     nn.RNN: (lambda: nn.RNN(2, 4, num_layers=1), (2, 5)),
     L.TorchRNN: (lambda: L.TorchRNN(nn.RNN(2, 4, batch_first=True), readout="last"), (2, 5)),
+    nn.Embedding: (lambda: nn.Embedding(5, 4), (6,)),  # the first layer: token ids (N, 6)
 }
 
 
@@ -115,7 +116,7 @@ def test_every_registered_torch_module_converts(module_cls):
     first = (nn.Linear(channels, 4) if len(shape) == 1 else
              (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(shape) - 2](channels, channels, 1))
     model = nn.Sequential(first, make())
-    if module_cls in (nn.Linear,):
+    if module_cls in (nn.Linear, nn.Embedding):
         model = nn.Sequential(make())
     net = from_torch(model)
     layer = net.layers[-1]
@@ -123,6 +124,8 @@ def test_every_registered_torch_module_converts(module_cls):
     x = torch.randn(3, *shape, dtype=torch.float64)
     if module_cls is nn.LayerNorm:
         x = torch.randn(3, 3, dtype=torch.float64)
+    if module_cls is nn.Embedding:
+        x = torch.randint(0, 5, (3, *shape)).double()
     k = net.kernel(x)
     assert torch.isfinite(k.nngp).all() and torch.isfinite(k.ntk).all()
 
