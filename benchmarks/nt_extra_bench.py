@@ -1,5 +1,6 @@
 """neural-tangents (JAX) timings of the workloads that the peers' nt_bench.py lacks:
-graph aggregation, transposed and unshared (locally connected) convolutions. One
+graph aggregation, transposed and unshared (locally connected) convolutions, each
+convolution workload with a Flatten and with a GlobalAvgPool readout ("_gap"). One
 JSON line per case, like nt_bench.py; run with the neural-tangents python by
 benchmarks/run.py (the "ntx" runner):
 
@@ -25,7 +26,8 @@ if "--reps" in args:
     i = args.index("--reps")
     REPS = int(args[i + 1])
     del args[i:i + 2]
-cases = args or ["graph", "conv_transpose", "conv_local"]
+cases = args or ["graph", "conv_transpose", "conv_local", "conv_transpose_gap",
+                 "conv_local_gap"]
 rng = np.random.default_rng(0)
 
 
@@ -53,25 +55,29 @@ if "graph" in cases:
     kfn = jax.jit(kfn, static_argnames="get")
     t = timeit(lambda: kfn(x, x, ("nngp", "ntk"), pattern=(a, a)))
     print(json.dumps({"case": "graph_gcn2_N200_V30_ntk", "seconds": t}))
-if "conv_transpose" in cases:
-    # 64 images 3 x 8 x 8: ConvTranspose(64, 3x3, stride 2, SAME) -> 16 x 16, Relu,
-    # Conv(64, 3x3, SAME), Relu, Flatten, Dense(1)
-    x = jnp.asarray(rng.standard_normal((64, 8, 8, 3)), jnp.float32)
-    _, _, kfn = stax.serial(
-        stax.ConvTranspose(64, (3, 3), strides=(2, 2), padding="SAME", W_std=1.4, b_std=0.1),
-        stax.Relu(), stax.Conv(64, (3, 3), padding="SAME", W_std=1.4, b_std=0.1), stax.Relu(),
-        stax.Flatten(), stax.Dense(1))
-    kfn = jax.jit(kfn, static_argnames="get")
-    t = timeit(lambda: kfn(x, x, ("nngp", "ntk")))
-    print(json.dumps({"case": "conv_transpose_N64_8x8x3_s2_ntk", "seconds": t}))
-if "conv_local" in cases:
-    # 64 images 3 x 16 x 16: Conv(64, 3x3, SAME), Relu, ConvLocal(64, 3x3, SAME), Relu,
-    # Flatten, Dense(1)
-    x = jnp.asarray(rng.standard_normal((64, 16, 16, 3)), jnp.float32)
-    _, _, kfn = stax.serial(
-        stax.Conv(64, (3, 3), padding="SAME", W_std=1.4, b_std=0.1), stax.Relu(),
-        stax.ConvLocal(64, (3, 3), padding="SAME", W_std=1.4, b_std=0.1), stax.Relu(),
-        stax.Flatten(), stax.Dense(1))
-    kfn = jax.jit(kfn, static_argnames="get")
-    t = timeit(lambda: kfn(x, x, ("nngp", "ntk")))
-    print(json.dumps({"case": "conv_local_N64_16x16x3_ntk", "seconds": t}))
+for gap in (False, True):
+    suffix = "_gap" if gap else ""
+    readout = stax.GlobalAvgPool() if gap else stax.Flatten()
+    if "conv_transpose" + suffix in cases:
+        # 64 images 3 x 8 x 8: ConvTranspose(64, 3x3, stride 2, SAME) -> 16 x 16, Relu,
+        # Conv(64, 3x3, SAME), Relu, Flatten (or GlobalAvgPool), Dense(1)
+        x = jnp.asarray(rng.standard_normal((64, 8, 8, 3)), jnp.float32)
+        _, _, kfn = stax.serial(
+            stax.ConvTranspose(64, (3, 3), strides=(2, 2), padding="SAME", W_std=1.4,
+                               b_std=0.1),
+            stax.Relu(), stax.Conv(64, (3, 3), padding="SAME", W_std=1.4, b_std=0.1),
+            stax.Relu(), readout, stax.Dense(1))
+        kfn = jax.jit(kfn, static_argnames="get")
+        t = timeit(lambda: kfn(x, x, ("nngp", "ntk")))
+        print(json.dumps({"case": f"conv_transpose{suffix}_N64_8x8x3_s2_ntk", "seconds": t}))
+    if "conv_local" + suffix in cases:
+        # 64 images 3 x 16 x 16: Conv(64, 3x3, SAME), Relu, ConvLocal(64, 3x3, SAME), Relu,
+        # Flatten (or GlobalAvgPool), Dense(1)
+        x = jnp.asarray(rng.standard_normal((64, 16, 16, 3)), jnp.float32)
+        _, _, kfn = stax.serial(
+            stax.Conv(64, (3, 3), padding="SAME", W_std=1.4, b_std=0.1), stax.Relu(),
+            stax.ConvLocal(64, (3, 3), padding="SAME", W_std=1.4, b_std=0.1), stax.Relu(),
+            readout, stax.Dense(1))
+        kfn = jax.jit(kfn, static_argnames="get")
+        t = timeit(lambda: kfn(x, x, ("nngp", "ntk")))
+        print(json.dumps({"case": f"conv_local{suffix}_N64_16x16x3_ntk", "seconds": t}))

@@ -103,6 +103,16 @@ CASES = {
                     "Linear(1); 64 images 3 x 16 x 16 float32, NNGP and NTK k(x, x); target: "
                     "at most 0.2x neural-tangents"),
                    [("neural-tangents", "ntx", "conv_local", "conv_local_N64_16x16x3_ntk")]),
+    "conv_transpose_gap": (("the conv_transpose workload with GlobalAvgPool instead of Flatten "
+                            "(every pair of positions, as the cnn workload); target: at most "
+                            "0.2x neural-tangents"),
+                           [("neural-tangents", "ntx", "conv_transpose_gap",
+                             "conv_transpose_gap_N64_8x8x3_s2_ntk")]),
+    "conv_local_gap": (("the conv_local workload with GlobalAvgPool instead of Flatten (every "
+                        "pair of positions into the first layer, as the cnn workload); target: "
+                        "at most 0.2x neural-tangents"),
+                       [("neural-tangents", "ntx", "conv_local_gap",
+                         "conv_local_gap_N64_16x16x3_ntk")]),
     "finite_width": (("leading-order 1/width corrections (nk.finite_width: NNGP/NTK variance, "
                       "mean shifts, kurtosis) of 4 x [Linear(w_std=1.4, b_std=0.1), ReLU] + "
                       "Linear(1) at width 512, x: 256 x 20, all 256 x 256 entries, float64; "
@@ -219,18 +229,19 @@ def extra_case(case: str):
         net = nk.Sequential(conv(), nk.ReLU(), nk.Aggregate(), conv(), nk.ReLU(), nk.Aggregate(),
                             nk.GlobalSumPool(), nk.Linear(1))
         return (lambda: net.kernel(x, pattern=a)), n * n
-    if case == "conv_transpose":
+    readout = nk.GlobalAvgPool() if case.endswith("_gap") else nk.Flatten()
+    if case.startswith("conv_transpose"):
         x = torch.randn(64, 3, 8, 8, generator=gen)
         net = nk.Sequential(
             nk.ConvTranspose2d(64, 3, stride=2, padding="same", w_std=1.4, b_std=0.1), nk.ReLU(),
-            nk.Conv2d(64, 3, padding="same", w_std=1.4, b_std=0.1), nk.ReLU(), nk.Flatten(),
+            nk.Conv2d(64, 3, padding="same", w_std=1.4, b_std=0.1), nk.ReLU(), readout,
             nk.Linear(1))
         return (lambda: net.kernel(x)), 64 * 64
     x = torch.randn(64, 3, 16, 16, generator=gen)
     net = nk.Sequential(
         nk.Conv2d(64, 3, padding="same", w_std=1.4, b_std=0.1), nk.ReLU(),
         nk.LocallyConnected2d(64, 3, padding="same", w_std=1.4, b_std=0.1), nk.ReLU(),
-        nk.Flatten(), nk.Linear(1))
+        readout, nk.Linear(1))
     return (lambda: net.kernel(x)), 64 * 64
 
 
@@ -437,7 +448,8 @@ def _ntkit_case(case: str, reps: int) -> dict:
         return rnn_case(baseline)
     elif case == "transformer":
         return transformer_case(baseline)
-    elif case in ("graph", "conv_transpose", "conv_local"):
+    elif case in ("graph", "conv_transpose", "conv_local", "conv_transpose_gap",
+                  "conv_local_gap"):
         run, entries = extra_case(case)
     elif case.startswith("entk"):
         model, x, output = entk_models(case)

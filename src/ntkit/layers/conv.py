@@ -169,9 +169,13 @@ class _Conv(Spatial):
         fan_in = k.shape[0] * taps
         b = 1 if k.diagonal else 2
 
+        # A 1-tap, unpadded window (a channel mixing Conv1d(c, 1)) sums nothing: its
+        # tiles pass through uncopied and are never written to.
+        one_tap = all(ax.size == ax.stride == 1 and not (ax.before or ax.after) for ax in axes)
+
         def conv_sum(t: Tensor, batch: int, pairs: bool = k.position_pairs) -> Tensor:
-            """The sum (not yet the mean) over taps."""
-            for i, ax in enumerate(axes):
+            """The sum (not yet the mean) over taps (``t`` itself for `one_tap`)."""
+            for i, ax in enumerate(() if one_tap else axes):
                 dims = (batch + i, batch + len(axes) + i) if pairs else (batch + i,)
                 t = shifted_sum(t, ax, dims)
             return t
@@ -187,7 +191,7 @@ class _Conv(Spatial):
         def affine(t: Tensor) -> Tensor:
             if b2 is not None:
                 return torch.addcmul(b2, t, scale)
-            return t * scale if scale.requires_grad else t.mul_(scale)
+            return t * scale if scale.requires_grad or one_tap else t.mul_(scale)
 
         if k.is_input and k.inputs is not None and not k.diagonal:
             nngp_sum = _input_conv_sum(k, axes)
