@@ -208,6 +208,35 @@ class _Rule:
         return z, w
 
 
+def _abrelu_two(act: ABReLU, m: int, ia: list[int], ib: list[int]):
+    """``(g, d)`` of `ABReLU` in closed form (Cho & Saul 2009, the arc-cosine kernel of
+    degree 1 and 0; ``f = a x + (b - a) relu(x)``), cheap to differentiate twice::
+
+        g = a b k + (b - a)^2 sqrt(v1 v2) (sin t + (pi - t) cos t) / (2 pi)
+        d = a b + (b - a)^2 (pi - t) / (2 pi),      t = arccos(k / sqrt(v1 v2))
+    """
+    a, b = float(act.a), float(act.b)
+    ab, d2, sq = a * b, (b - a) ** 2, (a * a + b * b) / 2
+
+    def two(params):
+        g_mat = _matrix(params, m)
+        gs, ds = [], []
+        for i, j in zip(ia, ib):
+            if i == j:
+                gs.append(sq * g_mat[i][i])
+                ds.append(sq + 0 * g_mat[i][i])
+                continue
+            v1, v2, k = g_mat[i][i], g_mat[j][j], g_mat[i][j]
+            root = torch.sqrt(v1 * v2)
+            t = torch.arccos(torch.clamp(k / root, -1.0, 1.0))
+            gs.append(ab * k + d2 * root * (torch.sin(t) + (math.pi - t) * torch.cos(t))
+                      / (2 * math.pi))
+            ds.append(ab + d2 * (math.pi - t) / (2 * math.pi))
+        return torch.stack(gs + ds)
+
+    return two
+
+
 def moments(act: Activation, cov: Tensor, *, chunk: int = 16384) -> Moments:
     """The expectations of `Moments` for a batch of covariances.
 
@@ -245,6 +274,9 @@ def moments(act: Activation, cov: Tensor, *, chunk: int = 16384) -> Moments:
         return (rule.radial(4 * h) * aw.T @ a, rule.radial(4 * h - 2) * aw.T @ bb,
                 rule.radial(4 * h - 4) * (bb * w[:, None]).T @ bb,
                 rule.radial(2 * h) * torch.einsum("q,qiac->iac", w, prod))
+
+    if isinstance(act, ABReLU) and m <= 2:
+        two = _abrelu_two(act, m, ia, ib)
 
     jac = torch.func.jacfwd(two)
     hess = torch.func.jacfwd(jac)
