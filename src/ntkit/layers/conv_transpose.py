@@ -35,42 +35,56 @@ from .linear import BInit, Parameterization, affine_spec, uninitialised
 __all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "NTKConvTranspose"]
 
 
-def _tap_maps(n: int, m: int, size: int, stride: int, padding: int, dilation: int,
-              like: Tensor) -> Tensor:
-    """``A[d, o, i] = 1`` where input position ``i`` reaches output ``o`` through tap ``d``."""
-    a = torch.zeros(size, m, n, dtype=like.dtype, device=like.device)
+def _scatter_taps(t: Tensor, dims: tuple[int, ...], tap: tuple[int, ...]) -> Tensor:
+    """``out[.., o, .., o', ..] = sum_d t[.., i, .., i', ..]`` over the taps ``d`` that
+    take input ``i`` to output ``o = s i - lo + δ d`` and ``i'`` to ``o'`` on every
+    axis of ``dims`` (one tap for all of them: the same weight).
+
+    Each tap adds one strided block of ``t`` into a zero output, so the cost is a few
+    passes over the output instead of a matrix product with the (sparse) tap maps.
+
+    Args:
+        t: any tensor whose axes ``dims`` hold ``n`` input positions each.
+        dims: the axes mapped together (one, or a pair of position axes).
+        tap: ``(n, m, size, stride, lo, dilation)`` of the spatial axis.
+    """
+    n, m, size, stride, lo, dilation = tap
+    shape = list(t.shape)
+    for dim in dims:
+        shape[dim] = m
+    out = t.new_zeros(shape)
     for d in range(size):
-        for i in range(n):
-            o = stride * i - padding + dilation * d
-            if 0 <= o < m:
-                a[d, o, i] = 1.0
-    return a
+        first = dilation * d - lo  # the output of input 0
+        i0 = max(0, -(first // stride))
+        i1 = min(n, (m - 1 - first) // stride + 1) if m - 1 >= first else 0
+        if i1 <= i0:
+            continue
+        o0 = first + stride * i0
+        dst = slice(o0, o0 + stride * (i1 - i0 - 1) + 1, stride)
+        out[tuple(dst if a in dims else slice(None) for a in range(t.ndim))] += t[
+            tuple(slice(i0, i1) if a in dims else slice(None) for a in range(t.ndim))]
+    return out
 
 
-def _map_pairs(t: Tensor, maps: list[Tensor], batch: int) -> Tensor:
+def _map_pairs(t: Tensor, taps: list[tuple[int, ...]], batch: int) -> Tensor:
     """``sum_d A_d t A_d^T`` on each spatial axis's pair of dims of ``t``
-    (laid out ``(*batch, *S, *S)``)."""
-    nd = len(maps)
-    for ax, a in enumerate(maps):
-        dp, dq = batch + ax, batch + nd + ax
-        t = t.movedim((dp, dq), (-2, -1))
-        t = torch.einsum("dpi,...ij,dqj->...pq", a, t, a)
-        t = t.movedim((-2, -1), (dp, dq))
-    return t.contiguous()  # later layers take views of the position diagonal
+    (laid out ``(*batch, *S, *S)``), with ``A_d[o, i] = 1`` where tap ``d`` takes
+    input ``i`` to output ``o``."""
+    nd = len(taps)
+    for ax, tap in enumerate(taps):
+        t = _scatter_taps(t, (batch + ax, batch + nd + ax), tap)
+    return t
 
 
-def _map_positions(t: Tensor, maps: list[Tensor], batch: int) -> Tensor:
+def _map_positions(t: Tensor, taps: list[tuple[int, ...]], batch: int) -> Tensor:
     """The same map at matching positions: ``t`` laid out ``(*batch, *S)``.
 
     Both sides of ``K(i_d(o), i_d(o'))`` use the same tap ``d``, so at ``o = o'`` only
     the input's matching positions enter: ``K'(o, o) = sum_d K(i_d(o), i_d(o))``, on
     each axis ``(sum_d A_d) diag(K)``."""
-    for ax, a in enumerate(maps):
-        dim = batch + ax
-        # one matrix product over all other axes (not a batch of small ones): a
-        # strided view would make matmul copy every (.., n) slice on its own
-        t = torch.matmul(t.movedim(dim, -1).contiguous(), a.sum(0).T).movedim(-1, dim)
-    return t.contiguous()
+    for ax, tap in enumerate(taps):
+        t = _scatter_taps(t, (batch + ax,), tap)
+    return t
 
 
 class _ConvTranspose(Spatial):
@@ -206,8 +220,7 @@ class _ConvTranspose(Spatial):
         self._check_channels(k.shape[0])
         geometry = self._geometry(spatial)
         out = tuple(m for m, _ in geometry)
-        maps = [_tap_maps(n, m, self.kernel_size[i], self.stride[i], lo, self.dilation[i],
-                          k.nngp)
+        maps = [(n, m, self.kernel_size[i], self.stride[i], lo, self.dilation[i])
                 for i, (n, (m, lo)) in enumerate(zip(spatial, geometry))]
         taps = math.prod(self.kernel_size)
         fan_in = k.shape[0] * taps
@@ -216,9 +229,8 @@ class _ConvTranspose(Spatial):
         b2, trained_b2 = split_bias_variance(b2, self.b_init)
         scale = w2 / taps
 
-        def affine(t: Tensor) -> Tensor:
-            t = t * scale
-            return t + b2 if b2 is not None else t
+        def affine(t: Tensor) -> Tensor:  # one pass: b^2 + (w^2 / taps) t
+            return torch.addcmul(b2, t, scale) if b2 is not None else t * scale
 
         pairs = k.position_pairs
         spread = _map_pairs if pairs else _map_positions
