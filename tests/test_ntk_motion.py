@@ -89,7 +89,8 @@ def test_relative_motion_falls_with_width(make_generator):
             model = _mlp(width, gen)
             x = torch.randn(6, 3, generator=make_generator(99), dtype=F64)
             y = torch.ones(6, 2, dtype=F64)
-            step = gradient_step(model, lambda m: ((m(x) - y) ** 2).mean(), learning_rate=1.0)
+            step = gradient_step(model, lambda m, x=x, y=y: ((m(x) - y) ** 2).mean(),
+                                 learning_rate=1.0)
             theta, vel = ntk_velocity(model, x, step=step)
             vals.append((torch.linalg.norm(vel) / torch.linalg.norm(theta)).item())
         speeds[width] = sum(vals) / len(vals)

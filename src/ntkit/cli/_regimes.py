@@ -59,7 +59,8 @@ def regimes(widths: list[int], steps: int, lr: float, n_train: int, seed: int,
     import torch
 
     from .. import datasets
-    from ..finite.regimes import regimes as run, regimes_figure
+    from ..finite.regimes import regimes as run
+    from ..finite.regimes import regimes_figure
 
     check_outputs({"-o/--out": out, "--table": table}, {}, force=force)
     if out is not None and out.suffix.lower() not in (".png", ".pdf", ".svg"):

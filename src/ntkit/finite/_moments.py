@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ..layers.activations import ABReLU, Activation, Erf, Sign
 
-__all__ = ["Moments", "pair_index", "moments"]
+__all__ = ["Moments", "moments", "pair_index"]
 
 #: Gauss-Legendre nodes per arc of the polar rule (trigonometric degree <= 4; 12 nodes
 #: reach ~1e-14 relative, 8 only ~1e-9).
@@ -138,7 +138,7 @@ def _cholesky(g: list[list[Tensor]]) -> list[list[Tensor]]:
 @functools.lru_cache(maxsize=16)
 def _hermite_grid(m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Product Gauss-Hermite nodes ``(n^m, m)`` and weights for ``N(0, I_m)``."""
-    import scipy.special  # noqa: PLC0415 (scipy: already a dependency of the layers)
+    import scipy.special
 
     u, w = scipy.special.roots_hermitenorm(n)  # stable at high degree
     w = w / w.sum()
@@ -250,7 +250,7 @@ def moments(act: Activation, cov: Tensor, *, chunk: int = 16384) -> Moments:
         `Moments` for the batch.
     """
     b, p = cov.shape
-    m = int(round((math.sqrt(8 * p + 1) - 1) / 2))
+    m = round((math.sqrt(8 * p + 1) - 1) / 2)
     ia, ib = pair_index(m)
     rule = _Rule(act, m, cov.dtype)
     fn, dfn = act.fn, _derivative(act)

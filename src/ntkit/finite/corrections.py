@@ -67,9 +67,9 @@ import torch
 from torch import Tensor
 
 from ..layers.activations import Activation
+from ..layers.base import number
 from ..layers.containers import Sequential
 from ..layers.linear import Linear
-from ..layers.base import number
 from ._moments import moments, pair_index
 
 __all__ = ["FiniteWidthKernel", "finite_width", "nngp_four_point"]
@@ -176,7 +176,7 @@ def _propagate(linears, acts, widths, k0: Tensor, fan_in0: int) -> dict[str, Ten
         covariance of ``(G, T)``; ``o_same, o_swap`` (B, P); ``mu_g`` (B, P).
     """
     b, p = k0.shape
-    m = int(round((math.sqrt(8 * p + 1) - 1) / 2))
+    m = round((math.sqrt(8 * p + 1) - 1) / 2)
     ia, ib = pair_index(m)
     diag = {a: ia.index(a) for a in range(m) if (a, a) in zip(ia, ib)}
     paa = torch.tensor([diag[a] for a in ia])
@@ -282,7 +282,6 @@ def finite_width(net, x1: Tensor, x2: Tensor | None = None, *, width: int | Sequ
     # Single inputs (m = 1): the diagonal entries and the kurtosis.
     single = lambda x: _propagate(linears, acts, widths, (x * x).sum(1, keepdim=True) / f, f)
     s1 = single(a)
-    s2 = s1 if x2 is None else single(bmat)
     # Pairs (m = 2): every entry whose two inputs differ.
     same = torch.cdist(a, bmat) == 0
     ii, jj = torch.nonzero(~same, as_tuple=True)

@@ -142,7 +142,7 @@ class NTKTracker:
         self.kernels: list[Tensor] = [self.initial] if keep_kernels else []
 
     def _ntk(self) -> Tensor:
-        from ..empirical import empirical_ntk  # noqa: PLC0415 (keeps import order one-way)
+        from ..empirical import empirical_ntk
 
         return empirical_ntk(self.model, self.probe).detach()
 

@@ -207,7 +207,7 @@ def coord_check(widths: Sequence[int], x: Tensor, y: Tensor, *,
 def plot_coord_check(result: dict[int, Tensor], *, title: str = "coordinate check", ax=None):
     """Draws `coord_check`'s result: per layer, the activation change after the last step
     against width (log-log). Returns the matplotlib Figure."""
-    import matplotlib.pyplot as plt  # noqa: PLC0415 (optional dependency)
+    import matplotlib.pyplot as plt
 
     fig = ax.figure if ax is not None else plt.figure(figsize=(4.5, 3.5))
     ax = ax if ax is not None else fig.add_subplot(1, 1, 1)

@@ -52,7 +52,7 @@ def regimes(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, *,
         lists over widths: ``"ntk_change"``, ``"test_loss"``, ``"feature_distance"``,
         ``"train_loss"``.
     """
-    from ..empirical import empirical_ntk_by_layer  # noqa: PLC0415 (one-way imports)
+    from ..empirical import empirical_ntk_by_layer
 
     def weighted_ntk(model: AbcMLP) -> Tensor:
         parts = empirical_ntk_by_layer(model, xp, by="parameter")
@@ -71,7 +71,7 @@ def regimes(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, *,
             model = AbcMLP(x_train.shape[1], width, y_train.shape[1], 1,
                            parameterization=name, optimizer="sgd", base_width=base_width,
                            generator=torch.Generator().manual_seed(seed), dtype=x_train.dtype)
-            features = lambda: torch.relu(_first(model, xp))
+            features = lambda model=model: torch.relu(_first(model, xp))
             theta0 = weighted_ntk(model)
             h0 = features().detach()
             opt = torch.optim.SGD(param_groups(model, lr=lr), lr=lr)
@@ -99,7 +99,7 @@ def _first(model: AbcMLP, x: Tensor) -> Tensor:
 def regimes_figure(result: dict):
     """Three panels against width: relative NTK change, test loss, feature distance.
     Returns the matplotlib Figure."""
-    import matplotlib.pyplot as plt  # noqa: PLC0415 (optional dependency)
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
     widths = result["widths"]
