@@ -48,9 +48,17 @@ fluctuations are then expanded to first order in ``1/n`` (the delta method):
   NTK-variance recursion (ch. 8, the A and B tensors) in the form of a
   joint covariance of ``(G, T)``.
 
-What is *not* computed: the 1/n mean shift of the NTK (PDLT ch. 8-9, which
-needs the correlation of a neuron's NTK with its own pre-activation at
-order 1/n), so `FiniteWidthKernel.ntk_mean` is not offered.
+- NTK mean shift (PDLT ch. 8, the 1/n part of the NTK mean): ``E[T^{l+1}] =
+  lambda_b + lambda_W E[Phi] + sw^2 E[Psi]`` with ``E[Psi] = E[d(G) T] + c^l``
+  expanded to second order in ``(G, T)``, and ``c^l = E[s'_a s'_b eps]``, a
+  neuron's own NTK noise against its own activations. By Stein's lemma in the
+  neuron's weight row, ``c^l = sw^2 / n sum_{a'c'} E[d^2(s'_a s'_b)/dz_a' dz_c']
+  U^l[a', c']`` with ``U^l[a', c'] = sw^2 / n sum_{j1 j2} M_j1j2 s_j1(a')
+  s_j2(c')``, whose off-diagonal part (``j1 != j2``) again follows from Stein's
+  lemma one layer down: ``U^{l+1} = sw^2 Theta^l <s'_a s'_b s_a' s_c'> +
+  sw^2 sw'^2 (n_l / n_{l-1}) E_a U^l E_b^T`` with ``E_a[a', a''] =
+  <d(s'_a s_a')/dz_a''>``. This part is checked against Monte Carlo only to about
+  2 standard errors (tests/test_finite_width.py does not test it to 10%).
 
 Only the pair ``(x1_i, x2_j)`` and the two inputs themselves enter an entry's
 corrections, so each entry is one independent small problem (``m = 2`` inputs,
