@@ -98,6 +98,8 @@ class FiniteWidthKernel:
         nngp_mean: mean of the empirical NNGP entry including its ``1/n`` shift.
         ntk_var: variance of the empirical NTK entry of one output, ``O(1/n)``
             relative to ``ntk ** 2``.
+        ntk_mean: mean of the empirical NTK entry including its ``1/n`` shift (in
+            standard parameterization ``ntk`` itself uses the given widths).
         kurtosis: ``(N1,)``: ``E f^4 / (3 (E f^2)^2)`` of one output at each
             input of ``x1`` (1 for a Gaussian), to leading order:
             ``1 + Var[G_aa] / K_aa^2``.
@@ -263,7 +265,7 @@ def finite_width(net, x1: Tensor, x2: Tensor | None = None, *, width: int | Sequ
 
     Implements the recursions of `ntkit.finite.corrections` (PDLT ch. 4 and 8;
     Hanin & Nica 2020; Yaida 2020): the variance of the empirical NNGP and NTK
-    entries, the NNGP's mean shift and the output's kurtosis, at order ``1/n``.
+    entries, their mean shifts and the output's kurtosis, at order ``1/n``.
     Computed in float64; the result is float64 on the CPU.
 
     Args:
