@@ -48,8 +48,7 @@ def _sizes(ctx, param, value: str) -> list[int]:
 @data_options
 @click.option("--arch", "architecture", default=_DEFAULT_ARCH, metavar="SPEC|FILE",
               show_default=True, help="architecture spec or .json/.yaml file")
-@get_option(choices=("ntk", "nngp"), default="ntk", old="--kernel",
-            help="the kernel of the regression")
+@get_option(choices=("ntk", "nngp"), default="ntk", help="the kernel of the regression")
 @click.option("--sizes", callback=_sizes, default="20,50,100,200", show_default=True,
               help="training sizes, each below the pool size")
 @click.option("--ridge", type=click.FloatRange(min=0), default=0.0, show_default=True,

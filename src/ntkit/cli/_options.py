@@ -75,19 +75,20 @@ def force_option(more: str = "") -> Callable:
 
 
 def get_option(*, choices: Sequence[str], default: str | None, help: str,
-               old: str) -> Callable:
+               old: str | None = None) -> Callable:
     """The ``--get`` option (which kernel: ``ntk``, ``nngp`` or ``both``) of a command.
 
     The command receives ``get``. ``old`` is the option's former name (``--kind`` or
     ``--kernel``): accepted for one release, hidden, with a deprecation notice on
-    stderr; giving both with different values is a usage error.
+    stderr; giving both with different values is a usage error. Commands newer than
+    the rename pass no ``old``.
     """
-    old_dest = "deprecated_" + old.lstrip("-").replace("-", "_")
+    old_dest = None if old is None else "deprecated_" + old.lstrip("-").replace("-", "_")
 
     def decorate(f: Callable) -> Callable:
         @functools.wraps(f)
         def command(*args, get: str | None, **kwargs):
-            legacy = kwargs.pop(old_dest)
+            legacy = None if old_dest is None else kwargs.pop(old_dest)
             if legacy is not None:
                 click.echo(f"ntkit: {old} is deprecated and will be removed in the next "
                            f"release; use --get {legacy}.", err=True)
@@ -97,8 +98,10 @@ def get_option(*, choices: Sequence[str], default: str | None, help: str,
                 get = legacy
             return f(*args, get=get if get is not None else default, **kwargs)
 
-        command = click.option(old, old_dest, type=click.Choice(list(choices)), default=None,
-                               hidden=True, help="deprecated name of --get")(command)
+        if old is not None:
+            command = click.option(old, old_dest, type=click.Choice(list(choices)),
+                                   default=None, hidden=True,
+                                   help="deprecated name of --get")(command)
         shown = f"  [default: {default}]" if default is not None else ""
         return click.option("--get", "get", type=click.Choice(list(choices)), default=None,
                             help=help + shown)(command)
