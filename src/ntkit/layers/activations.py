@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .._checks import as_real
 from ..kernel import Kernel
-from ._arccos_fast import arc_cosine_tile
+from ._arccos_fast import arc_cosine
 from .base import BuildContext, Kernels, Layer, Shapes, single
 
 __all__ = [
@@ -241,22 +241,10 @@ class ABReLU(Activation):
         return "abrelu", [self.a, self.b], {}
 
     def _nngp_and_dot(self, k, v1, v2):
-        # pi - theta = arccos(-cos) and sin(pi - theta) = sin(theta), from the
-        # negated correlation and scale.
-        neg_cos, neg_scale = _cos_and_scale(k, v1, v2, sign=-1.0)
-        phi = _arccos(neg_cos)
-        relu = torch.mul(phi, k).addcmul_(neg_scale, torch.sin(phi), value=-1.0)
-        relu.mul_(1 / (2 * _PI))
-        # phi is kept for the backward pass when gradients are tracked.
-        dot = phi * (1 / (2 * _PI)) if phi.requires_grad else phi.mul_(1 / (2 * _PI))
-        ab, d2 = self.a * self.b, (self.b - self.a) ** 2
-        if ab == 0 and d2 == 1:
-            return relu, dot
-        return relu.mul_(d2).add_(k, alpha=ab), dot.mul_(d2).add_(ab)
+        return arc_cosine(k, v1, v2, self.a, self.b, arccos=_arccos, sqrt=_safe_sqrt)
 
-    def _nngp_and_ntk(self, k, v1, v2, ntk):
-        fused = arc_cosine_tile(k, v1, v2, ntk, self.a, self.b)  # no autograd: fewer passes
-        return fused if fused is not None else super()._nngp_and_ntk(k, v1, v2, ntk)
+    def _nngp_and_ntk(self, k, v1, v2, ntk):  # the NTK product fused (layers/_arccos_fast.py)
+        return arc_cosine(k, v1, v2, self.a, self.b, ntk, arccos=_arccos, sqrt=_safe_sqrt)
 
     def _variance(self, c: Tensor) -> Tensor:
         return c * ((self.a**2 + self.b**2) / 2)
