@@ -86,15 +86,20 @@ def test_auto_centers_in_a_fit(problem):
 
 @pytest.mark.slow
 def test_local_cluster_equals_in_process(problem):
-    """The iteration's tiles as tasks on a 2-worker LocalCluster: the same fit (the
-    workers' single-threaded kernels round differently from this process's, so CG may
-    take one iteration more or less to reach tol=1e-10)."""
+    """The iteration's tiles as tasks on a 2-worker LocalCluster: the same 8 iterations
+    give the same fit (the workers' single-threaded kernels may round differently from
+    this process's, in the last float64 digits only)."""
     pytest.importorskip("distributed")
-    here = _fit(problem, cache=False, memory_budget=8 * 8 * M * 100)
-    dask = _fit(problem, n_workers=2, memory_budget=8 * 8 * M * 100)
-    assert abs(dask.info.iterations - here.info.iterations) <= 1
+    fixed = {"max_iter": 8, "tol": 1e-30, "on_failure": "warn", "memory_budget": 8 * 8 * M * 100}
+    with pytest.warns(solvers.ConvergenceWarning):
+        here = _fit(problem, cache=False, **fixed)
+    with pytest.warns(solvers.ConvergenceWarning):
+        dask = _fit(problem, n_workers=2, **fixed)
+    assert dask.info.iterations == here.info.iterations == 8
     xt = torch.randn(50, 6, generator=torch.Generator().manual_seed(2), dtype=F64)
-    assert _rel(dask.predict(xt), here.predict(xt)) < 1e-8
+    assert _rel(dask.predict(xt), here.predict(xt)) < 1e-9
+    # alpha = T^-1 A^-1 beta amplifies those last digits by the conditioning of K_mm
+    assert _rel(dask.alpha, here.alpha) < 1e-7
 
 
 def test_client_and_n_workers_are_exclusive(problem):
