@@ -118,7 +118,13 @@ def kernel_profile(net, d: int, t: np.ndarray, get: str) -> np.ndarray:
     x2 = torch.zeros(tt.numel(), d, dtype=torch.float64)
     x2[:, 0] = d ** 0.5 * tt
     x2[:, 1] = d ** 0.5 * (1 - tt ** 2).clamp_min(0.0).sqrt()
-    return getattr(net.kernel(x1, x2), get).detach().to(torch.float64).reshape(-1).numpy()
+    out = getattr(net.kernel(x1, x2), get).detach().to(torch.float64).reshape(-1)
+    # At t = 1 the pair is one point twice: its self kernel, exact (a cross pair reaches
+    # correlation 1 only to rounding, which the arc-cosine's square root turns into 1e-8).
+    ones = tt.reshape(-1) == 1
+    if bool(ones.any()):
+        out[ones] = getattr(net.kernel(x1, diagonal=True), get).detach().to(torch.float64)[0]
+    return out.numpy()
 
 
 def sphere_spectrum(net, d: int, max_degree: int, *, get: str = "ntk",
