@@ -119,6 +119,44 @@ def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, *,
         raise ValueError(f"max_iter and stall_window must be >= 1, got {max_iter} and "
                          f"{stall_window}.")
     precond = preconditioner if preconditioner is not None else (lambda r: r)
+    if x0 is not None:
+        x0 = (x0[:, None] if vector else x0).to(b2)
+        if x0.shape != b2.shape:
+            raise ValueError(f"x0 must be shaped like b {tuple(b.shape)}, got {tuple(x0.shape)}.")
+    state = cg_start(matvec, b2, precond, x0)
+    reason = cg_iterate(state, matvec, precond, b2, tol=tol, max_iter=max_iter,
+                        stall_window=stall_window, progress=progress, what=what)
+    x, info = cg_finish(state, b2, reason, tol=tol, on_failure=on_failure, what=what)
+    return (x[:, 0] if vector else x), info
+
+
+@dataclass
+class CGState:
+    """The recursion's state between two iterations of `conjugate_gradient` (what a
+    checkpoint of the solve saves; `ntkit.solvers.checkpoint`)."""
+
+    x: Tensor
+    r: Tensor
+    z: Tensor
+    p: Tensor
+    rz: Tensor
+    best_x: Tensor
+    b_norm: Tensor
+    live: Tensor
+    it: int
+    residuals: list[float]
+    bests: list[float]
+    best: float
+
+    @property
+    def rel(self) -> float:
+        """The current relative residual."""
+        return self.residuals[-1]
+
+
+def cg_start(matvec: Callable[[Tensor], Tensor], b2: Tensor, precond: Callable[[Tensor], Tensor],
+             x0: Tensor | None = None) -> CGState:
+    """The state before the first iteration, from ``x0`` (default zeros); ``b2`` is ``(N, O)``."""
     b_norm = torch.linalg.vector_norm(b2, dim=0)
     live = b_norm > 0
     b_norm = torch.where(live, b_norm, torch.ones_like(b_norm))
@@ -126,77 +164,91 @@ def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, *,
         x = torch.zeros_like(b2)
         r = b2.clone()
     else:
-        x = (x0[:, None] if vector else x0).to(b2).clone()
-        if x.shape != b2.shape:
-            raise ValueError(f"x0 must be shaped like b {tuple(b.shape)}, got {tuple(x0.shape)}.")
+        x = x0.clone()
         r = b2 - _checked(matvec(x), b2, "matvec")
     rel = _relative(r, b_norm, live)
-    residuals = [rel]
-    best_x, best = x.clone(), rel
-    bests = [rel]
     z = _checked(precond(r), b2, "preconditioner")
-    p = z.clone()
-    rz = (r * z).sum(0)
-    bar = progress_bar(range(max_iter), desc=f"CG: {what}", unit="it", progress=progress)
-    bar.set_postfix(rel_residual=f"{rel:.2e}")
+    return CGState(x=x, r=r, z=z, p=z.clone(), rz=(r * z).sum(0), best_x=x.clone(),
+                   b_norm=b_norm, live=live, it=0, residuals=[rel], bests=[rel], best=rel)
+
+
+def cg_iterate(s: CGState, matvec, precond, b2: Tensor, *, tol: float, max_iter: int,
+               stall_window: int, progress: bool | None, what: str,
+               after_step: Callable[[CGState, bool], None] | None = None) -> str | None:
+    """Runs the recursion of `conjugate_gradient` on ``s`` (in place) until ``tol``,
+    ``max_iter``, a stall or lost curvature; returns why it stopped short, or None.
+    ``after_step(s, last)`` runs after every iteration (``last``: the final one)."""
+    bar = progress_bar(range(max_iter), desc=f"CG: {what}", unit="it", progress=progress,
+                       initial=s.it)
+    bar.set_postfix(rel_residual=f"{s.rel:.2e}")
     reason = None
-    it = 0
     try:
-        while rel > tol:
-            if it >= max_iter:
+        while s.rel > tol:
+            if s.it >= max_iter:
                 reason = f"max_iter={max_iter} was reached"
                 break
-            if it >= stall_window and bests[-1] > (1 - 1e-3) * bests[-1 - stall_window]:
+            if s.it >= stall_window and s.bests[-1] > (1 - 1e-3) * s.bests[-1 - stall_window]:
                 reason = (f"the residual stopped decreasing (no new best over the last "
                           f"{stall_window} iterations)")
                 break
-            ap = _checked(matvec(p), b2, "matvec")
-            pap = (p * ap).sum(0)
-            active = (_column_rel(r, b_norm, live) > tol) & (pap > 0)
-            a = torch.where(active, rz / torch.where(active, pap, torch.ones_like(pap)),
+            ap = _checked(matvec(s.p), b2, "matvec")
+            pap = (s.p * ap).sum(0)
+            active = (_column_rel(s.r, s.b_norm, s.live) > tol) & (pap > 0)
+            a = torch.where(active, s.rz / torch.where(active, pap, torch.ones_like(pap)),
                             torch.zeros_like(pap))
-            x = x + a * p
-            r = r - a * ap
-            z = _checked(precond(r), b2, "preconditioner")
-            rz_new = (r * z).sum(0)
-            beta = torch.where(active & (rz != 0), rz_new / torch.where(rz != 0, rz,
-                               torch.ones_like(rz)), torch.zeros_like(rz))
-            p = z + beta * p
-            rz = rz_new
-            it += 1
-            rel = _relative(r, b_norm, live)
+            s.x = s.x + a * s.p
+            s.r = s.r - a * ap
+            s.z = _checked(precond(s.r), b2, "preconditioner")
+            rz_new = (s.r * s.z).sum(0)
+            beta = torch.where(active & (s.rz != 0), rz_new / torch.where(
+                s.rz != 0, s.rz, torch.ones_like(s.rz)), torch.zeros_like(s.rz))
+            s.p = s.z + beta * s.p
+            s.rz = rz_new
+            s.it += 1
+            rel = _relative(s.r, s.b_norm, s.live)
             if not math.isfinite(rel):
                 raise FloatingPointError(
                     f"conjugate gradients on {what} produced a non-finite residual at "
-                    f"iteration {it}: " + message("not_positive_definite", "the system",
-                                                   str(b.dtype)))
-            residuals.append(rel)
-            if rel < best:
-                best, best_x = rel, x
-            bests.append(best)
+                    f"iteration {s.it}: " + message("not_positive_definite", "the system",
+                                                     str(b2.dtype)))
+            s.residuals.append(rel)
+            if rel < s.best:
+                s.best, s.best_x = rel, s.x
+            s.bests.append(s.best)
             bar.update(1)
             bar.set_postfix(rel_residual=f"{rel:.2e}")
-            if not bool(active.any()):
+            stop = not bool(active.any())
+            if after_step is not None:
+                after_step(s, stop or rel <= tol)
+            if stop:
                 if rel > tol:
                     reason = "the search directions lost positive curvature (rounding)"
                 break
     finally:
         bar.close()
-    converged = rel <= tol
+    return reason
+
+
+def cg_finish(s: CGState, b2: Tensor, reason: str | None, *, tol: float,
+              on_failure: OnFailure, what: str) -> tuple[Tensor, CGInfo]:
+    """The solution ``(N, O)`` and its `CGInfo`: the last iterate when converged, else
+    the best one (``on_failure``: raise `ConvergenceError` or warn)."""
+    converged = s.rel <= tol
+    x = s.x
     if not converged:
-        x = best_x
+        x = s.best_x
         error = did_not_converge(
             f"conjugate gradients on {what}",
-            f"stopped at relative residual {best:.3g} after {it} iterations, above "
-            f"tol={tol:g}: {reason or 'no progress'}; {b.dtype}")
+            f"stopped at relative residual {s.best:.3g} after {s.it} iterations, above "
+            f"tol={tol:g}: {reason or 'no progress'}; {b2.dtype}")
         if on_failure == "raise":
             raise error
-        warnings.warn(str(error), ConvergenceWarning, stacklevel=2)
+        warnings.warn(str(error), ConvergenceWarning, stacklevel=3)
     if not bool(torch.isfinite(x).all()):
         raise FloatingPointError(f"conjugate gradients on {what} produced NaN or infinite "
                                  f"values: " + message("did_not_converge", "the solve"))
-    info = CGInfo(iterations=it, residuals=tuple(residuals), converged=converged, tol=tol)
-    return (x[:, 0] if vector else x), info
+    return x, CGInfo(iterations=s.it, residuals=tuple(s.residuals), converged=converged,
+                     tol=tol)
 
 
 def _column_rel(r: Tensor, b_norm: Tensor, live: Tensor) -> Tensor:

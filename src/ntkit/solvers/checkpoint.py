@@ -33,9 +33,7 @@ import contextlib
 import hashlib
 import io
 import json
-import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._budget import progress_bar
-from ..errors import ConvergenceWarning, StoreError, did_not_converge, message
+from ..errors import StoreError
 
 __all__ = ["MARKER", "Checkpoint", "CheckpointError", "resumable_cg"]
 
@@ -252,103 +249,43 @@ def _show(value) -> str:
 
 # ------------------------------------------------------------------ resumable CG
 _STATE = ("x", "r", "z", "p", "rz", "best_x", "b_norm", "live")
+_SCALARS = ("it", "residuals", "bests", "best")
 
 
 def resumable_cg(matvec, b: Tensor, *, store: CheckpointStore, tol: float, max_iter: int,
                  stall_window: int = 100, on_failure: str = "raise",
                  progress: bool | None = None, what: str = "the linear system"):
     """`ntkit.solvers.conjugate_gradient` (no preconditioner, ``x0 = 0``, ``b`` ``(N, O)``)
-    with its state saved to ``store`` every ``store.every`` iterations and resumed from
-    it: the same recursion, operation for operation, so an uninterrupted and a resumed
-    solve return equal tensors (Hestenes & Stiefel 1952; Saad 2003, Alg. 9.1).
+    with its state (`ntkit.solvers.cg.CGState`) saved to ``store`` every ``store.every``
+    iterations and after the last, and resumed from it: the same recursion
+    (`cg_iterate`), so an uninterrupted and a resumed solve return equal tensors.
 
     Returns:
         ``(x, info)`` as `conjugate_gradient`.
     """
-    from .cg import CGInfo, _column_rel, _relative
+    from .cg import CGState, cg_finish, cg_iterate, cg_start
+
+    def identity(r: Tensor) -> Tensor:
+        return r
+
+    def save(s: CGState) -> None:
+        store.save("state", {k: getattr(s, k) for k in _STATE},
+                   {k: getattr(s, k) for k in _SCALARS}, tag=str(s.it))
 
     saved = store.load("state")
     if saved is None:
-        b_norm = torch.linalg.vector_norm(b, dim=0)
-        live = b_norm > 0
-        b_norm = torch.where(live, b_norm, torch.ones_like(b_norm))
-        x = torch.zeros_like(b)
-        r = b.clone()
-        rel = _relative(r, b_norm, live)
-        residuals, bests = [rel], [rel]
-        best_x, best = x.clone(), rel
-        z = r                                  # no preconditioner: z = P^-1 r = r
-        p = z.clone()
-        rz = (r * z).sum(0)
-        it = 0
+        state = cg_start(matvec, b, identity)
+        save(state)
     else:
-        x, r, z, p, rz, best_x, b_norm, live = (saved[k] for k in _STATE)
-        it, residuals, bests, best = (saved["it"], list(saved["residuals"]),
-                                      list(saved["bests"]), saved["best"])
-        rel = residuals[-1]
+        state = CGState(**{k: saved[k] for k in _STATE},
+                        it=saved["it"], residuals=list(saved["residuals"]),
+                        bests=list(saved["bests"]), best=saved["best"])
 
-    def save():
-        store.save("state", dict(zip(_STATE, (x, r, z, p, rz, best_x, b_norm, live))),
-                   {"it": it, "residuals": residuals, "bests": bests, "best": best},
-                   tag=str(it))
+    def after_step(s: CGState, last: bool) -> None:
+        if s.it % store.every == 0 or last:
+            save(s)
 
-    if saved is None:
-        save()
-    bar = progress_bar(range(max_iter), desc=f"CG: {what}", unit="it", progress=progress,
-                       initial=it)
-    reason = None
-    try:
-        while rel > tol:
-            if it >= max_iter:
-                reason = f"max_iter={max_iter} was reached"
-                break
-            if it >= stall_window and bests[-1] > (1 - 1e-3) * bests[-1 - stall_window]:
-                reason = (f"the residual stopped decreasing (no new best over the last "
-                          f"{stall_window} iterations)")
-                break
-            ap = matvec(p).to(b.dtype)
-            pap = (p * ap).sum(0)
-            active = (_column_rel(r, b_norm, live) > tol) & (pap > 0)
-            a = torch.where(active, rz / torch.where(active, pap, torch.ones_like(pap)),
-                            torch.zeros_like(pap))
-            x = x + a * p
-            r = r - a * ap
-            z = r
-            rz_new = (r * z).sum(0)
-            beta = torch.where(active & (rz != 0), rz_new / torch.where(rz != 0, rz,
-                               torch.ones_like(rz)), torch.zeros_like(rz))
-            p = z + beta * p
-            rz = rz_new
-            it += 1
-            rel = _relative(r, b_norm, live)
-            if not math.isfinite(rel):
-                raise FloatingPointError(
-                    f"conjugate gradients on {what} produced a non-finite residual at "
-                    f"iteration {it}: " + message("not_positive_definite", "the system",
-                                                   str(b.dtype)))
-            residuals.append(rel)
-            if rel < best:
-                best, best_x = rel, x
-            bests.append(best)
-            bar.update(1)
-            bar.set_postfix(rel_residual=f"{rel:.2e}")
-            stop = not bool(active.any())
-            if it % store.every == 0 or stop or rel <= tol:
-                save()
-            if stop:
-                if rel > tol:
-                    reason = "the search directions lost positive curvature (rounding)"
-                break
-    finally:
-        bar.close()
-    converged = rel <= tol
-    if not converged:
-        x = best_x
-        error = did_not_converge(
-            f"conjugate gradients on {what}",
-            f"stopped at relative residual {best:.3g} after {it} iterations, above "
-            f"tol={tol:g}: {reason or 'no progress'}; {b.dtype}")
-        if on_failure == "raise":
-            raise error
-        warnings.warn(str(error), ConvergenceWarning, stacklevel=3)
-    return x, CGInfo(iterations=it, residuals=tuple(residuals), converged=converged, tol=tol)
+    reason = cg_iterate(state, matvec, identity, b, tol=tol, max_iter=max_iter,
+                        stall_window=stall_window, progress=progress, what=what,
+                        after_step=after_step)
+    return cg_finish(state, b, reason, tol=tol, on_failure=on_failure, what=what)
