@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .base import BuildContext
 
-__all__ = ["B_INITS", "ScaledAffine", "check_b_init", "split_bias_variance"]
+__all__ = ["B_INITS", "ScaledAffine", "affine_repr_parts", "check_b_init", "split_bias_variance"]
 
 #: How an affine layer's bias starts: drawn (``"normal"``) or at zero (``"zero"``).
 B_INITS = ("normal", "zero")
@@ -38,6 +38,17 @@ def split_bias_variance(b2: Tensor | None, b_init: str) -> tuple[Tensor | None, 
     2019 and scikit-ntk) adds nothing to the NNGP and its gradient adds ``b_std^2``
     to the NTK."""
     return (b2, None) if b_init == "normal" else (None, b2)
+
+
+def affine_repr_parts(layer) -> list[str]:
+    """The repr arguments every affine layer shares: ``w_std``, ``b_std``, and the
+    parameterization and ``b_init`` when not at their defaults."""
+    parts = [f"w_std={layer.w_std}", f"b_std={layer.b_std}"]
+    if layer.parameterization != "ntk":
+        parts.append("parameterization='standard'")
+    if layer.b_init != "normal":
+        parts.append(f"b_init={layer.b_init!r}")
+    return parts
 
 
 class ScaledAffine(nn.Module):

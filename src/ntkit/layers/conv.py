@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from .._side import SideModule, mask_input
 from ..kernel import Kernel
-from ._affine import ScaledAffine, check_b_init, split_bias_variance
+from ._affine import ScaledAffine, affine_repr_parts, check_b_init, split_bias_variance
 from ._masks import window_mask
 from ._spatial import Axis, Spatial, int_tuple, padding_spec, same_ints, shifted_sum
 from .base import BuildContext, Kernels, Shapes, affine_variances, number, single
@@ -242,11 +242,7 @@ class _Conv(Spatial):
             parts.append(f"dilation={self.dilation}")
         if self.mode != "zeros" and self.padding != "circular":
             parts.append(f"padding_mode={self.mode!r}")
-        parts += [f"w_std={self.w_std}", f"b_std={self.b_std}"]
-        if self.parameterization != "ntk":
-            parts.append("parameterization='standard'")
-        if self.b_init != "normal":
-            parts.append(f"b_init={self.b_init!r}")
+        parts += affine_repr_parts(self)
         return f"{type(self).__name__}({', '.join(parts)})"
 
 

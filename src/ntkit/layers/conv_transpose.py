@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..kernel import Kernel
-from ._affine import ScaledAffine, check_b_init, split_bias_variance
+from ._affine import ScaledAffine, affine_repr_parts, check_b_init, split_bias_variance
 from ._spatial import Spatial, int_tuple, same_ints
 from .base import BuildContext, Kernels, Shapes, affine_variances, number, single
 from .linear import BInit, Parameterization, affine_spec, uninitialised
@@ -285,11 +285,7 @@ class _ConvTranspose(Spatial):
             parts.append(f"output_padding={self.output_padding}")
         if set(self.dilation) != {1}:
             parts.append(f"dilation={self.dilation}")
-        parts += [f"w_std={self.w_std}", f"b_std={self.b_std}"]
-        if self.parameterization != "ntk":
-            parts.append("parameterization='standard'")
-        if self.b_init != "normal":
-            parts.append(f"b_init={self.b_init!r}")
+        parts += affine_repr_parts(self)
         if self.in_channels is not None:
             parts.append(f"in_channels={self.in_channels}")
         return f"{type(self).__name__}({', '.join(parts)})"

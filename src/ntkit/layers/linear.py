@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .._checks import as_std, is_int
 from .._side import SideModule
 from ..kernel import Kernel
-from ._affine import ScaledAffine, check_b_init, split_bias_variance
+from ._affine import ScaledAffine, affine_repr_parts, check_b_init, split_bias_variance
 from .base import (
     BuildContext,
     Kernels,
@@ -155,9 +155,7 @@ class Linear(Layer):
         return module, (self.out_features,)
 
     def __repr__(self) -> str:
-        extra = "" if self.parameterization == "ntk" else ", parameterization='standard'"
-        extra += "" if self.b_init == "normal" else f", b_init={self.b_init!r}"
-        return f"Linear({self.out_features}, w_std={self.w_std}, b_std={self.b_std}{extra})"
+        return f"Linear({', '.join([str(self.out_features), *affine_repr_parts(self)])})"
 
 
 def affine_spec(layer) -> dict:
