@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from .._checks import is_int, is_real
 from .._side import SideModule, mask_input
 from ..kernel import Kernel, position_diagonal
+from ._spatial import require_pairs
 from .base import BuildContext, Kernels, Layer, Shapes, single
 from .linear import _affine
 
@@ -229,13 +230,7 @@ class SelfAttention(Layer):
     def propagate(self, k: Kernels) -> Kernel:
         k = single(k, self)
         spatial = self._spatial(k.shape)
-        if not k.position_pairs:
-            raise ValueError(
-                f"{self!r} mixes positions and needs the kernel between every pair of "
-                f"positions, but receives only matching positions. Compute kernels with "
-                f"net.kernel(...), which works out which form each layer needs, or build the "
-                f"input kernel with input_kernel(..., position_pairs=True)."
-            )
+        require_pairs(k, self)
         p = math.prod(spatial)
         b = 1 if k.diagonal else 2
         # Each example's own position covariance sets its attention matrix: tiles

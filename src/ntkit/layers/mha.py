@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .._checks import is_int, is_real
 from .._side import SideModule, mask_input
 from ..kernel import Kernel, position_diagonal
+from ._spatial import require_pairs
 from .base import BuildContext, Kernels, Layer, Shapes, single
 
 __all__ = ["MultiheadAttention", "NTKMultiheadAttention", "NumericalError", "numerical_error"]
@@ -156,9 +157,7 @@ class MultiheadAttention(Layer):
     def propagate(self, k: Kernels) -> Kernel:
         k = single(k, self)
         spatial = self._spatial(k.shape)
-        if not k.position_pairs:
-            raise ValueError(f"{self!r} mixes positions and needs the kernel between every "
-                             f"pair of positions; compute kernels with net.kernel(...).")
+        require_pairs(k, self)
         p = math.prod(spatial)
         cov_pairs = k.cov_pairs
         c1, c2 = k.self_covariances(lambda c: c)
