@@ -21,6 +21,7 @@ from ._options import (
     data_options,
     force_option,
     get_option,
+    int_list_callback,
     labelled_data_arg,
 )
 from ._output import check_finite, check_outputs, file_or_none, write_atomically
@@ -30,15 +31,7 @@ __all__ = ["curve"]
 _DEFAULT_ARCH = "linear(512, w_std=1.5, b_std=0.1)-relu-linear(1, w_std=1.5, b_std=0.1)"
 
 
-def _sizes(ctx, param, value: str) -> list[int]:
-    try:
-        sizes = sorted({int(v) for v in value.replace(" ", ",").split(",") if v})
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a list of training sizes; write e.g. "
-                                 f"20,50,100.") from None
-    if not sizes or sizes[0] < 1:
-        raise click.BadParameter("training sizes must be positive integers.")
-    return sizes
+_sizes = int_list_callback("training size", "--sizes 20,50,100")
 
 
 @click.command("curve", context_settings=CONTEXT)

@@ -18,29 +18,43 @@ import numpy as np
 from .._data_files import DATASETS, bundled_dataset, labelled_data
 
 __all__ = ["CONTEXT", "architecture_arg", "data_options", "force_option", "get_option",
-           "labelled_data_arg", "shape_callback", "widths_callback"]
+           "int_list_callback", "labelled_data_arg", "shape_callback", "widths_callback"]
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-def widths_callback(ctx, param, values: Sequence[str]) -> tuple[int, ...] | None:
-    """``--widths 64,256 --widths 1024`` -> (64, 256, 1024)."""
-    if not values:
-        return None
-    out = []
-    for v in values:
-        for part in str(v).replace(" ", ",").split(","):
-            if not part:
-                continue
-            try:
-                w = int(part)
-            except ValueError:
-                raise click.BadParameter(f"{part!r} is not an integer width; write e.g. "
-                                         f"--widths 64,256,1024.") from None
-            if w < 1:
-                raise click.BadParameter(f"widths must be positive, got {w}.")
-            out.append(w)
-    return tuple(sorted(set(out)))
+def int_list_callback(what: str, example: str) -> Callable:
+    """A click callback reading positive integers written ``64,256`` (or with spaces),
+    from one value or from a repeated option (``--widths 64 --widths 256``): sorted,
+    without repeats; None when the option is absent. ``what`` names one item in
+    messages, ``example`` shows a valid value."""
+
+    def callback(ctx, param, values) -> tuple[int, ...] | None:
+        if not values:
+            return None
+        out = []
+        for v in [values] if isinstance(values, str) else values:
+            for part in str(v).replace(" ", ",").split(","):
+                if not part:
+                    continue
+                try:
+                    n = int(part)
+                except ValueError:
+                    raise click.BadParameter(
+                        f"{str(v)!r} is not a list of {what}s ({part!r} is not an integer "
+                        f"{what}); write e.g. {example}.") from None
+                if n < 1:
+                    raise click.BadParameter(f"{what}s must be positive, got {n}.")
+                out.append(n)
+        if not out:
+            raise click.BadParameter(f"give at least one {what}, e.g. {example}.")
+        return tuple(sorted(set(out)))
+
+    return callback
+
+
+#: ``--widths 64,256 --widths 1024`` -> (64, 256, 1024).
+widths_callback = int_list_callback("width", "--widths 64,256,1024")
 
 
 def shape_callback(ctx, param, value: str | None) -> tuple[int, ...] | None:

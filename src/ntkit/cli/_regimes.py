@@ -10,25 +10,15 @@ from pathlib import Path
 import click
 
 from ._errors import CommandError, failing
-from ._options import CONTEXT, force_option
+from ._options import CONTEXT, force_option, widths_callback
 from ._output import check_outputs, write_atomically
 
 __all__ = ["regimes"]
 
 
-def _widths(ctx, param, value: str) -> list[int]:
-    try:
-        widths = sorted({int(v) for v in value.replace(" ", ",").split(",") if v})
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a list of widths; write e.g. "
-                                 f"64,256,1024.") from None
-    if not widths or widths[0] < 1:
-        raise click.BadParameter("widths must be positive integers.")
-    return widths
-
-
 @click.command("regimes", context_settings=CONTEXT)
-@click.option("--widths", callback=_widths, default="64,256,1024,4096", show_default=True,
+@click.option("--widths", callback=widths_callback, default="64,256,1024,4096",
+              show_default=True,
               help="hidden widths of the one-hidden-layer MLP")
 @click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True,
               help="full-batch SGD steps")
