@@ -242,3 +242,16 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="index must lie"):
         nngp_four_point(net, x, torch.tensor([[0, 1, 2, 3]]), width=8)
     assert nk.finite_width is finite_width
+
+
+def test_overflowing_results_raise_instead_of_returning_inf():
+    """Finite inputs whose kernels overflow float64 give NonFiniteError naming the call,
+    not inf/NaN statistics."""
+    from ntkit.errors import NonFiniteError
+
+    net = nk.Sequential(nk.Linear(8), nk.ReLU(), nk.Linear(1))
+    x = torch.full((2, 3), 1e200, dtype=torch.float64)
+    with pytest.raises(NonFiniteError, match=r"finite_width\(\.\.\.\)"):
+        nk.finite_width(net, x, width=64)
+    with pytest.raises(NonFiniteError, match=r"nngp_four_point\(\.\.\.\)"):
+        nk.nngp_four_point(net, x, torch.tensor([[0, 1, 0, 1]]), width=64)

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from .._budget import parse_memory
+from ..errors import check_finite_output
 from ..kernel_function import check_get
 from ..layers import (
     Activation,
@@ -203,7 +204,7 @@ class RandomFeatureMap:
         out = [self._map(x[i:i + rows].to(self.dtype)) for i in range(0, x.shape[0], rows)]
         if not out:
             return x.new_zeros((0, self.n_features), dtype=self.dtype)
-        return torch.cat(out)
+        return check_finite_output(torch.cat(out), "random features", causes="kernel")
 
     map = __call__
 

@@ -74,6 +74,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import check_finite_output
 from ..layers.activations import Activation
 from ..layers.base import number
 from ..layers.containers import Sequential
@@ -322,6 +323,8 @@ def finite_width(net, x1: Tensor, x2: Tensor | None = None, *, width: int | Sequ
     if si.numel():
         fill({k: v[si] for k, v in s1.items()}, si, sj, 0, 1)
     kurt = 1 + s1["cov"][:, 0, 0] / s1["K"][:, 0] ** 2
+    result = dict(out, kurtosis=kurt)
+    check_finite_output(result, "finite_width(...)", causes="kernel")
     return FiniteWidthKernel(nngp=out["nngp"], ntk=out["ntk"], nngp_var=out["nngp_var"],
                              nngp_mean=out["nngp_mean"], ntk_var=out["ntk_var"],
                              ntk_mean=out["ntk_mean"],
@@ -374,4 +377,4 @@ def nngp_four_point(net, x: Tensor, index: Tensor, *, width: int | Sequence[int]
             p1 = where[tuple(sorted(loc[:2]))]
             p2 = where[tuple(sorted(loc[2:]))]
             out[q] = res["cov"][row, p1, p2]
-    return out
+    return check_finite_output(out, "nngp_four_point(...)", causes="kernel")
