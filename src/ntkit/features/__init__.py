@@ -5,6 +5,12 @@
   al. 2021, "Scaling neural tangent kernels via sketching and random features").
 - `RandomFeatureMap`: the same map drawn once, applied to many batches (training and
   test inputs must share it).
+- `fit_ridge`: ridge regression on the features, streamed: ``Phi^T Phi`` (``D x D``)
+  and ``Phi^T y`` summed chunk by chunk in float64, one Cholesky solve; returns a
+  `RandomFeatureRidge` (``.predict(x)``). `RidgeAccumulator` is the same for data that
+  arrive in batches (``update(x, y)`` then ``solve(diag_reg=...)``). The ``(N, D)``
+  features are never held: kernel regression on millions of points in ``O(D^2)``
+  memory.
 
 Any linear model on ``phi`` approximates kernel regression with the network's kernel at
 cost ``O(N D^2)`` instead of ``O(N^2)``; ``ntkit.sklearn.NTKRandomFeatures`` is the
@@ -12,5 +18,7 @@ scikit-learn transformer. Bias and variance are stated in `RandomFeatureMap`.
 """
 
 from ._random import RandomFeatureMap, random_features
+from ._ridge import RandomFeatureRidge, RidgeAccumulator, fit_ridge
 
-__all__ = ["RandomFeatureMap", "random_features"]
+__all__ = ["RandomFeatureMap", "RandomFeatureRidge", "RidgeAccumulator", "fit_ridge",
+           "random_features"]
