@@ -55,6 +55,16 @@ class Kernel:
             use the cheaper form and take what the layers that mix positions need
             from ``self_trace``, a pass over each example alone made beforehand.
         self_trace: that pass (see `SelfTrace`), or None.
+        ntk_per_channel: whether the NTK holds a term that differs from channel to
+            channel and is correlated with the features: the gradient of a trained
+            per-channel scale (`LayerNorm` with ``affine=True``) is the feature
+            itself. The recursion averages it correctly through layers that are
+            linear in each channel (pooling, sums, LayerNorm, readouts) and the next
+            layer that sums over channels with fresh weights (`Linear`, convolutions,
+            attention) averages it away; a nonlinearity before that refuses it
+            (`require_gaussian`). A layer that returns ``is_gaussian=True`` made
+            fresh features from weights, so `replace` clears the flag then, unless
+            the layer passes it.
         inputs: while ``is_input``, the inputs ``(x1, x2)`` themselves (``x2`` None
             when ``x1_is_x2``), so that a first convolution can work from patches.
         side: per-example side inputs of this tile, by name, each a pair
@@ -78,6 +88,7 @@ class Kernel:
     position_pairs: bool = False
     cov_pairs: bool = True
     self_trace: SelfTrace | None = None
+    ntk_per_channel: bool = False
     inputs: tuple[Tensor, Tensor | None] | None = None
     side: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
 
@@ -87,6 +98,8 @@ class Kernel:
         (they describe the input kernel only)."""
         if "nngp" in changes:
             changes.setdefault("inputs", None)
+        if changes.get("is_gaussian") is True:
+            changes.setdefault("ntk_per_channel", False)
         return dataclasses.replace(self, **changes)
 
     def side_pair(self, name: str) -> tuple[Any, Any] | None:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.func import jacrev
 
-from ._problem import Problem
+from ._problem import Problem, batched_attention
 from ._structured import CallsChanged, Hooks, Site, zero_probes
 from ._tiles import contract_jacobians, outer
 
@@ -46,8 +46,8 @@ class Jacobians:
 
     def _measure(self) -> dict[str, tuple[int, int, int, int]]:
         """(G, P, K, C) of each site, from one example's shapes."""
-        sizes = {}
-        if not self.sites:
+        sizes = {s.name: s.sizes for s in self.sites if s.sizes is not None}
+        if len(sizes) == len(self.sites):       # measured by `structured_sites`
             return sizes
         with self.hooks:
             (_, inputs) = self.hooks.run(
@@ -59,18 +59,9 @@ class Jacobians:
         return sizes
 
     def _gram_is_cheaper(self, s: Site, n1: int, n2: int) -> bool:
-        """Operation counts of the two contractions of a weight's part.
-
-        Jacobians: forming them, ``N O G P C K``, then ``N1 N2 O' G C K`` with ``O'`` the
-        output pairs contracted (``O^2`` for "full", ``O`` otherwise). Gram matrices:
-        ``N1 N2 G P^2 (K + O' C + q)`` with ``q`` the output entries per pair."""
-        groups, p, k, c = self._sizes[s.name]
-        o, q = self.problem.n_out, self.problem.out_pairs
-        o2 = o * o if self.problem.output == "full" else o
-        formed = (n1 if self.problem.x2 is None else n1 + n2) * o * groups * p * c * k
-        jac = formed + n1 * n2 * o2 * groups * c * k
-        gram = n1 * n2 * groups * p * p * (k + o2 * c + q)
-        fits = q * groups * p * p * self.problem.entry <= self.problem.budget // 4
+        """Whether the Gram contraction of a weight's part costs fewer operations than
+        forming and contracting its Jacobians (`contraction_costs`), and fits."""
+        jac, gram, fits = contraction_costs(self.problem, self._sizes[s.name], n1, n2)
         return s.weight is not None and gram < jac and fits
 
     def bytes_per_example(self, o: int | None = None) -> int:
@@ -107,7 +98,7 @@ class Jacobians:
             return hooks.run(lambda: problem.f({**self.fixed, **rest}, xi, a0, a1), probes)
 
         jac = problem.over_examples(jacrev(f, argnums=(0, 1), has_aux=True), (None, None, 0))
-        with hooks:
+        with hooks, batched_attention():
             try:
                 (j_rest, j_probes), inputs = jac(self.rest, self.probes, x)
             except CallsChanged as e:
@@ -139,6 +130,15 @@ class Jacobians:
                         feats[pname] = ("jac", j)
         return feats
 
+    @staticmethod
+    def split_features(feats: dict[str, tuple], n: int) -> tuple[dict, dict]:
+        """The features of a joint batch split into its first ``n`` examples and the
+        rest (every tensor of a feature along its example axis; flags and names kept)."""
+        def part(sl: slice) -> dict[str, tuple]:
+            return {name: tuple(v[sl] if isinstance(v, Tensor) else v for v in f)
+                    for name, f in feats.items()}
+        return part(slice(None, n)), part(slice(n, None))
+
     def contract(self, fa: dict, fb: dict):
         output = self.problem.output
         for name, a in fa.items():
@@ -153,6 +153,30 @@ class Jacobians:
                 yield name, weight
                 if bias is not None:
                     yield bias, part
+
+
+def contraction_costs(problem: Problem, sizes: tuple[int, int, int, int], n1: int,
+                      n2: int) -> tuple[int, int, bool]:
+    """Operation counts of the two contractions of a structured weight's part, and
+    whether the Gram one fits a quarter of the budget.
+
+    Jacobians: forming them, ``N O G P C K``, then ``N1 N2 O' G C K`` with ``O'`` the
+    output pairs contracted (``O^2`` for "full", ``O`` otherwise). Gram matrices:
+    ``N1 N2 G P^2 (K + O' C + q)`` with ``q`` the output entries per pair.
+
+    Args:
+        problem: the checked call.
+        sizes: the site's ``(G, P, K, C)``: groups, positions, inputs and outputs per group.
+        n1, n2: the examples on either side.
+    """
+    groups, p, k, c = sizes
+    o, q = problem.n_out, problem.out_pairs
+    o2 = o * o if problem.output == "full" else o
+    formed = (n1 if problem.x2 is None else n1 + n2) * o * groups * p * c * k
+    jac = formed + n1 * n2 * o2 * groups * c * k
+    gram = n1 * n2 * groups * p * p * (k + o2 * c + q)
+    fits = q * groups * p * p * problem.entry <= problem.budget // 4
+    return jac, gram, fits
 
 
 def separable(u: Tensor, g: Tensor) -> tuple[Tensor, Tensor] | None:

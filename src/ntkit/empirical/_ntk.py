@@ -8,11 +8,9 @@ from typing import Literal
 from torch import Tensor, nn
 
 from ..errors import check_finite_output
-from ._jacobian import Jacobians
+from ._choice import choose
 from ._problem import Problem
-from ._structured import structured_sites
 from ._tiles import Group, tiled
-from ._vector_products import VectorProducts
 
 Output = Literal["trace", "full", "diagonal"]
 Method = Literal["auto", "jacobian", "vector_products", "structured"]
@@ -47,9 +45,11 @@ def empirical_ntk(
             ``"full"``: ``(N1, N2, O, O)``; ``"diagonal"``: ``(N1, N2, O)``.
         method: ``"structured"``, ``"jacobian"``, ``"vector_products"`` (see
             `ntkit.empirical`) or ``"auto"``: ``"structured"`` (which chooses the
-            cheaper contraction per layer and is ``"jacobian"`` for models without
-            Linear or Conv layers) when one example's Jacobian parts fit the memory
-            budget, else ``"vector_products"``.
+            cheaper contraction per layer) where its Linear and Conv layers promise to
+            save a quarter of ``"jacobian"``'s operations (wide dense layers, many
+            outputs), else ``"jacobian"`` (small models, e.g. a width-64 transformer,
+            where the structured check costs more than it saves); ``"vector_products"``
+            when one example's Jacobian parts exceed the memory budget.
         params: the parameters to differentiate, ``{name: tensor}``; default
             every parameter with ``requires_grad``. The others are held fixed.
         by_layer: deprecated, use `empirical_ntk_by_layer` (``True`` is
@@ -134,12 +134,5 @@ def _run(model, x1, x2, group: Group | None, output, method, params, memory_budg
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     problem.check_result_fits()
-    split = group is not None
-    if method == "vector_products":
-        engine = VectorProducts(problem, split)
-    else:
-        sites = [] if method == "jacobian" else structured_sites(problem)
-        engine = Jacobians(problem, sites)
-        if method == "auto" and engine.bytes_per_example(1) > problem.budget:
-            engine = VectorProducts(problem, split)
+    _, engine = choose(problem, method, group is not None)
     return tiled(problem, engine, group, progress)

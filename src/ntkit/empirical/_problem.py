@@ -24,6 +24,20 @@ UNBATCHABLE = (nn.RNNBase, nn.RNNCellBase)
 _FLAT_WEIGHTS = "RNN module weights are not part of single contiguous chunk"
 
 
+def batched_attention():
+    """A context in which ``scaled_dot_product_attention`` takes its math backend.
+
+    `torch.func.vmap` has no batching rule for the fused CPU attention kernels
+    (``_scaled_dot_product_flash_attention_for_cpu`` and its backward), so under
+    ``vmap(jacrev)`` torch runs them once per example and output in a Python-level
+    loop (with a "performance drop" warning); the math backend is made of batched
+    matrix products and a softmax. Same values (the reference formula), batched.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def unbatchable_modules(model: nn.Module) -> list[str]:
     """The names of ``model``'s submodules that `torch.func.vmap` cannot batch over
     examples (torch's recurrent modules and cells), ``""`` for the model itself."""

@@ -67,6 +67,7 @@ class Site:
     bias: str | None
     out_shapes: list[tuple[int, ...]] = field(default_factory=list)   # per call, batch 1
     gram: bool = False                  # contract by Gram matrices (else Jacobians)
+    sizes: tuple[int, int, int, int] | None = None  # (G, P, K, C) of `arrays`, one example
 
     @property
     def scales(self) -> tuple[float, float]:
@@ -183,6 +184,7 @@ class Hooks:
         def hook(module, args, out):
             if self.shapes is not None:
                 self.shapes.setdefault(name, []).append(tuple(out.shape))
+                self.inputs.setdefault(name, []).append(args[0])
                 return None
             if self.probes is None:
                 return None
@@ -212,9 +214,11 @@ class CallsChanged(RuntimeError):
     """A layer was called a different number of times than on the first example."""
 
 
-def structured_sites(problem: Problem) -> list[Site]:
-    """The Linear and Conv layers whose parameters can go the structured way,
-    checked against autograd on one example."""
+def structured_sites(problem: Problem, *, verify: bool = True) -> list[Site]:
+    """The Linear and Conv layers whose parameters can go the structured way, with
+    their shapes (``out_shapes``, ``sizes``) from one forward pass of one example;
+    checked against autograd on that example (`verified`) unless ``verify`` is False
+    (candidates for a cost estimate, not yet to be used)."""
     by_module = {}
     for name, m in problem.model.named_modules():
         if layer_kind(m) is None or _is_parametrized(m):
@@ -231,12 +235,20 @@ def structured_sites(problem: Problem) -> list[Site]:
     hooks.shapes = {}
     with hooks, torch.no_grad():
         problem.f(problem.params, problem.x1[0])
-    shapes, hooks.shapes = hooks.shapes, None
+    shapes, inputs, hooks.shapes, hooks.inputs = hooks.shapes, hooks.inputs, None, {}
     sites = [s for s in sites if s.name in shapes]
+    p0 = next(iter(problem.params.values()))
     for s in sites:
         s.out_shapes = shapes[s.name]
-    if not sites:
-        return []
+        try:
+            u, g = s.arrays([t.unsqueeze(0) for t in inputs[s.name]],
+                            [p0.new_zeros((1, 1) + shape) for shape in s.out_shapes])
+        except RuntimeError:    # shapes that do not fit the rule: not such a layer
+            continue
+        s.sizes = (u.shape[1], u.shape[2], u.shape[3], g.shape[4])
+    sites = [s for s in sites if s.sizes is not None]
+    if not sites or not verify:
+        return sites
     return verified(problem, sites)
 
 

@@ -57,12 +57,20 @@ def tiled(problem: Problem, engine, group: Group | None,
 
     bar = progress_bar(tiles, desc="empirical NTK", unit="tile", progress=progress, min_items=4)
     cached: tuple | None = None
+    joint = _joint_features(problem, engine, rows, outs)
+    if joint is not None:
+        cached = ((0, 0), joint[0])
     for (i0, i1), (a0, a1), (j0, j1), (b0, b1) in bar:
         if cached is None or cached[0] != (i0, a0):
             cached = ((i0, a0), engine.features(problem.x1[i0:i1], a0, a1))
         fa = cached[1]
         same = symmetric and (i0, a0) == (j0, b0)
-        fb = fa if same else engine.features(problem.xs2[j0:j1], b0, b1)
+        if same:
+            fb = fa
+        elif joint is not None:
+            fb = joint[1]
+        else:
+            fb = engine.features(problem.xs2[j0:j1], b0, b1)
         mirror = symmetric and i0 != j0
         for name, value in engine.contract(fa, fb):
             t = target(name)
@@ -88,6 +96,25 @@ def tiled(problem: Problem, engine, group: Group | None,
                 block.add_(mirrored(block, full=output == "full").clone(
                     memory_format=torch.contiguous_format)).mul_(0.5)
     return result
+
+
+def _joint_features(problem: Problem, engine, rows: int, outs: int) -> tuple | None:
+    """The features of x1 and of x2 from one call on both batches, when ``x2`` is given
+    and both fit one chunk with every output (one tile), and the engine can split them
+    (``split_features``); else None.
+
+    One batched call of ``2N`` examples instead of two of ``N`` halves the fixed cost
+    per operation of `torch.func` (dispatch through vmap and autograd), which is most
+    of the time for a small model (a width-64 transformer: about a fifth).
+    """
+    x1, x2 = problem.x1, problem.x2
+    split = getattr(engine, "split_features", None)
+    if (x2 is None or split is None or outs < problem.n_out
+            or x1.shape[0] + x2.shape[0] > rows or x1.dtype != x2.dtype
+            or x1.device != x2.device):
+        return None
+    both = engine.features(torch.cat([x1, x2]), 0, problem.n_out)
+    return split(both, x1.shape[0])
 
 
 def mirrored(k: Tensor, *, full: bool) -> Tensor:

@@ -132,6 +132,14 @@ def require_gaussian(k: Kernel, layer: Layer) -> None:
             f"networks use pre-activation blocks or a projection shortcut; to compose two "
             f"nonlinearities use nk.Elementwise(lambda x: f(g(x)))."
         )
+    if k.ntk_per_channel:
+        raise ValueError(
+            f"{layer!r} follows a LayerNorm with a learnable scale (affine=True) with no "
+            f"Linear, Conv or attention in between. The scale's gradient is the feature "
+            f"itself, so its NTK through {layer!r} is E[z z' f'(z) f'(z')], which the "
+            f"layer-by-layer recursion cannot express. Put a Linear (or Conv) between them, "
+            f"as transformers do, or use LayerNorm(affine=False)."
+        )
 
 
 class ActivationModule(nn.Module):

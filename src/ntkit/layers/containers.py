@@ -204,6 +204,7 @@ class FanInSum(Layer):
             nngp=_sum(b.nngp for b in ks), ntk=_sum(b.ntk for b in ks),
             cov1=_sum(b.cov1 for b in ks), cov2=_sum(b.cov2 for b in ks),
             is_gaussian=all(b.is_gaussian for b in ks), is_input=False,
+            ntk_per_channel=any(b.ntk_per_channel for b in ks),
         )
 
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
@@ -230,6 +231,7 @@ class FanInProd(Layer):
         return ks[0].replace(
             nngp=_prod(b.nngp for b in ks), ntk=ntk, cov1=_prod(b.cov1 for b in ks),
             cov2=_prod(b.cov2 for b in ks), is_gaussian=False, is_input=False,
+            ntk_per_channel=any(b.ntk_per_channel for b in ks),
         )
 
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
@@ -260,6 +262,7 @@ class FanInConcat(Layer):
             nngp=mix("nngp"), ntk=mix("ntk"), cov1=mix("cov1"), cov2=mix("cov2"),
             shape=(total,) + tuple(ks[0].shape[1:]),
             is_gaussian=all(b.is_gaussian for b in ks), is_input=False,
+            ntk_per_channel=any(b.ntk_per_channel for b in ks),
         )
 
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:

@@ -27,6 +27,7 @@ from .._checks import is_int, is_real
 from .._side import SideModule, mask_input
 from ..kernel import Kernel, position_diagonal
 from ._spatial import require_pairs
+from ._affine import check_b_init
 from .base import BuildContext, Kernels, Layer, Shapes, single
 
 __all__ = ["MultiheadAttention", "NTKMultiheadAttention", "NumericalError", "numerical_error"]
@@ -65,6 +66,20 @@ class MultiheadAttention(Layer):
     With ``mechanism="identity"`` (``A = G``) the same formulas give
     `SelfAttention`'s closed form (``linear_scaling=False``), a check of both.
 
+    ``parameterization="standard"`` (torch's: weights ``N(0, w^2 / fan_in)``, no
+    multipliers) has the same NNGP; each weight's NTK term is multiplied by
+    ``fan_in / w^2`` of its weight (as `Linear`'s): the value and output terms
+    become ``(C w_out^2 + E w_value^2) E[A1 K12 A2^T]`` and the query and key
+    terms ``ov^2 C (w_key^2 + w_query^2) K12[p,p'] E<M_pp', K12>`` (``C`` the input
+    width, ``E = out_channels``). ``proj_bias=True`` adds torch's query, key and
+    value biases, which start at zero and are trained: the value bias adds
+    ``w_out^2 E[(A1 1)(A2 1)^T]`` (1 where a query sees a key), the query bias
+    ``ov^2 w_key^2 E<M_pp', K12>``, the key bias nothing (a shift of a query's
+    logits that is the same for all keys leaves the softmax unchanged).
+    ``b_init="zero"`` starts the output bias at zero (torch's ``out_proj.bias``):
+    it leaves the NNGP and adds ``b_std^2`` to the NTK (``1`` in standard
+    parameterization).
+
     Numerics: for each pair of inputs the ``2L x 2L`` covariance of their
     positions is factored (symmetric square root ``R``), and the logits are
     ``s R_x Xi R_x^T`` for standard normal ``Xi`` (``2L x 2L``), drawn once per
@@ -87,6 +102,9 @@ class MultiheadAttention(Layer):
         seed: seed of the draws; or pass ``generator``.
         generator: a `torch.Generator` from which the seed is drawn once, here.
         in_channels: checked against the inputs when given.
+        parameterization: ``"ntk"`` or ``"standard"``.
+        proj_bias: trained query, key and value biases starting at zero.
+        b_init: ``"normal"`` or ``"zero"``, for the output bias (see `Linear`).
 
     Raises:
         ValueError: invalid widths, scales or sample counts.
@@ -101,7 +119,10 @@ class MultiheadAttention(Layer):
                  mechanism: Literal["softmax", "identity"] = "softmax",
                  n_samples: int = 256, seed: int = 0,
                  generator: torch.Generator | None = None,
-                 in_channels: int | None = None) -> None:
+                 in_channels: int | None = None,
+                 parameterization: Literal["ntk", "standard"] = "ntk",
+                 proj_bias: bool = False, b_init: Literal["normal", "zero"] = "normal"
+                 ) -> None:
         for name, value in (("out_channels", out_channels), ("n_heads", n_heads),
                             ("n_samples", n_samples)):
             if not is_int(value) or value < 1:
@@ -139,6 +160,13 @@ class MultiheadAttention(Layer):
         if in_channels is not None and (not is_int(in_channels) or in_channels < 1):
             raise ValueError(f"MultiheadAttention: in_channels must be a positive int, got "
                              f"{in_channels!r}.")
+        if parameterization not in ("ntk", "standard"):
+            raise ValueError(f"MultiheadAttention: parameterization must be 'ntk' or "
+                             f"'standard', got {parameterization!r}.")
+        if not isinstance(proj_bias, bool):
+            raise TypeError(f"MultiheadAttention: proj_bias must be a bool, got {proj_bias!r}.")
+        self.parameterization, self.proj_bias = parameterization, proj_bias
+        self.b_init = check_b_init(b_init, b_std, "MultiheadAttention")
         self.out_channels, self.n_heads = int(out_channels), int(n_heads)
         self.w_query_std, self.w_key_std = float(w_query_std), float(w_key_std)
         self.w_value_std, self.w_out_std = float(w_value_std), float(w_out_std)
@@ -181,7 +209,7 @@ class MultiheadAttention(Layer):
 
         if k.diagonal:
             nngp, ntk = flat(k.nngp, 1), flat(k.ntk, 1)
-            out_nngp, out_ntk = self._expect(nngp, nngp, nngp, ntk, f1, f1, xi)
+            out_nngp, out_ntk = self._expect(nngp, nngp, nngp, ntk, f1, f1, xi, k.shape[0])
             out_cov1 = out_cov2 = out_nngp
         else:
             n1, n2 = k.nngp.shape[:2]
@@ -191,14 +219,19 @@ class MultiheadAttention(Layer):
             m1 = None if f1 is None else f1[:, None].expand(n1, n2, p).reshape(-1, p)
             m2 = None if f2 is None else f2[None].expand(n1, n2, p).reshape(-1, p)
             out_nngp, out_ntk = self._expect(k11, flat(k.nngp, 2).reshape(-1, p, p), k22,
-                                             flat(k.ntk, 2).reshape(-1, p, p), m1, m2, xi)
+                                             flat(k.ntk, 2).reshape(-1, p, p), m1, m2, xi,
+                                             k.shape[0])
             out_nngp = out_nngp.reshape(n1, n2, p, p)
             out_ntk = out_ntk.reshape(n1, n2, p, p)
             out_cov1 = self_pairs(c1, f1)
             out_cov2 = out_cov1 if same2 and f2 is f1 else self_pairs(c2, f2)
         ov2 = (self.w_out_std * self.w_value_std) ** 2
-        b2 = 0.0 if self.b_std is None else self.b_std**2
-        out_nngp, out_ntk = ov2 * out_nngp + b2, ov2 * out_ntk + b2
+        b2 = 0.0 if self.b_std is None or self.b_init == "zero" else self.b_std**2
+        if self.b_std is None:
+            b_ntk = 0.0
+        else:  # the output bias's gradient
+            b_ntk = 1.0 if self.parameterization == "standard" else self.b_std**2
+        out_nngp, out_ntk = ov2 * out_nngp + b2, out_ntk + b_ntk
         if k.diagonal:
             out_cov1 = out_cov2 = out_nngp
         else:
@@ -224,12 +257,14 @@ class MultiheadAttention(Layer):
         return xi.to(dtype=dtype, device=device)
 
     def _expect(self, k11: Tensor, k12: Tensor, k22: Tensor, t12: Tensor | None,
-                m1: Tensor | None, m2: Tensor | None, xi: Tensor
+                m1: Tensor | None, m2: Tensor | None, xi: Tensor, c_in: int = 0
                 ) -> tuple[Tensor, Tensor | None]:
-        """The sample means of ``A1 K12 A2^T`` and of the NTK's bracket (``t12`` not
-        None) over the logit draws ``xi``, for a batch of input pairs ``(B, P, P)``
-        (``m1``, ``m2``: present positions ``(B, P)``, or None)."""
-        return _sample_means(self, k11, k12, k22, t12, m1, m2, xi)
+        """The sample mean of ``A1 K12 A2^T`` and (``t12`` not None) the NTK without
+        the output bias, over the logit draws ``xi``, for a batch of input pairs
+        ``(B, P, P)`` (``m1``, ``m2``: present positions ``(B, P)``, or None)."""
+        m = _sample_means(self, k11, k12, k22, t12, m1, m2, xi)
+        ntk = None if t12 is None else _ntk_terms(self, m, k12, t12, c_in)
+        return m["aka"], ntk
 
     # ---------------------------------------------------------------- finite twin
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
@@ -251,7 +286,8 @@ class MultiheadAttention(Layer):
     def spec_call(self):
         defaults = {"w_query_std": 1.0, "w_key_std": 1.0, "w_value_std": 1.0,
                     "w_out_std": 1.0, "b_std": 0.0, "causal": False, "mechanism": "softmax",
-                    "n_samples": 256, "seed": 0, "in_channels": None}
+                    "n_samples": 256, "seed": 0, "in_channels": None,
+                    "parameterization": "ntk", "proj_bias": False, "b_init": "normal"}
         kw = {k: getattr(self, k) for k, d in defaults.items() if getattr(self, k) != d}
         args = [self.out_channels] + ([self.n_heads] if self.n_heads != 1 else [])
         return "multiheadattention", args, kw
@@ -266,6 +302,10 @@ class MultiheadAttention(Layer):
             parts.append("causal=True")
         if self.mechanism != "softmax":
             parts.append(f"mechanism={self.mechanism!r}")
+        for name, default in (("parameterization", "ntk"), ("proj_bias", False),
+                              ("b_init", "normal")):
+            if getattr(self, name) != default:
+                parts.append(f"{name}={getattr(self, name)!r}")
         parts.append(f"n_samples={self.n_samples}, seed={self.seed}")
         return f"MultiheadAttention({', '.join(parts)})"
 
@@ -310,24 +350,22 @@ def _attend(g: Tensor, present: Tensor | None, causal: bool, mechanism: str) -> 
 
 def _sample_means(layer: MultiheadAttention, k11: Tensor, k12: Tensor, k22: Tensor,
                   t12: Tensor | None, m1: Tensor | None, m2: Tensor | None, xi: Tensor
-                  ) -> tuple[Tensor, Tensor | None]:
+                  ) -> dict[str, Tensor]:
     """The means over the draws ``xi`` ``(S, 2P, 2P)`` of the NNGP bracket
-    ``A1 K12 A2^T`` and (``t12`` not None) the NTK bracket of `MultiheadAttention`,
-    for pairs of inputs ``(B, P, P)``; the draws are processed in chunks that keep
-    ``B x chunk x P x P`` under ``_CHUNK_ELEMENTS``."""
+    ``aka = A1 K12 A2^T`` and (``t12`` not None) the pieces of the NTK (see
+    `_ntk_terms`) for pairs of inputs ``(B, P, P)``; the draws are processed in
+    chunks that keep ``B x chunk x P x P`` under ``_CHUNK_ELEMENTS``."""
     b, p, _ = k12.shape
     joint = torch.cat((torch.cat((k11, k12), -1), torch.cat((k12.transpose(-1, -2), k22), -1)),
                       -2)
     r = _sqrt_psd(joint)
     r1, r2 = r[:, :p], r[:, p:]
     s = layer.w_query_std * layer.w_key_std
-    s2 = s * s
     kv = k12[:, None]
-    tv = None if t12 is None else (t12 + 2 * k12)[:, None]
     n_total = xi.shape[0]
     chunk = max(4, (_CHUNK_ELEMENTS // max(1, b * p * p * 4)) // 4 * 4)
-    sum_n = torch.zeros(b, p, p, dtype=k12.dtype, device=k12.device)
-    sum_t = torch.zeros_like(sum_n) if t12 is not None else None
+    names = ("aka",) if t12 is None else ("aka", "ata", "fk", "ft", "a11a")
+    sums = {n: torch.zeros(b, p, p, dtype=k12.dtype, device=k12.device) for n in names}
     for i0 in range(0, n_total, chunk):
         z = xi[i0:i0 + chunk]
         g1 = s * torch.einsum("bpa,sac,bqc->bspq", r1, z, r1)
@@ -335,25 +373,43 @@ def _sample_means(layer: MultiheadAttention, k11: Tensor, k12: Tensor, k22: Tens
         a1 = _attend(g1, m1, layer.causal, layer.mechanism)
         a2 = _attend(g2, m2, layer.causal, layer.mechanism)
         a2t = a2.transpose(-1, -2)
-        a1kv = a1 @ kv
-        nn_s = a1kv @ a2t  # (B, S, P, P)
-        sum_n += nn_s.sum(1)
-        if t12 is not None:
-            val = a1 @ tv @ a2t
-            if layer.mechanism == "identity":
-                f_k = _bracket_identity(kv, kv)
-                f_t = _bracket_identity(kv, t12[:, None])
-            else:
-                shared = (kv @ a2t, kv.transpose(-1, -2) @ a1.transpose(-1, -2))
-                f_k = _bracket(a1, a2, a2t, kv, kv, nn_s, nn_s, shared)
-                # A1 T12 A2^T = A1 (T12 + 2 K12) A2^T - 2 A1 K12 A2^T
-                f_t = _bracket(a1, a2, a2t, kv, t12[:, None], nn_s, val - 2 * nn_s, shared)
-            k_pp, t_pp = k12[:, None], t12[:, None]
-            logit = s2 * ((2 * k_pp + t_pp) * f_k + k_pp * f_t)
-            sum_t += (val + logit).sum(1)
-    mean_n = sum_n / n_total
-    mean_t = None if sum_t is None else sum_t / n_total
-    return mean_n, mean_t
+        nn_s = (a1 @ kv) @ a2t  # (B, S, P, P)
+        sums["aka"] += nn_s.sum(1)
+        if t12 is None:
+            continue
+        ata = a1 @ t12[:, None] @ a2t
+        if layer.mechanism == "identity":
+            f_k = _bracket_identity(kv, kv)
+            f_t = _bracket_identity(kv, t12[:, None])
+        else:
+            shared = (kv @ a2t, kv.transpose(-1, -2) @ a1.transpose(-1, -2))
+            f_k = _bracket(a1, a2, a2t, kv, kv, nn_s, nn_s, shared)
+            f_t = _bracket(a1, a2, a2t, kv, t12[:, None], nn_s, ata, shared)
+        sums["ata"] += ata.sum(1)
+        sums["fk"] += f_k.expand_as(nn_s).sum(1)
+        sums["ft"] += f_t.expand_as(nn_s).sum(1)
+        sums["a11a"] += (a1.sum(-1)[..., :, None] * a2.sum(-1)[..., None, :]).sum(1)
+    return {n: v / n_total for n, v in sums.items()}
+
+
+def _ntk_terms(layer: MultiheadAttention, m: dict, k12: Tensor, t12: Tensor, c_in: int
+               ) -> Tensor:
+    """The NTK of `MultiheadAttention` without its output bias, from the sample
+    means ``m`` (``aka = E[A1 K12 A2^T]``, ``ata`` the same with ``T12``, ``fk`` and
+    ``ft`` the brackets ``E<M_pp', K12>`` and ``E<M_pp', T12>``, ``a11a``); ``c_in``
+    is the input width (the standard parameterization's fan-ins)."""
+    wq2, wk2 = layer.w_query_std**2, layer.w_key_std**2
+    wv2, wo2 = layer.w_value_std**2, layer.w_out_std**2
+    ov2, s2 = wo2 * wv2, wq2 * wk2
+    if layer.parameterization == "ntk":  # value and output; query and key weights
+        c_aka, c_kfk = 2 * ov2, 2 * ov2 * s2
+    else:  # each weight's term times fan_in / w^2 (see `Linear`)
+        c_aka, c_kfk = layer.out_channels * wv2 + c_in * wo2, ov2 * c_in * (wq2 + wk2)
+    out = ov2 * m["ata"] + c_aka * m["aka"] + ov2 * s2 * (t12 * m["fk"] + k12 * m["ft"])
+    out = out + c_kfk * k12 * m["fk"]
+    if layer.proj_bias:  # value bias; query bias (the key bias shifts a softmax row)
+        out = out + wo2 * m["a11a"] + ov2 * wk2 * m["fk"]
+    return out
 
 
 def _bracket(a1, a2, a2t, kv, bm, a_kv_a, a_b_a, shared):
@@ -375,42 +431,69 @@ def _bracket_identity(kv, bm):
 
 
 class NTKMultiheadAttention(SideModule):
-    """The finite twin of `MultiheadAttention` (NTK parameterization): ``query_weight``,
-    ``key_weight``, ``value_weight`` ``(n_heads, C, d_head)``, ``out_weight``
-    ``(out_channels, out_channels)``, ``bias``; plain matmuls and softmax (no fused
-    kernel), so forward-mode derivatives exist. Inputs ``(N, C, *S)``."""
+    """The finite twin of `MultiheadAttention`: ``query_weight``, ``key_weight``,
+    ``value_weight`` ``(n_heads, C, d_head)``, ``out_weight`` ``(out_channels,
+    out_channels)``, ``bias``, and with ``proj_bias`` the zero-initialised
+    ``query_bias``, ``key_bias``, ``value_bias`` ``(n_heads, 1, d_head)``; plain
+    matmuls and softmax (no fused kernel), so forward-mode derivatives exist.
+    In NTK parameterization the weights are standard normal and scaled in forward;
+    in standard parameterization they are drawn at their scale. Inputs ``(N, C, *S)``."""
 
     def __init__(self, layer: MultiheadAttention, in_channels: int, ctx: BuildContext) -> None:
         super().__init__()
         h, d = layer.n_heads, layer.out_channels // layer.n_heads
-        self.layer_opts = (layer.w_query_std, layer.w_key_std, layer.w_value_std,
-                           layer.w_out_std, layer.b_std or 0.0)
+        e = layer.out_channels
+        stds = (layer.w_query_std, layer.w_key_std, layer.w_value_std, layer.w_out_std)
+        fans = (in_channels, in_channels, in_channels, h * d)
+        scales = [w / math.sqrt(f) for w, f in zip(stds, fans)]
+        self.standard = layer.parameterization == "standard"
+        draw = [sc if self.standard else 1.0 for sc in scales]
+        self.multipliers = [1.0 if self.standard else sc for sc in scales]
         self.causal, self.mechanism = layer.causal, layer.mechanism
-        self.query_weight = nn.Parameter(ctx.randn(h, in_channels, d))
-        self.key_weight = nn.Parameter(ctx.randn(h, in_channels, d))
-        self.value_weight = nn.Parameter(ctx.randn(h, in_channels, d))
-        self.out_weight = nn.Parameter(ctx.randn(layer.out_channels, h * d))
+        self.query_weight = nn.Parameter(ctx.randn(h, in_channels, d) * draw[0])
+        self.key_weight = nn.Parameter(ctx.randn(h, in_channels, d) * draw[1])
+        self.value_weight = nn.Parameter(ctx.randn(h, in_channels, d) * draw[2])
+        self.out_weight = nn.Parameter(ctx.randn(e, h * d) * draw[3])
+        for name in ("query_bias", "key_bias", "value_bias"):
+            if layer.proj_bias:
+                ref = self.query_weight
+                self.register_parameter(name, nn.Parameter(ref.new_zeros(h, 1, d)))
+            else:
+                self.register_parameter(name, None)
+        b_std = layer.b_std or 0.0
+        self.bias_multiplier = 1.0
         if layer.b_std is None:
             self.register_parameter("bias", None)
+        elif layer.b_init == "zero":
+            self.bias = nn.Parameter(self.out_weight.new_zeros(e))
+            self.bias_multiplier = 1.0 if self.standard else b_std
+        elif self.standard:
+            self.bias = nn.Parameter(ctx.randn(e) * b_std)
         else:
-            self.bias = nn.Parameter(ctx.randn(layer.out_channels))
+            self.bias = nn.Parameter(ctx.randn(e))
+            self.bias_multiplier = b_std
 
     def forward_side(self, x: Tensor, side: dict) -> Tensor:
-        wq, wk, wv, wo, bs = self.layer_opts
+        mq, mk, mv, mo = self.multipliers
         mask = side.get("mask")
         n, c, *spatial = x.shape
         xf = x.reshape(n, c, -1)
         d = self.query_weight.shape[-1]
-        q = torch.einsum("ncp,hcd->nhpd", xf, self.query_weight) * (wq / math.sqrt(c))
-        k = torch.einsum("ncp,hcd->nhpd", xf, self.key_weight) * (wk / math.sqrt(c))
-        v = torch.einsum("ncp,hcd->nhpd", xf, self.value_weight) * (wv / math.sqrt(c))
+
+        def project(weight: Tensor, multiplier: float, bias: Tensor | None) -> Tensor:
+            y = torch.einsum("ncp,hcd->nhpd", xf, weight) * multiplier
+            return y if bias is None else y + bias
+
+        q = project(self.query_weight, mq, self.query_bias)
+        k = project(self.key_weight, mk, self.key_bias)
+        v = project(self.value_weight, mv, self.value_bias)
         logits = q @ k.transpose(-1, -2) / math.sqrt(d)  # (N, H, P, P)
         present = None if mask is None else mask.reshape(n, -1)
         a = _attend(logits, present, self.causal, self.mechanism)
         heads = (a @ v).permute(0, 2, 1, 3).flatten(2)  # (N, P, H d)
-        out = heads @ self.out_weight.T * (wo / math.sqrt(heads.shape[-1]))
+        out = heads @ self.out_weight.T * mo
         if self.bias is not None:
-            out = out + bs * self.bias
+            out = out + self.bias_multiplier * self.bias
         out = out.transpose(1, 2).reshape(n, -1, *spatial)
         return out if mask is None else mask_input(out, mask)
 

@@ -32,10 +32,23 @@ class LayerNorm(Layer):
     ``torch.nn.GroupNorm(1, C)`` without affine). Dense features have only
     channels, so both agree.
 
-    The layer has no learnable scale and shift (``torch.nn.LayerNorm(...,
-    elementwise_affine=False)``): a per-feature scale's gradient is the feature
-    itself, so its NTK contribution through a following nonlinearity ``f`` is
-    ``E[X Y f'(X) f'(Y)]``, which the layer-by-layer recursion cannot express.
+    ``affine=True`` adds torch's learnable per-feature scale ``g`` (starting at
+    1) and shift ``b`` (starting at 0), ``y = g * z + b`` (``torch.nn.LayerNorm``'s
+    ``elementwise_affine``; ``bias=False`` drops the shift). At initialisation
+    ``y = z``, so the NNGP is unchanged; each parameter's gradient adds to the
+    NTK (their entries are O(1) parameters trained like all others)::
+
+        ntk' = ntk_z + nngp_z + 1        # d y_c / d g_c = z_c,  d y_c / d b_c = 1
+
+    over channels (shared by all positions). With ``axis="all"`` (torch's
+    ``normalized_shape`` covering ``(C, *S)``) every position has its own ``g``
+    and ``b``, so the two terms appear only between matching positions. The
+    scale's term ``z_c(x) z_c(x')`` differs between channels and is correlated
+    with the feature: its average over channels is ``nngp_z`` only when the next
+    layer that is not linear in each channel sums over channels with fresh
+    weights (a Linear, convolution or attention, as in every transformer). A
+    nonlinearity reached first would need ``E[z z' f'(z) f'(z')]``, which the
+    layer-by-layer recursion cannot express; it refuses (`Kernel.ntk_per_channel`).
 
     Masks (``kernel(..., mask=)``, neural-tangents' ``LayerNorm``): over channels it
     acts at each position and keeps the mask; with ``axis="all"`` ``v`` is the mean
@@ -45,34 +58,46 @@ class LayerNorm(Layer):
         axis: ``"channels"`` (default) or ``"all"``.
         eps: added to the variance, as in `torch.nn.LayerNorm` (default 1e-5;
             neural-tangents uses 1e-12).
+        affine: a learnable scale and shift, as ``elementwise_affine=True``.
+        bias: with ``affine``, whether there is a shift (torch's ``bias``).
     """
 
     spec_names = ("layernorm",)
     torch_modules = (nn.LayerNorm,)
     honours_masks = True
 
-    def __init__(self, axis: Literal["channels", "all"] = "channels", eps: float = 1e-5) -> None:
+    def __init__(self, axis: Literal["channels", "all"] = "channels", eps: float = 1e-5, *,
+                 affine: bool = False, bias: bool = True) -> None:
         if axis not in ("channels", "all"):
             raise ValueError(f"axis must be 'channels' or 'all', got {axis!r}.")
         if not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {eps}.")
+        for name, value in (("affine", affine), ("bias", bias)):
+            if not isinstance(value, bool):
+                raise TypeError(f"LayerNorm: {name} must be a bool, got {value!r}.")
         self.axis = axis
         self.eps = float(eps)
+        self.affine, self.bias = affine, bias
 
     @classmethod
     def from_torch_module(cls, module, ctx):
-        if module.elementwise_affine:
-            raise ctx.fail(
-                "it has a learnable per-feature scale and shift; their NTK through a "
-                "following nonlinearity has no layer-wise rule. Use nn.LayerNorm(..., "
-                "elementwise_affine=False), whose twin is nk.LayerNorm", supported=False)
-        return TorchLayerNorm(tuple(module.normalized_shape), module.eps, ctx.where)
+        affine = bool(module.elementwise_affine)
+        if affine:
+            weight, shift = module.weight, module.bias
+            if not bool((weight == 1).all()) or (shift is not None and bool((shift != 0).any())):
+                raise ctx.fail(
+                    "its scale and shift are not at their initial values (1 and 0); the "
+                    "kernel describes the network at initialisation. Convert a freshly "
+                    "initialised model", supported=False)
+        return TorchLayerNorm(tuple(module.normalized_shape), module.eps, ctx.where,
+                              affine=affine, bias=affine and module.bias is not None)
 
     def side_inputs(self) -> frozenset[str]:
         return frozenset({"mask"}) if self.axis == "all" else frozenset()
 
     def spec_call(self):
-        kw = {k: v for k, v, d in (("axis", self.axis, "channels"), ("eps", self.eps, 1e-5))
+        kw = {k: v for k, v, d in (("axis", self.axis, "channels"), ("eps", self.eps, 1e-5),
+                                   ("affine", self.affine, False), ("bias", self.bias, True))
               if v != d}
         return "layernorm", [], kw
 
@@ -108,21 +133,56 @@ class LayerNorm(Layer):
             a, b = k.broadcast_self(r2)
             cov2 = k.cov2 * (a * b)
         if k.diagonal:
-            return k.replace(nngp=cov1, ntk=k.ntk * scale, cov1=cov1, cov2=cov1)
-        return k.replace(nngp=k.nngp * scale, ntk=k.ntk * scale, cov1=cov1, cov2=cov2)
+            out = k.replace(nngp=cov1, ntk=k.ntk * scale, cov1=cov1, cov2=cov1)
+        else:
+            out = k.replace(nngp=k.nngp * scale, ntk=k.ntk * scale, cov1=cov1, cov2=cov2)
+        return self._affine_terms(out) if self.affine else out
+
+    def _affine_terms(self, k: Kernel) -> Kernel:
+        """The scale's and shift's gradients: ``ntk + nngp + 1``, between matching
+        positions only when each position has its own (``axis="all"``)."""
+        term = k.nngp + 1.0 if self.bias else k.nngp
+        if self.axis == "all" and k.position_pairs and k.spatial_shape:
+            n_pos = math.prod(k.spatial_shape)
+            lead = term.shape[:term.ndim - 2 * len(k.spatial_shape)]
+            eye = torch.eye(n_pos, dtype=term.dtype, device=term.device)
+            term = (term.reshape(*lead, n_pos, n_pos) * eye).reshape(term.shape)
+        return k.replace(ntk=k.ntk + term, ntk_per_channel=True)
 
     def _build(self, shape: Shapes, ctx: BuildContext) -> tuple[nn.Module, Shapes]:
         if not shape or isinstance(shape[0], tuple):
             raise ValueError(f"{self!r} takes one input but receives branches {shape}.")
         if len(shape) == 1:
-            return nn.LayerNorm(shape[0], eps=self.eps, elementwise_affine=False), shape
-        if self.axis == "all":
-            return MaskedGroupNorm(shape[0], eps=self.eps), shape
-        return ChannelLayerNorm(shape[0], eps=self.eps), shape
+            return nn.LayerNorm(shape[0], eps=self.eps, elementwise_affine=self.affine,
+                                bias=self.bias), shape
+        norm = (MaskedGroupNorm(shape[0], eps=self.eps) if self.axis == "all"
+                else ChannelLayerNorm(shape[0], eps=self.eps))
+        if not self.affine:
+            return norm, shape
+        per = tuple(shape) if self.axis == "all" else (shape[0],) + (1,) * (len(shape) - 1)
+        return _AffineAfter(norm, per, self.bias), shape
 
     def __repr__(self) -> str:
         axis = "" if self.axis == "channels" else "axis='all', "
-        return f"LayerNorm({axis}eps={self.eps})"
+        extra = "" if not self.affine else (", affine=True" + ("" if self.bias else
+                                                                ", bias=False"))
+        return f"LayerNorm({axis}eps={self.eps}{extra})"
+
+
+class _AffineAfter(SideModule):
+    """A normalisation followed by a learnable scale (ones) and shift (zeros) of shape
+    ``per`` (broadcast over the batch), torch's ``elementwise_affine``."""
+
+    def __init__(self, norm: nn.Module, per: tuple[int, ...], bias: bool) -> None:
+        super().__init__()
+        self.norm = norm
+        self.weight = nn.Parameter(torch.ones(per))
+        self.bias = nn.Parameter(torch.zeros(per)) if bias else None
+
+    def forward_side(self, x: Tensor, side: dict) -> Tensor:
+        y = self.norm(x, side) if isinstance(self.norm, SideModule) else self.norm(x)
+        y = y * self.weight
+        return y if self.bias is None else y + self.bias
 
 
 class ChannelLayerNorm(nn.Module):
@@ -278,8 +338,10 @@ class TorchLayerNorm(ShapeChecked, LayerNorm):
     """`LayerNorm` over the axes `torch.nn.LayerNorm` normalises: the features of dense
     inputs, or all of ``(C, *S)`` (``axis="all"``) when ``normalized_shape`` is all of them."""
 
-    def __init__(self, normalized_shape: tuple[int, ...], eps: float, where: str) -> None:
-        super().__init__(axis="channels" if len(normalized_shape) == 1 else "all", eps=eps)
+    def __init__(self, normalized_shape: tuple[int, ...], eps: float, where: str, *,
+                 affine: bool = False, bias: bool = True) -> None:
+        super().__init__(axis="channels" if len(normalized_shape) == 1 else "all", eps=eps,
+                         affine=affine, bias=bias)
         self.normalized_shape, self.where = normalized_shape, where
 
     def _check(self, shape) -> None:

@@ -253,8 +253,8 @@ class RNN(Layer):
             if grid.chain:
                 nngp, ntk = nngp[..., 0], ntk[..., 0]
                 return k.replace(nngp=nngp, ntk=ntk, cov1=e1, cov2=e2, shape=(width, steps),
-                                 is_gaussian=False, is_input=False, position_pairs=False,
-                                 cov_pairs=True)
+                                 is_gaussian=False, is_input=False, ntk_per_channel=False,
+                                 position_pairs=False, cov_pairs=True)
             if k.diagonal:
                 cov1 = cov2 = nngp if k.cov_pairs else e1
             elif k.cov_pairs:
@@ -264,9 +264,10 @@ class RNN(Layer):
             else:
                 cov1, cov2 = e1, e2
             return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, shape=(width, steps),
-                             is_gaussian=False, is_input=False, position_pairs=True,
-                             cov_pairs=k.cov_pairs)
+                             is_gaussian=False, is_input=False, ntk_per_channel=False,
+                             position_pairs=True, cov_pairs=k.cov_pairs)
         dense = {"shape": (width,), "is_gaussian": False, "is_input": False,
+                 "ntk_per_channel": False,
                  "position_pairs": False, "cov_pairs": True}
         if self.readout == "last":
             nngp, ntk = _last(grid, nngp, len1, len2), _last(grid, ntk, len1, len2)
