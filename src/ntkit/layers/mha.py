@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from .._checks import is_int, is_real
 from .._side import SideModule, mask_input
 from ..kernel import Kernel, position_diagonal
-from ._spatial import require_pairs
 from ._affine import check_b_init
+from ._spatial import require_pairs
 from .base import BuildContext, Kernels, Layer, Shapes, single
 
 __all__ = ["MultiheadAttention", "NTKMultiheadAttention", "NumericalError", "numerical_error"]
