@@ -5,12 +5,14 @@ random features, against the exact solve on the first 20,000 points.
 Environment (all optional):
 
 - ``NTKIT_LARGE_N`` (1,000,000): training points; ``NTKIT_LARGE_M`` (4000): centres of
-  the main fit; ``NTKIT_LARGE_CACHE`` (0): 1 keeps ``K_nm`` in memory (the old route,
+  the main fit (0: no FALKON fit, e.g. for the random-features route alone); ``NTKIT_LARGE_CACHE`` (0): 1 keeps ``K_nm`` in memory (the old route,
   M ~ 1500 within 6.5 GB); ``NTKIT_LARGE_WORKERS``: fit on a LocalCluster of that many
   single-threaded workers;
 - ``NTKIT_LARGE_MS`` (e.g. ``"1000,2000"``): more fits on all N points, for error vs M;
 - ``NTKIT_LARGE_RF`` (e.g. ``"1024,2048"``): the random-features route, ridge regression
-  on ``D`` features (`ntkit.features.RandomFeatureMap`), error and time vs D;
+  on ``D`` features streamed by `ntkit.features.fit_ridge` (never the ``(N, D)``
+  features), error, time and peak memory vs D (`benchmarks/large_n_rf.py` runs the same
+  sweep and writes each row as it finishes);
 - ``NTKIT_LARGE_DASK`` (0): 1 times the same FALKON iterations (first
   ``NTKIT_LARGE_DASK_N`` = 50,000 points, 1000 centres, 4 iterations) on a LocalCluster
   of 1 and of 2 single-threaded workers (clusters started before timing);
@@ -26,6 +28,44 @@ import os
 import sys
 import time
 
+D_IN, DIAG_REG = 20, 0.1
+
+
+def task(n: int, n_test: int = 10_000):
+    """The synthetic task: ``x`` ``(n, 20)`` standard normal, ``y = sin(z_1) + z_1 z_2 / 2
+    + 0.1 noise`` for two random projections ``z``; test inputs ``xt`` and the true
+    function there ``ft`` (float64); the network whose NTK regresses it. The same draws
+    (generator seed 0) for every caller, so ``x[:k]`` is the same at every ``n``.
+
+    Returns:
+        ``(x, y, xt, ft, net)``.
+    """
+    import torch
+
+    import ntkit as nk
+
+    d = D_IN
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2, d, generator=gen)
+
+    def target(v):
+        z = v @ w.T / math.sqrt(d)
+        return torch.sin(z[:, :1]) + 0.5 * z[:, :1] * z[:, 1:2]
+
+    x = torch.randn(n, d, generator=gen)
+    y = target(x) + 0.1 * torch.randn(n, 1, generator=gen)
+    xt = torch.randn(n_test, d, generator=gen)
+    ft = target(xt).double()
+    net = nk.Sequential(nk.Linear(512, w_std=1.5, b_std=0.1), nk.ReLU(),
+                        nk.Linear(512, w_std=1.5, b_std=0.1), nk.ReLU(),
+                        nk.Linear(1, w_std=1.5, b_std=0.1))
+    return x, y, xt, ft, net
+
+
+def rel(a, b) -> float:
+    """Relative RMS error of ``a`` against ``b``."""
+    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
+
 
 def _ints(name: str, default: str = "") -> list[int]:
     text = os.environ.get(name, default).strip()
@@ -38,9 +78,8 @@ def run(baseline: float, peak_rss_mb) -> dict:
     import scipy.linalg
     import torch
 
-    import ntkit as nk
     from ntkit import solvers
-    from ntkit.features import RandomFeatureMap
+    from ntkit.features import fit_ridge
 
     if os.environ.get("NTKIT_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["NTKIT_BENCH_THREADS"]))
@@ -49,25 +88,9 @@ def run(baseline: float, peak_rss_mb) -> dict:
     cache = os.environ.get("NTKIT_LARGE_CACHE", "0") == "1"
     workers = int(os.environ["NTKIT_LARGE_WORKERS"]) if os.environ.get(
         "NTKIT_LARGE_WORKERS") else None
-    subset, n_test, d, diag_reg = min(n, 20_000), 10_000, 20, 0.1
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(2, d, generator=gen)
-
-    def target(x):
-        z = x @ w.T / math.sqrt(d)
-        return torch.sin(z[:, :1]) + 0.5 * z[:, :1] * z[:, 1:2]
-
-    x = torch.randn(n, d, generator=gen)
-    y = target(x) + 0.1 * torch.randn(n, 1, generator=gen)
-    xt = torch.randn(n_test, d, generator=gen)
-    ft = target(xt).double()
-    net = nk.Sequential(nk.Linear(512, w_std=1.5, b_std=0.1), nk.ReLU(),
-                        nk.Linear(512, w_std=1.5, b_std=0.1), nk.ReLU(),
-                        nk.Linear(1, w_std=1.5, b_std=0.1))
+    subset, n_test, diag_reg = min(n, 20_000), 10_000, DIAG_REG
+    x, y, xt, ft, net = task(n, n_test)
     kfn = solvers.kernel_function(net, "ntk")
-
-    def rel(a, b) -> float:             # relative RMS error
-        return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
 
     def falkon(xs, ys, centres, **kw):
         opts = {"dtype": torch.float64, "memory_budget": "6.5GB", **kw}
@@ -76,44 +99,44 @@ def run(baseline: float, peak_rss_mb) -> dict:
         return solvers.nystrom_krr(kfn, xs, ys, n_centers=centres, diag_reg=diag_reg,
                                    generator=torch.Generator().manual_seed(1), **opts)
 
-    notes = []
+    notes, pred = [], None
     t0 = time.perf_counter()
-    model = falkon(x, y, m, cache=cache, n_workers=workers)
-    fit_s = time.perf_counter() - t0
-    pred = model.predict(xt).double()
-    total_s = time.perf_counter() - t0
-    peak_fit = peak_rss_mb()
-    err_big = rel(pred, ft)
-    notes.append(f"N={n}, M={m} ({'K_nm cached' if cache else 'K_nm recomputed'}"
-                 f"{f', {workers} workers' if workers else ''}), {torch.get_num_threads()} "
-                 f"thread(s): fit {fit_s:.0f} s ({model.info.iterations} CG iterations, "
-                 f"residual {model.info.residual:.1e}), fit + predict {total_s:.0f} s, peak "
-                 f"{peak_fit:.0f} MB after the fit; test relative RMS error vs the true "
-                 f"function {err_big:.4f}")
-    del model
+    total_s = 0.0
+    if m > 0:                           # NTKIT_LARGE_M=0: the random-features route only
+        model = falkon(x, y, m, cache=cache, n_workers=workers)
+        fit_s = time.perf_counter() - t0
+        pred = model.predict(xt).double()
+        total_s = time.perf_counter() - t0
+        peak_fit = peak_rss_mb()
+        err_big = rel(pred, ft)
+        notes.append(f"N={n}, M={m} ({'K_nm cached' if cache else 'K_nm recomputed'}"
+                     f"{f', {workers} workers' if workers else ''}), "
+                     f"{torch.get_num_threads()} thread(s): fit {fit_s:.0f} s "
+                     f"({model.info.iterations} CG iterations, residual "
+                     f"{model.info.residual:.1e}), fit + predict {total_s:.0f} s, peak "
+                     f"{peak_fit:.0f} MB after the fit; test relative RMS error vs the true "
+                     f"function {err_big:.4f}")
+        del model
     for mm in _ints("NTKIT_LARGE_MS"):
         t1 = time.perf_counter()
         fit = falkon(x, y, mm, cache=False)
         notes.append(f"M={mm}: error {rel(fit.predict(xt).double(), ft):.4f} "
                      f"({time.perf_counter() - t1:.0f} s, {fit.info.iterations} its)")
-    if _ints("NTKIT_LARGE_RF"):
-        mean_diag = float(kfn.diagonal(x[:20_000]).double().mean())
-        s = diag_reg * mean_diag
-        for dd in _ints("NTKIT_LARGE_RF"):
-            t1 = time.perf_counter()
-            fmap = RandomFeatureMap(net, (d,), n_features=dd,
-                                    generator=torch.Generator().manual_seed(2))
-            gram = torch.zeros(dd, dd, dtype=torch.float64)
-            rhs = torch.zeros(dd, 1, dtype=torch.float64)
-            for i in range(0, n, 20_000):
-                phi = fmap(x[i:i + 20_000]).double()
-                gram += phi.T @ phi
-                rhs += phi.T @ y[i:i + 20_000].double()
-            gram.diagonal().add_(s)
-            coef = torch.linalg.solve(gram, rhs)
-            rf_pred = fmap(xt).double() @ coef
-            notes.append(f"random features D={dd}: error {rel(rf_pred, ft):.4f} "
-                         f"({time.perf_counter() - t1:.0f} s)")
+    for dd in _ints("NTKIT_LARGE_RF"):
+        # streaming ridge (ntkit.features.fit_ridge): float32 features of 8192 rows at a
+        # time, Phi^T Phi and Phi^T y summed in float64, one Cholesky solve; the ridge
+        # is diag_reg times the mean diagonal of the random-feature kernel
+        t1 = time.perf_counter()
+        rf = fit_ridge(net, x, y, n_features=dd, diag_reg=diag_reg,
+                       generator=torch.Generator().manual_seed(2))
+        rf_fit = time.perf_counter() - t1
+        rf_pred = rf.predict(xt)
+        rf_s = time.perf_counter() - t1
+        total_s = total_s or rf_s
+        notes.append(f"random features N={n}, D={dd}: error {rel(rf_pred, ft):.4f} (fit "
+                     f"{rf_fit:.0f} s, fit + predict {rf_s:.0f} s, peak so far "
+                     f"{peak_rss_mb():.0f} MB)")
+        pred = rf_pred if pred is None else pred
     if os.environ.get("NTKIT_LARGE_DASK", "0") == "1":
         notes.append(_dask_speedup(falkon, x, y))
     if os.environ.get("NTKIT_LARGE_EXACT", "1") == "1":
@@ -132,8 +155,9 @@ def run(baseline: float, peak_rss_mb) -> dict:
         exact = torch.cat([kfn(xt[i:i + 1000], xs).double() @ alpha
                            for i in range(0, n_test, 1000)])
         notes.append(f"first {subset} points: exact (dense float64 Cholesky, "
-                     f"{time.perf_counter() - t1:.0f} s) vs truth {rel(exact, ft):.4f}; the "
-                     f"N-point model vs the {subset}-point exact {rel(pred, exact):.3f}")
+                     f"{time.perf_counter() - t1:.0f} s) vs truth {rel(exact, ft):.4f}"
+                     + (f"; the N-point model vs the {subset}-point exact "
+                        f"{rel(pred, exact):.3f}" if pred is not None else ""))
     text = "; ".join(notes)
     print(text, file=sys.stderr)
     return {"seconds": total_s, "baseline_mb": baseline, "entries": n * m, "notes": text}
