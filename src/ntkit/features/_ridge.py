@@ -156,7 +156,8 @@ class RidgeAccumulator:
         except np.linalg.LinAlgError:
             raise not_positive_definite("the random-feature normal equations Phi^T Phi + s I",
                                         f"{d} x {d}, float64, s = {s:.3g}, from "
-                                        f"{self.n_samples} rows") from None
+                                        f"{self.n_samples} rows; with diag_reg = 0 it needs "
+                                        f"at least D = {d} independent rows") from None
         coef = torch.from_numpy(scipy.linalg.cho_solve(factor, self.rhs.numpy(),
                                                        check_finite=False))
         return RandomFeatureRidge(self.feature_map, coef, diag_reg_absolute=s,
