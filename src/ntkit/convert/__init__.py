@@ -32,6 +32,8 @@ def from_torch(
     w_std: float | None = None,
     b_std: float | None = None,
     degree: int | str = "auto",
+    n_samples: int = 256,
+    seed: int = 0,
 ) -> Sequential:
     """The infinite-width twin of a PyTorch model.
 
@@ -80,6 +82,27 @@ def from_torch(
             instead of PyTorch's default.
         degree: quadrature nodes per axis for activations without closed form, or
             ``"auto"`` (adapted to the pre-activation variance; see `Elementwise`).
+        n_samples: logit draws of each converted attention layer (see
+            `MultiheadAttention`; the kernel's sampling error falls as
+            ``n_samples^-1/2``, and `numerical_error` reports it).
+        seed: seed of the first converted attention layer; the next ones take
+            ``seed + 1, ...``.
+
+    Sequence models: ``nn.Embedding`` (ids ``(N, L)``, also for the twin), a
+    learned positional ``nn.Parameter`` or the sinusoidal table (a buffer) added
+    to its output, ``nn.MultiheadAttention`` called as self-attention
+    (``attn(x, x, x)[0]``), ``nn.TransformerEncoderLayer`` (pre- and post-LN,
+    relu or gelu) and ``nn.TransformerEncoder``, position-wise ``nn.Linear`` and
+    ``nn.LayerNorm`` (with its learnable scale and shift), and the readouts
+    ``x.mean(1)``, ``x[:, 0]``, ``x[:, -1]`` (``x.mean(0)``, ``x[0]``, ``x[-1]``
+    when not batch-first) convert with torch's initial variances
+    (`ntkit.convert._sequence`). The twin holds sequences channels first,
+    ``(N, E, L)``: a model that takes floats ``(N, L, E)`` straight into an
+    attention module has a twin that takes ``x.transpose(1, 2)``. ``is_causal=True``
+    is the causal mask; padding masks (``src_key_padding_mask``, True where
+    absent) are not read from the model: pass ``net.kernel(..., mask=present)``
+    (True where present). ``x[:, -1]`` becomes ``TokenReadout("last")``, which
+    with a padding mask takes each sequence's last present token.
 
     Raises:
         ConversionError: (a `TypeError` and a `ValueError`) for a model that
@@ -92,5 +115,5 @@ def from_torch(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"from_torch takes a torch.nn.Module, got {type(module).__name__}.")
-    options = _Options(parameterization, w_std, b_std, degree)
+    options = _Options(parameterization, w_std, b_std, degree, n_samples, seed)
     return _Converter(module, options).run()

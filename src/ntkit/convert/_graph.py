@@ -25,6 +25,7 @@ from ..layers import (
     Layer,
     LayerNorm,
     Linear,
+    MultiheadAttention,
     Parallel,
     Sequential,
     SumPool1d,
@@ -32,6 +33,7 @@ from ..layers import (
     SumPool3d,
 )
 from ._nodes import _NodeRules
+from ._sequence import Seeds, SequenceRules, _attr_of
 from ._tracing import (
     _ACTIVATION_FUNCTIONS,
     _ALIAS_FUNCTIONS,
@@ -48,12 +50,14 @@ from ._tracing import (
 )
 
 
-class _Converter(_NodeRules):
+class _Converter(SequenceRules, _NodeRules):
     def __init__(self, root: nn.Module, options: _Options) -> None:
         self.root, self.options = root, options
         self.modules = dict(root.named_modules())
         self.meta: dict[fx.Node, str] = {}
         self.ops: dict[fx.Node, _Op] = {}
+        self.layout: dict[fx.Node, str] = {}
+        self.seeds = Seeds(options.seed)
 
     # ------------------------------------------------------------------- driver
     def run(self) -> Sequential:
@@ -77,7 +81,7 @@ class _Converter(_NodeRules):
         live = {output}
         for n in reversed(nodes):
             if n in live:
-                live.update(n.all_input_nodes)
+                live.update(self._data_inputs(n))
         inputs = [n for n in nodes if n.op == "placeholder" and n in live]
         if len(inputs) != 1:
             what = "does not depend on its input" if not inputs else (
@@ -95,7 +99,7 @@ class _Converter(_NodeRules):
             )
         order = [n for n in nodes if n in live and n.op not in ("placeholder", "output")]
         for n in order:
-            if self._is_meta(n) or n.op == "get_attr":
+            if self._is_meta(n) or n.op == "get_attr" or _attr_of(n) is not None:
                 continue
             self.ops[n] = self._op(n)
         self._check_in_place(nodes)
@@ -287,7 +291,7 @@ def _fresh(chain) -> bool:
     chain = list(chain)
     while chain:
         layer = chain.pop()
-        if isinstance(layer, (Linear, Conv1d, Conv2d, Conv3d)):
+        if isinstance(layer, (Linear, Conv1d, Conv2d, Conv3d, MultiheadAttention)):
             return True
         if isinstance(layer, (FanInSum, FanInConcat)) and chain and isinstance(
                 chain[-1], Parallel):

@@ -14,8 +14,10 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from ..layers import Dropout, Flatten, Identity, Layer
-from ..layers.pool import TorchGlobalAvgPool, torch_global_pool
+from ..layers.activations import Activation
+from ..layers.pool import GlobalAvgPool, TorchGlobalAvgPool, torch_global_pool
 from ..layers.registry import TorchContext, layer_classes, module_rule
+from ..layers.transformer import TokenReadout
 from ._tracing import (
     _ACTIVATION_FUNCTIONS,
     _ACTIVATION_METHODS,
@@ -87,6 +89,31 @@ class _NodeRules:
 
     # -------------------------------------------------------- node -> layer
     def _op(self, node: fx.Node) -> _Op:
+        op = self._sequence_op(node)
+        if op is None:
+            op = self._plain_op(node)
+        self._keep_layout(node, op)
+        return op
+
+    def _keep_layout(self, node: fx.Node, op: _Op) -> None:
+        """A sequence stays one through layers that act on each position's channels
+        alike (activations, dropout, identity, sums); flattening ends it; other
+        layers have no rule on sequences."""
+        lay = None if node in self.layout else self._layout_in(node)
+        if lay is None:
+            return
+        if op.kind == "sum" or (op.kind == "layer" and isinstance(
+                op.layer, (Activation, Dropout, Identity))):
+            self.layout[node] = lay
+        elif not (op.kind == "layer" and isinstance(op.layer, (Flatten, GlobalAvgPool,
+                                                                TokenReadout))):
+            raise self._fail(node, "it acts on a sequence (N, L, E), where only position-wise "
+                                   "nn.Linear and nn.LayerNorm, activations, dropout, "
+                                   "residual sums, attention and encoder modules, the mean "
+                                   "over positions and the first or last token have rules",
+                             supported=False)
+
+    def _plain_op(self, node: fx.Node) -> _Op:
         if node.op in ("call_function", "call_method"):
             name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
             key = next((k for k in _NO_KERNEL_FUNCTIONS if k in name), None)

@@ -78,6 +78,8 @@ class _Options:
     w_std: float | None
     b_std: float | None
     degree: int | str
+    n_samples: int = 256
+    seed: int = 0
 
 
 # ------------------------------------------------------------------------ tracing

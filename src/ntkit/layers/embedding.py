@@ -48,7 +48,9 @@ class Embedding(Layer):
     with ``R = I`` for learned embeddings and ``R = S^T S / C`` (the channel
     average of the fixed sinusoids, at ``out_channels`` channels) for
     sinusoidal ones. The token weights are trained, so they enter the NTK as
-    their NNGP (``d y / d E`` is the one-hot input).
+    their NNGP (``d y / d E`` is the one-hot input). In standard parameterization
+    (``E`` drawn with standard deviation ``w_std`` and ``P`` with ``pos_std``, as
+    a torch model holds them) each gradient is 1: ``ntk = [t_p == t'_q] + [p == q]``.
 
     Args:
         out_channels: embedding width ``C``.
@@ -57,6 +59,8 @@ class Embedding(Layer):
         pos_emb: ``"none"``, ``"learned"`` (a trained per-position parameter
             added to the tokens) or ``"sinusoidal"`` (fixed).
         pos_std: scale of the positional embeddings.
+        parameterization: ``"ntk"`` (scales multiply standard normal parameters)
+            or ``"standard"`` (parameters drawn at their scales).
         dtype: dtype of the kernels computed from ids (integer inputs carry
             none); default `torch.get_default_dtype()`.
 
@@ -70,7 +74,8 @@ class Embedding(Layer):
 
     def __init__(self, out_channels: int, num_embeddings: int, *, w_std: float = 1.0,
                  pos_emb: PositionalKind = "none", pos_std: float = 1.0,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None,
+                 parameterization: Literal["ntk", "standard"] = "ntk") -> None:
         for name, value in (("out_channels", out_channels), ("num_embeddings", num_embeddings)):
             if not is_int(value) or value < 1:
                 raise ValueError(f"Embedding: {name} must be a positive int, got {value!r}.")
@@ -88,6 +93,10 @@ class Embedding(Layer):
         if dtype is not None and dtype not in (torch.float32, torch.float64):
             raise TypeError(f"Embedding: dtype must be torch.float32 or torch.float64, got "
                             f"{dtype!r}.")
+        if parameterization not in ("ntk", "standard"):
+            raise ValueError(f"Embedding: parameterization must be 'ntk' or 'standard', got "
+                             f"{parameterization!r}.")
+        self.parameterization = parameterization
         self.out_channels = int(out_channels)
         self.num_embeddings = int(num_embeddings)
         self.w_std, self.pos_std = float(w_std), float(pos_std)
@@ -136,6 +145,8 @@ class Embedding(Layer):
         if self.pos_emb != "none":
             pos_nngp = self._pos_covariance(length).to(dtype=dtype, device=device)
             pos_ntk = pos_nngp if self.pos_emb == "learned" else None
+            if pos_ntk is not None and self.parameterization == "standard":
+                pos_ntk = torch.eye(length, dtype=dtype, device=device)
 
         def pos(mat: Tensor | None, like: Tensor, pair_layout: bool) -> Tensor:
             if mat is None:
@@ -156,7 +167,8 @@ class Embedding(Layer):
         else:
             token = eq(t1, t2, pairs, True)
         nngp = w2 * token + pos(pos_nngp, token, pairs)
-        ntk = w2 * token + pos(pos_ntk, token, pairs)
+        ntk = (1.0 if self.parameterization == "standard" else w2) * token + pos(
+            pos_ntk, token, pairs)
         self_pairs = pairs and k.cov_pairs
         cov1 = w2 * eq(t1, t1, self_pairs, False) + pos(pos_nngp, token, self_pairs)
         if x2 is None:
@@ -195,6 +207,8 @@ class Embedding(Layer):
             kw["pos_emb"] = self.pos_emb
         if self.pos_std != 1.0:
             kw["pos_std"] = self.pos_std
+        if self.parameterization != "ntk":
+            kw["parameterization"] = self.parameterization
         return "embedding", [self.out_channels, self.num_embeddings], kw
 
     def __repr__(self) -> str:
@@ -203,6 +217,8 @@ class Embedding(Layer):
             parts.append(f"w_std={self.w_std}")
         if self.pos_emb != "none":
             parts.append(f"pos_emb={self.pos_emb!r}, pos_std={self.pos_std}")
+        if self.parameterization != "ntk":
+            parts.append(f"parameterization={self.parameterization!r}")
         return f"Embedding({', '.join(parts)})"
 
 
@@ -279,13 +295,16 @@ class NTKEmbedding(SideModule):
     def __init__(self, layer: Embedding, length: int, ctx: BuildContext) -> None:
         super().__init__()
         self.w_std, self.pos_std, self.length = layer.w_std, layer.pos_std, length
-        self.weight = nn.Parameter(ctx.randn(layer.num_embeddings, layer.out_channels))
+        draw_w, draw_p = 1.0, 1.0
+        if layer.parameterization == "standard":  # drawn at scale, no multipliers
+            draw_w, draw_p, self.w_std, self.pos_std = self.w_std, self.pos_std, 1.0, 1.0
+        self.weight = nn.Parameter(ctx.randn(layer.num_embeddings, layer.out_channels) * draw_w)
         self.register_parameter("pos_weight", None)
         self.register_buffer("sinusoids", None)
         if layer.pos_emb == "learned":
-            self.pos_weight = nn.Parameter(ctx.randn(layer.out_channels, length))
+            self.pos_weight = nn.Parameter(ctx.randn(layer.out_channels, length) * draw_p)
         elif layer.pos_emb == "sinusoidal":
-            self.sinusoids = sinusoidal_embeddings(layer.out_channels, length).to(
+            self.sinusoids = (sinusoidal_embeddings(layer.out_channels, length) * draw_p).to(
                 dtype=ctx.dtype, device=ctx.device)
 
     def forward(self, x, side: dict | None = None, **side_inputs):
