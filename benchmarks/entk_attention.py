@@ -116,8 +116,9 @@ def _BERT():
     return _module_classes()[1]()
 
 
-def tutorial_ntk(model, x1, x2):
-    """The torch.func tutorial's Jacobian contraction, ``(N1, N2, O, O)``."""
+def tutorial_ntk(model, x1, x2, output: str = "full"):
+    """The torch.func tutorial's Jacobian contraction: ``(N1, N2, O, O)`` for "full",
+    ``(N1, N2)`` for "trace" (the tutorial's ``compute='trace'``)."""
     import torch
     from torch.func import functional_call, jacrev, vmap
 
@@ -130,8 +131,8 @@ def tutorial_ntk(model, x1, x2):
     jac1 = [j.flatten(2) for j in jac1.values()]
     jac2 = vmap(jacrev(fnet_single), (None, 0))(params, x2)
     jac2 = [j.flatten(2) for j in jac2.values()]
-    result = torch.stack([torch.einsum("Naf,Mbf->NMab", j1, j2)
-                          for j1, j2 in zip(jac1, jac2)])
+    einsum_expr = {"full": "Naf,Mbf->NMab", "trace": "Naf,Maf->NM"}[output]
+    result = torch.stack([torch.einsum(einsum_expr, j1, j2) for j1, j2 in zip(jac1, jac2)])
     return result.sum(0)
 
 
@@ -174,7 +175,7 @@ def timed(case: str, reps: int) -> dict:
             t0 = time.perf_counter()
             run[label]()
             times[label].append(time.perf_counter() - t0)
-    from ntkit.empirical._ntk import chosen_method
+    from ntkit.empirical._choice import chosen_method
 
     return {"case": case, "params": sum(p.numel() for p in model.parameters()),
             "chosen": chosen_method(model, x, output=output),

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from ._problem import Problem
+from ._problem import Problem, batched_attention
 
 
 @contextlib.contextmanager
@@ -62,10 +62,13 @@ class VectorProducts:
         basis = torch.eye(problem.n_out, dtype=p0.dtype, device=p0.device)
         # (N2, O, *param): J2^T e for every example of b and output e
         pullbacks = problem.over_examples(vmap(pullback, in_dims=(None, 0)), (0, None))
-        cot = pullbacks(b, basis)
+        with batched_attention():
+            cot = pullbacks(b, basis)
         groups = [[name] for name in params] if self.split else [list(params)]
         if problem.loop:
-            yield from self._pulled_both(pullbacks(a, basis), cot, groups)
+            with batched_attention():
+                rows = pullbacks(a, basis)
+            yield from self._pulled_both(rows, cot, groups)
             return
         try:
             for names in groups:
