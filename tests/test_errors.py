@@ -210,12 +210,14 @@ def test_from_torch_not_a_module():
         nk.from_torch([nn.Linear(4, 1)])
 
 
-def test_from_torch_layernorm_affine():
-    """nn.LayerNorm with a learnable affine is refused with the alternative to use."""
+def test_from_torch_layernorm_affine_before_a_nonlinearity():
+    """nn.LayerNorm with a learnable affine converts; straight before a nonlinearity its
+    kernel is refused, saying why and what to put in between."""
     model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 1))
-    with expect(TypeError, r"module 1", r"learnable per-feature scale",
-                r"elementwise_affine=False"):
-        nk.from_torch(model)
+    net = nk.from_torch(model)
+    with expect(ValueError, r"ReLU", r"learnable scale \(affine=True\)",
+                r"Put a Linear"):
+        net.kernel(torch.randn(3, 4))
 
 
 def test_torch_module_in_ntkit_sequential():

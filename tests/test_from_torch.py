@@ -181,10 +181,14 @@ def test_layernorm_without_affine_mapped():
     assert isinstance(net.layers[1], nk.LayerNorm) and net.layers[1].eps == pytest.approx(1e-3)
 
 
-def test_layernorm_with_affine_refused():
-    """A learnable per-feature scale and shift is refused with what to use instead."""
-    with pytest.raises(TypeError, match=r"learnable per-feature scale.*elementwise_affine=False"):
-        nk.from_torch(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 1)))
+def test_layernorm_with_affine_before_relu_refused():
+    """A learnable per-feature scale converts (LayerNorm(affine=True)), but its NTK
+    through a following ReLU has no layer-wise rule: the kernel is refused, naming it."""
+    net = nk.from_torch(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(),
+                                      nn.Linear(8, 1)))
+    assert net.layers[1].affine and net.layers[1].bias
+    with pytest.raises(ValueError, match=r"learnable scale \(affine=True\).*Linear"):
+        net.kernel(torch.randn(3, 4))
 
 
 def test_explicit_variances_and_parameterization_override():

