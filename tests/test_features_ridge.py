@@ -11,7 +11,13 @@ import torch
 
 import ntkit as nk
 from ntkit.errors import NotPositiveDefiniteError
-from ntkit.features import RandomFeatureMap, RandomFeatureRidge, RidgeAccumulator, fit_ridge
+from ntkit.features import (
+    NystromFeatureMap,
+    RandomFeatureMap,
+    RandomFeatureRidge,
+    RidgeAccumulator,
+    fit_ridge,
+)
 
 F64 = torch.float64
 
@@ -205,3 +211,68 @@ def test_predict_refuses_inputs_of_another_shape():
         model.predict(torch.randn(4, 5, dtype=F64))
     with pytest.raises(ValueError, match="chunk must be a positive int"):
         model.predict(x, chunk=-1)
+
+
+# ------------------------------------------------------------------ Nystrom features
+def test_nystrom_features_give_the_nystrom_kernel():
+    """phi(x) . phi(x') = k(x, C) K_CC^-1 k(C, x') (Williams & Seeger 2001, eq. 8)."""
+    net = _net()
+    x, _, xt = _data(n=120)
+    fmap = NystromFeatureMap(net, x[:40], jitter=0.0)
+    kfn = nk.solvers.kernel_function(net, "ntk")
+    expected = kfn(xt, x[:40]) @ torch.linalg.solve(kfn(x[:40], x[:40]), kfn(x[:40], xt))
+    torch.testing.assert_close(fmap(xt) @ fmap(xt).T, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_nystrom_ridge_equals_falkon_with_the_same_centres():
+    """Ridge on Nystrom features, streamed, is Nystrom KRR: FALKON's estimator
+    (`nystrom_krr`, CG to 1e-12) on the same centres and the same relative ridge."""
+    net = _net()
+    x, y, xt = _data(n=400)
+    kfn = nk.solvers.kernel_function(net, "ntk")
+    falkon = nk.solvers.nystrom_krr(kfn, x, y, n_centers=60, diag_reg=0.05, tol=1e-12,
+                                    dtype=F64, generator=torch.Generator().manual_seed(4))
+    fmap = NystromFeatureMap(net, falkon.centers, jitter=0.0)
+    ours = fit_ridge(fmap, x, y, diag_reg=0.05, chunk=33)
+    assert ours.diag_reg_absolute == pytest.approx(falkon.diag_reg_absolute, rel=1e-12)
+    want = falkon.predict(xt)
+    torch.testing.assert_close(ours.predict(xt), want, rtol=1e-8,
+                               atol=1e-8 * float(want.abs().max()))
+
+
+def test_nystrom_ridge_on_all_points_is_exact_kernel_ridge():
+    net = _net()
+    x, y, xt = _data(n=150)
+    k = net.kernel(x).ntk
+    s = 0.1 * float(k.diagonal().mean())
+    exact = net.kernel(xt, x).ntk @ torch.linalg.solve(k + s * torch.eye(150, dtype=F64), y)
+    model = fit_ridge(NystromFeatureMap(net, x, jitter=0.0), x, y, diag_reg=0.1, chunk=64)
+    torch.testing.assert_close(model.predict(xt), exact, rtol=1e-7,
+                               atol=1e-7 * float(exact.abs().max()))
+
+
+def test_nystrom_from_data_draws_distinct_rows():
+    x, _, _ = _data(n=100)
+    fmap = NystromFeatureMap.from_data(_net(), x, n_centers=30,
+                                       generator=torch.Generator().manual_seed(0))
+    assert fmap.n_features == 30 and fmap.centers.shape == (30, 6)
+    assert torch.unique(fmap.centers, dim=0).shape[0] == 30
+
+
+@pytest.mark.parametrize("call,error,match", [
+    pytest.param(lambda x: NystromFeatureMap.from_data(_net(), x, n_centers=500,
+                                                       generator=torch.Generator()),
+                 ValueError, "n_centers must be an int between 1 and N = 300", id="too-many"),
+    pytest.param(lambda x: NystromFeatureMap.from_data(_net(), x, n_centers=5, generator=0),
+                 TypeError, "generator must be a torch.Generator", id="no-generator"),
+    pytest.param(lambda x: NystromFeatureMap(_net(), x.numpy()), TypeError,
+                 "centers must be a floating-point tensor", id="centers-numpy"),
+    pytest.param(lambda x: NystromFeatureMap("ntk", x[:5]), TypeError,
+                 "ntkit network or a kernel function", id="not-a-network"),
+    pytest.param(lambda x: NystromFeatureMap(_net(), x[:5])(x[:, :4]), ValueError,
+                 r"shape \(N, 6\) like the centres", id="x-wrong-shape"),
+])
+def test_nystrom_bad_input_is_refused_clearly(call, error, match):
+    x, _, _ = _data()
+    with pytest.raises(error, match=match):
+        call(x)

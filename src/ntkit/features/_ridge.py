@@ -18,10 +18,12 @@ time ``O(N D^2)``). The features are computed in the map's dtype (float32 by def
 and each chunk's products ``Phi_c^T Phi_c``, ``Phi_c^T y_c`` in float64, added to
 float64 sums; ``G + s I`` is factored once by Cholesky in float64.
 
-Regularisation follows `ntkit.solvers`: ``s = diag_reg * trace(K) / N`` with ``K`` the
-random-feature kernel of the training points, whose diagonal sum ``trace(Phi Phi^T) =
-trace(G)`` the accumulator has (``s = diag_reg`` with ``diag_reg_absolute_scale``), so
-the same ``diag_reg`` gives the same estimator as ``exact_krr`` on the feature kernel.
+Regularisation follows `ntkit.solvers`: ``s = diag_reg * trace(K) / N`` (``s = diag_reg``
+with ``diag_reg_absolute_scale``). For a `RandomFeatureMap` ``K`` is the random-feature
+kernel ``Phi Phi^T`` (its trace ``trace(G)``, an unbiased estimate of the network
+kernel's), so the same ``diag_reg`` gives the same estimator as ``exact_krr`` on the
+feature kernel; for a `NystromFeatureMap` it is the network's kernel, as
+`ntkit.solvers.nystrom_krr` takes it, so the same ``diag_reg`` gives FALKON's estimator.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ import torch
 from torch import Tensor
 
 from ..errors import check_finite_output, not_positive_definite
+from ._nystrom import NystromFeatureMap
 from ._random import RandomFeatureMap
 
 __all__ = ["RandomFeatureRidge", "RidgeAccumulator", "fit_ridge"]
 
 DEFAULT_CHUNK = 8192
+_MAPS = (RandomFeatureMap, NystromFeatureMap)
 
 
 class RidgeAccumulator:
@@ -53,19 +57,24 @@ class RidgeAccumulator:
     float64 rounding.
 
     Args:
-        feature_map: the `RandomFeatureMap` (training and test inputs must share it).
+        feature_map: a `RandomFeatureMap` or `NystromFeatureMap` (training and test
+            inputs must share it).
 
     Attributes:
         gram: ``G``, ``(D, D)`` float64 (its upper triangle is authoritative while
             accumulating on the CPU; `solve` symmetrises it).
         rhs: ``b``, ``(D, O)`` float64, None before the first `update`.
         n_samples: rows seen so far.
-        trace: ``sum_i |phi(x_i)|^2`` in float64 (the random-feature kernel's trace).
+        trace: ``sum_i k(x_i, x_i)`` in float64: ``|phi(x_i)|^2`` for a
+            `RandomFeatureMap` (the feature kernel's, an unbiased estimate of the
+            network's), the network's own kernel for a `NystromFeatureMap` (as
+            `ntkit.solvers.nystrom_krr` regularises).
     """
 
-    def __init__(self, feature_map: RandomFeatureMap):
-        if not isinstance(feature_map, RandomFeatureMap):
-            raise TypeError(f"feature_map must be an ntkit.features.RandomFeatureMap, got "
+    def __init__(self, feature_map: RandomFeatureMap | NystromFeatureMap):
+        if not isinstance(feature_map, _MAPS):
+            raise TypeError(f"feature_map must be an ntkit.features.RandomFeatureMap or "
+                            f"NystromFeatureMap, got "
                             f"{type(feature_map).__name__}; build one with "
                             f"RandomFeatureMap(net, input_shape, n_features=..., "
                             f"generator=...).")
@@ -114,7 +123,8 @@ class RidgeAccumulator:
         # transpose by BLAS's symmetric rank-k update, half the flops of a full product
         self._gram = _dsyrk(a.T, self._gram)
         self.rhs += phi.T @ y2
-        self.trace += float(phi.pow(2).sum())
+        diag = getattr(self.feature_map, "diagonal", None)    # Nystrom: the kernel's own
+        self.trace += float(diag(x).sum()) if diag is not None else float(phi.pow(2).sum())
         self.n_samples += x.shape[0]
         return self
 
@@ -176,13 +186,13 @@ class RandomFeatureRidge:
     `ntkit.features` for the features' bias and variance) at ``O(D)`` per prediction.
 
     Attributes:
-        feature_map: the `RandomFeatureMap` ``phi``.
+        feature_map: the feature map ``phi``.
         coef: ``w``, ``(D, O)`` float64.
         diag_reg_absolute: the absolute ridge ``s`` that was added.
         n_samples: training rows.
     """
 
-    def __init__(self, feature_map: RandomFeatureMap, coef: Tensor, *,
+    def __init__(self, feature_map: RandomFeatureMap | NystromFeatureMap, coef: Tensor, *,
                  diag_reg_absolute: float, n_samples: int, vector: bool = False):
         self.feature_map = feature_map
         self.coef = check_finite_output(coef, "the random-feature ridge coefficients",
@@ -232,7 +242,8 @@ def fit_ridge(net_or_map, x: Tensor | np.ndarray, y: Tensor | np.ndarray, *, dia
     Args:
         net_or_map: an ntkit network (then ``n_features`` and ``generator`` are needed),
             or a `RandomFeatureMap` already drawn (then give neither, nor ``get``,
-            ``width``, ``dtype``).
+            ``width``, ``dtype``), or a `NystromFeatureMap` (ridge on Nystrom features
+            is Nystrom kernel ridge regression, FALKON's estimator, in one pass).
         x: training inputs ``(N, *input_shape)``, a tensor or a NumPy array (a
             ``np.memmap`` is read one chunk at a time).
         y: targets ``(N,)`` or ``(N, O)``.
@@ -263,12 +274,13 @@ def fit_ridge(net_or_map, x: Tensor | np.ndarray, y: Tensor | np.ndarray, *, dia
     """
     chunk = _positive_int(chunk, "chunk")
     x = _as_float_tensor(x, "x")
-    if isinstance(net_or_map, RandomFeatureMap):
+    if isinstance(net_or_map, _MAPS):
         given = [name for name, value in (("n_features", n_features), ("generator", generator),
                                           ("width", width), ("dtype", dtype))
                  if value is not None]
         if given or get != "ntk":
-            raise TypeError(f"fit_ridge got a RandomFeatureMap, which fixes its features; "
+            raise TypeError(f"fit_ridge got a {type(net_or_map).__name__}, which fixes its "
+                            f"features; "
                             f"do not also pass {', '.join(given) or 'get'} (or pass the "
                             f"network instead).")
         fmap = net_or_map
