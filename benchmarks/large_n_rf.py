@@ -2,15 +2,17 @@
 
 Ridge regression on ``D`` NTK random features (`ntkit.features.fit_ridge`: features of
 8192 rows at a time in float32, ``Phi^T Phi`` and ``Phi^T y`` summed in float64, one
-Cholesky solve) of all ``N`` training points of `large_n.task`, against the exact
-solve (dense float64 Cholesky) on the first 20,000 of them, on the same test set.
+Cholesky solve) of all ``N`` training points of `large_n.task`, and on ``M`` Nystrom
+features (`NystromFeatureMap`: Nystrom KRR, FALKON's estimator, in one pass), against
+the exact solve (dense float64 Cholesky) on the first 20,000 of them, on the same test
+set (``--exact``; the test set depends on ``N``, so compare rows of the same ``N``).
 
 Each measurement runs in its own process (so its peak RSS is its own) and is appended
 as one JSON line to ``--out`` as soon as it finishes, with the load average before and
 after; a killed sweep keeps the rows it finished. Usage::
 
     OMP_NUM_THREADS=2 python benchmarks/large_n_rf.py --n 1000000 --d 1000,2000,4000 \\
-        --exact --out benchmarks/large_n_rf_results.jsonl
+        --nystrom 3000 --exact --out benchmarks/large_n_rf_results.jsonl
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def _peak_mb() -> float:
 
 
 def one(n: int, what: str) -> dict:
-    """One measurement in this process: ``what`` is a feature count ``D`` or ``"exact"``."""
+    """One measurement in this process: ``what`` is a feature count ``D`` (random
+    features), ``"nystromM"`` (``M`` Nystrom centres) or ``"exact"``."""
     import torch
 
     sys.path.insert(0, str(HERE))
@@ -61,6 +64,16 @@ def one(n: int, what: str) -> dict:
                           for i in range(0, xt.shape[0], 1000)])
         fit_s = time.perf_counter() - t0
         record = {"route": f"exact {m}", "n": m}
+    elif what.startswith("nystrom"):
+        from ntkit.features import NystromFeatureMap, fit_ridge
+
+        m = int(what[len("nystrom"):])
+        fmap = NystromFeatureMap.from_data(net, x, n_centers=m,
+                                           generator=torch.Generator().manual_seed(1))
+        model = fit_ridge(fmap, x, y, diag_reg=large_n.DIAG_REG)
+        fit_s = time.perf_counter() - t0
+        pred = model.predict(xt)
+        record = {"route": "nystrom features", "n": n, "m": m}
     else:
         from ntkit.features import fit_ridge
 
@@ -81,6 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="training points")
     parser.add_argument("--d", default="1000,2000,4000", help="feature counts, comma-separated")
+    parser.add_argument("--nystrom", default="", help="Nystrom centre counts M, comma-separated")
     parser.add_argument("--exact", action="store_true", help="also the exact 20k solve")
     parser.add_argument("--out", default=str(HERE / "large_n_rf_results.jsonl"))
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -88,7 +102,9 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(args.n, args.one)))
         return
-    jobs = (["exact"] if args.exact else []) + [v for v in args.d.split(",") if v.strip()]
+    jobs = [v for v in args.d.split(",") if v.strip()] + \
+        [f"nystrom{v}" for v in args.nystrom.split(",") if v.strip()] + \
+        (["exact"] if args.exact else [])
     for what in jobs:
         load = os.getloadavg()
         t0 = time.time()
