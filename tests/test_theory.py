@@ -366,8 +366,9 @@ def test_mean_field_scaling_keeps_learning_features(sweeps, quantity):
 # errors 0.9%, 0.7%, 0.4%); ridge 0.1 with noise 0.05: +0.6%, -0.3%, -1.2%. The
 # experiment sits a few percent above the theory at small n (the equations are
 # asymptotic); on the full digits pool (P = 1797) the ridgeless gap grows to 9% at
-# n = 500 and 22% at n = 1000, where the pool is barely larger than the training set,
-# so these tests keep n <= P / 8. Criterion: |relative gap| <= 5% + 3 standard errors.
+# n = 500 and 22% at n = 1000 (not from the finite pool: from the digits' eigenvectors,
+# tests/test_theory_curves.py), so these tests keep n <= P / 8. Criterion: |relative gap|
+# <= 5% + 3 standard errors. Larger n, finite-pool equations: tests/test_theory_curves.py.
 # ---------------------------------------------------------------------------------------
 
 CURVE_TOL = 0.05
@@ -497,10 +498,12 @@ def test_measurement_equals_a_plain_loop(digits_pool):
 
 
 def test_eigenlearning_equations_hold(digits_pool):
-    """kappa solves its equation; learnabilities sum to n - ridge / kappa (the
-    conservation law); E0 and the errors follow the formulas written out here."""
+    """The i.i.d. equations (``pool_size=None``): kappa solves its equation; learnabilities
+    sum to n - ridge / kappa (the conservation law); E0 and the errors follow the formulas
+    written out here. (`learning_curve` uses the finite-pool equations, checked in
+    tests/test_theory_curves.py.)"""
     k, y = digits_pool
-    c = th.learning_curve(k, y, [10, 40, 160], ridge=0.2, noise=0.1)
+    c = th.eigenlearning(th.pool_spectrum(k, y), [10, 40, 160], ridge=0.2, noise=0.1)
     lam = torch.linalg.eigvalsh(k).clamp_min(0) / k.shape[0]
     for i, n in enumerate([10, 40, 160]):
         kappa = float(c.kappa[i])
