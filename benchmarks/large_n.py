@@ -12,7 +12,9 @@ Environment (all optional):
 - ``NTKIT_LARGE_RF`` (e.g. ``"1024,2048"``): the random-features route, ridge regression
   on ``D`` features streamed by `ntkit.features.fit_ridge` (never the ``(N, D)``
   features), error, time and peak memory vs D (`benchmarks/large_n_rf.py` runs the same
-  sweep and writes each row as it finishes);
+  sweep and writes each row as it finishes); ``NTKIT_LARGE_NYSTROM`` (e.g. ``"3000"``):
+  ridge on ``M`` Nystrom features (`ntkit.features.NystromFeatureMap`), Nystrom KRR in
+  one streamed pass;
 - ``NTKIT_LARGE_DASK`` (0): 1 times the same FALKON iterations (first
   ``NTKIT_LARGE_DASK_N`` = 50,000 points, 1000 centres, 4 iterations) on a LocalCluster
   of 1 and of 2 single-threaded workers (clusters started before timing);
@@ -79,7 +81,7 @@ def run(baseline: float, peak_rss_mb) -> dict:
     import torch
 
     from ntkit import solvers
-    from ntkit.features import fit_ridge
+    from ntkit.features import NystromFeatureMap, fit_ridge
 
     if os.environ.get("NTKIT_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["NTKIT_BENCH_THREADS"]))
@@ -137,6 +139,19 @@ def run(baseline: float, peak_rss_mb) -> dict:
                      f"{rf_fit:.0f} s, fit + predict {rf_s:.0f} s, peak so far "
                      f"{peak_rss_mb():.0f} MB)")
         pred = rf_pred if pred is None else pred
+    for mm in _ints("NTKIT_LARGE_NYSTROM"):
+        # Nystrom KRR in one streamed pass: ridge on phi(x) = k(x, C) T^-1 (the centres
+        # drawn as nystrom_krr draws them), no CG iterations, K_nm never held
+        t1 = time.perf_counter()
+        fmap = NystromFeatureMap.from_data(net, x, n_centers=mm,
+                                           generator=torch.Generator().manual_seed(1))
+        ny = fit_ridge(fmap, x, y, diag_reg=diag_reg)
+        ny_pred = ny.predict(xt)
+        ny_s = time.perf_counter() - t1
+        total_s = total_s or ny_s
+        notes.append(f"Nystrom features N={n}, M={mm}: error {rel(ny_pred, ft):.4f} "
+                     f"({ny_s:.0f} s, peak so far {peak_rss_mb():.0f} MB)")
+        pred = ny_pred if pred is None else pred
     if os.environ.get("NTKIT_LARGE_DASK", "0") == "1":
         notes.append(_dask_speedup(falkon, x, y))
     if os.environ.get("NTKIT_LARGE_EXACT", "1") == "1":
