@@ -80,6 +80,7 @@ CASES = {
                 "N = NTKIT_LARGE_N, default 1,000,000; centres "
                 "NTKIT_LARGE_M, default 4000, K_nm recomputed every iteration); time = fit + "
                 "predict on 10,000 test points; optional: error vs M, random features vs D, "
+                "Nystrom features in one streamed pass (NTKIT_LARGE_NYSTROM), "
                 "LocalCluster 1 vs 2 workers (benchmarks/large_n.py); "
                 "target: 30 min, 8 GB, error below the exact 20,000-point solve's"), []),
     "sk_ntk": (("scikit-ntk's kernel: ntkit.sklearn.NeuralTangentKernel(depth=3, bias=0.5) "
