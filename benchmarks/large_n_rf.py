@@ -84,6 +84,8 @@ def one(n: int, what: str) -> dict:
         pred = model.predict(xt)
         record = {"route": "random features", "n": n, "d": d}
     total_s = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    record.update(cpu_s=round(usage.ru_utime + usage.ru_stime, 1))   # all threads' CPU time
     record.update(error=round(large_n.rel(pred, ft), 4), fit_s=round(fit_s, 1),
                   total_s=round(total_s, 1), peak_mb=round(_peak_mb()),
                   data_mb=round(base), threads=torch.get_num_threads())
