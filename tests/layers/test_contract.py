@@ -149,7 +149,9 @@ EXAMPLES: dict[type, Case] = {
     L.RNN: Case(lambda: L.RNN(W, L.Erf(), w_std=1.2, u_std=1.0, b_std=0.2, bidirectional=True),
                 "seq"),
     L.MultiheadAttention: Case(lambda: L.MultiheadAttention(W, 2, w_query_std=1.5, b_std=0.1,
-                                                            causal=True, n_samples=64), "seq",
+                                                            causal=True, n_samples=64,
+                                                            proj_bias=True, b_init="zero"),
+                               "seq",
                                slow_mc=True),
     L.TokenReadout: Case(lambda: L.TokenReadout("last"), "seq"),
     L.Aggregate: Case(lambda: L.Aggregate(torch.eye(6) + torch.rand(
@@ -158,7 +160,7 @@ EXAMPLES: dict[type, Case] = {
     L.pool.TorchGlobalAvgPool: Case(lambda: L.pool.TorchGlobalAvgPool("a test", ndim=2),
                                     "image"),
     L.normalization.TorchLayerNorm: Case(
-        lambda: L.normalization.TorchLayerNorm((W,), 1e-5, "a test")),
+        lambda: L.normalization.TorchLayerNorm((W,), 1e-5, "a test", affine=True)),
     # containers
     L.Sequential: Case(lambda: L.Sequential(L.ReLU(), L.Linear(W, b_std=0.6, b_init="zero"))),
     L.Repeat: Case(lambda: L.Repeat(L.Sequential(L.Linear(W, w_std=1.4), L.Erf()), 2)),

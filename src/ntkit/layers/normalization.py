@@ -147,13 +147,13 @@ class LayerNorm(Layer):
             raise ValueError(f"{self!r} takes one input but receives branches {shape}.")
         if len(shape) == 1:
             return nn.LayerNorm(shape[0], eps=self.eps, elementwise_affine=self.affine,
-                                bias=self.bias), shape
+                                bias=self.bias, dtype=ctx.dtype, device=ctx.device), shape
         norm = (MaskedGroupNorm(shape[0], eps=self.eps) if self.axis == "all"
                 else ChannelLayerNorm(shape[0], eps=self.eps))
         if not self.affine:
             return norm, shape
         per = tuple(shape) if self.axis == "all" else (shape[0],) + (1,) * (len(shape) - 1)
-        return _AffineAfter(norm, per, self.bias), shape
+        return _AffineAfter(norm, per, self.bias, ctx), shape
 
     def __repr__(self) -> str:
         axis = "" if self.axis == "channels" else "axis='all', "
@@ -166,11 +166,13 @@ class _AffineAfter(SideModule):
     """A normalisation followed by a learnable scale (ones) and shift (zeros) of shape
     ``per`` (broadcast over the batch), torch's ``elementwise_affine``."""
 
-    def __init__(self, norm: nn.Module, per: tuple[int, ...], bias: bool) -> None:
+    def __init__(self, norm: nn.Module, per: tuple[int, ...], bias: bool,
+                 ctx: BuildContext) -> None:
         super().__init__()
         self.norm = norm
-        self.weight = nn.Parameter(torch.ones(per))
-        self.bias = nn.Parameter(torch.zeros(per)) if bias else None
+        like = {"dtype": ctx.dtype, "device": ctx.device}
+        self.weight = nn.Parameter(torch.ones(per, **like))
+        self.bias = nn.Parameter(torch.zeros(per, **like)) if bias else None
 
     def forward_side(self, x: Tensor, side: dict) -> Tensor:
         y = self.norm(x, side) if isinstance(self.norm, SideModule) else self.norm(x)
