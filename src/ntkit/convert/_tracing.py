@@ -34,7 +34,9 @@ _SUPPORTED = (
     "(ceil_mode=False), nn.AdaptiveAvgPool1d/2d/3d(1), nn.ReLU, nn.LeakyReLU, nn.GELU, "
     "parameter-free elementwise activations ("
     + ", ".join(f"nn.{m.__name__}" for m in _NUMERICAL if m is not nn.GELU)
-    + "), nn.LayerNorm (elementwise_affine=False), nn.Dropout, nn.Identity, nn.Flatten; "
+    + "), nn.LayerNorm, nn.Dropout, nn.Identity, nn.Flatten, nn.Embedding (+ a positional "
+    "table), nn.MultiheadAttention (self-attention), nn.TransformerEncoderLayer, "
+    "nn.TransformerEncoder; "
     "in forward: x + y and torch.add (a residual sum), torch.cat(..., dim=1), the "
     "functional forms of these activations (F.relu, torch.tanh, x.relu(), ...), "
     "torch.flatten(x, 1), x.view(x.size(0), -1), x.mean over the spatial axes, "
