@@ -276,7 +276,7 @@ def moments(act: Activation, cov: Tensor, *, chunk: int = 16384) -> Moments:
                 rule.radial(2 * h) * torch.einsum("q,qiac->iac", w, prod))
 
     if isinstance(act, ABReLU) and m <= 2:
-        two = _abrelu_two(act, m, ia, ib)
+        return _abrelu_moments(act, cov, m, ia, ib)
 
     jac = torch.func.jacfwd(two)
     hess = torch.func.jacfwd(jac)
@@ -292,3 +292,65 @@ def moments(act: Activation, cov: Tensor, *, chunk: int = 16384) -> Moments:
     return Moments(g=v[:, :p], d=v[:, p:], jac_g=j[:, :p], jac_d=j[:, p:], hess_g=hh[:, :p],
                    hess_d=hh[:, p:], f4=torch.cat(outs["f4"]), x4=torch.cat(outs["x4"]),
                    d4=torch.cat(outs["d4"]), y3=torch.cat(outs["y3"]))
+
+
+def _polar_nodes(cov: Tensor, m: int) -> tuple[list[Tensor], Tensor]:
+    """The exact polar rule of `_Rule.nodes` for a whole batch at once (no vmap): the
+    nodes of each of the ``m <= 2`` inputs, ``(B, Q)`` each, and the weights ``(B, Q)``."""
+    dtype = cov.dtype
+    if m == 1:
+        s = torch.sqrt(torch.clamp(cov[:, :1], min=1e-300))
+        return [torch.cat([s, -s], 1)], torch.full((cov.shape[0], 2), 0.5, dtype=dtype)
+    low = _cholesky(_matrix(cov.T, 2))
+    x, wl = (torch.as_tensor(v, dtype=dtype) for v in _legendre(ARC_NODES))
+    t0 = torch.atan2(-low[1][0], low[1][1])
+    half = torch.full_like(t0, math.pi / 2)
+    ends = torch.stack([-half, t0, half, t0 + math.pi, 3 * half], 1)
+    lo, hi = ends[:, :-1, None], ends[:, 1:, None]
+    t = ((lo + hi) / 2 + (hi - lo) / 2 * x).flatten(1)
+    w = ((hi - lo) / 2 * wl / (2 * math.pi)).flatten(1)
+    c, s = torch.cos(t), torch.sin(t)
+    l11, l21, l22 = (v[:, None] for v in (low[0][0], low[1][0], low[1][1]))
+    return [l11 * c, l21 * c + l22 * s], w
+
+
+def _abrelu_moments(act: ABReLU, cov: Tensor, m: int, ia: list[int], ib: list[int]
+                    ) -> Moments:
+    """`moments` of `ABReLU` with ``m <= 2`` inputs, batched without torch.func: ``g, d``
+    from the closed forms of `_abrelu_two` with derivatives by reverse-mode autograd
+    (each batch row depends on its own entries only, so the gradient of a sum is the
+    per-row gradient), the fourth moments by the polar rule (`_polar_nodes`), one
+    weighted sum over the nodes per entry."""
+    p = cov.shape[1]
+    two = _abrelu_two(act, m, ia, ib)
+    with torch.enable_grad():
+        params = cov.T.detach().clone().requires_grad_()
+        out = two(params)  # (2P, B)
+        jac_rows = [torch.autograd.grad(out[r].sum(), params, create_graph=True)[0]
+                    for r in range(2 * p)]  # each (P, B)
+        hess = cov.new_zeros(2 * p, p, p, cov.shape[0])
+        for r, row in enumerate(jac_rows):
+            for q in range(p):
+                if row[q].requires_grad:
+                    hess[r, q] = torch.autograd.grad(row[q].sum(), params,
+                                                     retain_graph=True)[0]
+    v = out.detach().T
+    jac = torch.stack([row.detach() for row in jac_rows]).permute(2, 0, 1)
+    hh = hess.permute(3, 0, 1, 2)
+    z, w = _polar_nodes(cov, m)
+    dfn = _derivative(act)
+    s, sd = [act.fn(zi) for zi in z], [dfn(zi) for zi in z]
+    a = [s[i] * s[j] for i, j in zip(ia, ib)]
+    bb = [sd[i] * sd[j] for i, j in zip(ia, ib)]
+    aw, bw = [x * w for x in a], [x * w for x in bb]
+
+    def gram(left: list[Tensor], right: list[Tensor], degree: int) -> Tensor:
+        rows = [torch.stack([(x * y).sum(1) for y in right], 1) for x in left]
+        return _radial_moment(m, degree) * torch.stack(rows, 1)
+
+    zsd = [[(zi * w) * sa for sa in sd] for zi in z]
+    y3 = torch.stack([torch.stack([torch.stack([(x * sc).sum(1) for sc in s], 1)
+                                   for x in row], 1) for row in zsd], 1)
+    return Moments(g=v[:, :p], d=v[:, p:], jac_g=jac[:, :p], jac_d=jac[:, p:],
+                   hess_g=hh[:, :p], hess_d=hh[:, p:], f4=gram(aw, a, 4), x4=gram(aw, bb, 2),
+                   d4=gram(bw, bb, 0), y3=_radial_moment(m, 2) * y3)

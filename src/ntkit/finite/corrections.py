@@ -83,6 +83,9 @@ from ._moments import moments, pair_index
 
 __all__ = ["FiniteWidthKernel", "finite_width", "nngp_four_point"]
 
+#: Input pairs per call of the recursions (bounds the work memory of `finite_width`).
+PAIR_CHUNK = 8192
+
 
 @dataclass(frozen=True)
 class FiniteWidthKernel:
@@ -317,8 +320,9 @@ def finite_width(net, x1: Tensor, x2: Tensor | None = None, *, width: int | Sequ
             if x2 is None:
                 out[k][cols, rows] = v
 
-    if ii.numel():
-        fill(_propagate(linears, acts, widths, k0, f), ii, jj, 1, 3)
+    for start in range(0, ii.numel(), PAIR_CHUNK):  # work memory bounded, output linear
+        part = slice(start, start + PAIR_CHUNK)
+        fill(_propagate(linears, acts, widths, k0[part], f), ii[part], jj[part], 1, 3)
     si, sj = torch.nonzero(same, as_tuple=True)
     if si.numel():
         fill({k: v[si] for k, v in s1.items()}, si, sj, 0, 1)
