@@ -61,8 +61,8 @@ class RidgeAccumulator:
             inputs must share it).
 
     Attributes:
-        gram: ``G``, ``(D, D)`` float64 (its upper triangle is authoritative while
-            accumulating on the CPU; `solve` symmetrises it).
+        gram: ``G``, ``(D, D)`` float64, a symmetric copy (the sums are kept on the CPU
+            as their upper triangle, which `solve` factors).
         rhs: ``b``, ``(D, O)`` float64, None before the first `update`.
         n_samples: rows seen so far.
         trace: ``sum_i k(x_i, x_i)`` in float64: ``|phi(x_i)|^2`` for a
@@ -117,12 +117,12 @@ class RidgeAccumulator:
             self._vector = vector
         if x.shape[0] == 0:
             return self
-        phi = self.feature_map(x).to(torch.float64)
+        phi = self.feature_map(x).to(torch.float64).cpu()
         a = phi.numpy()
         # G += phi^T phi, upper triangle only: phi^T (Fortran order, no copy) times its
         # transpose by BLAS's symmetric rank-k update, half the flops of a full product
         self._gram = _dsyrk(a.T, self._gram)
-        self.rhs += phi.T @ y2
+        self.rhs += phi.T @ y2.cpu()
         diag = getattr(self.feature_map, "diagonal", None)    # Nystrom: the kernel's own
         self.trace += float(diag(x).sum()) if diag is not None else float(phi.pow(2).sum())
         self.n_samples += x.shape[0]
@@ -211,7 +211,7 @@ class RandomFeatureRidge:
         """
         chunk = _positive_int(chunk, "chunk")
         x = _as_float_tensor(x, "x")
-        out = [self.feature_map(_torch(x[i:i + chunk])).to(torch.float64) @ self.coef
+        out = [self.feature_map(_torch(x[i:i + chunk])).to(self.coef) @ self.coef
                for i in range(0, x.shape[0], chunk)]
         if not out:                             # still checks the shape of an empty x
             self.feature_map(_torch(x))
