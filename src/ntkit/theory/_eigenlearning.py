@@ -87,8 +87,8 @@ from torch import Tensor
 
 from ._spectrum import (
     Spectrum,
-    _square_kernel,
     _pool_spectrum,
+    _square_kernel,
     _targets,
     check_nonnegative,
     check_sizes,
