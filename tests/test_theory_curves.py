@@ -120,8 +120,14 @@ def test_finite_pool_equations_written_out(digits_800):
     pool = th.learning_curve(k, y, sizes)
     iid = th.eigenlearning(th.pool_spectrum(k, y), sizes)
     torch.testing.assert_close(pool.test_mse, iid.test_mse, rtol=1e-7, atol=0)
-    with pytest.raises(ValueError, match="pool_size"):
-        th.eigenlearning(th.pool_spectrum(k, y), sizes, pool_size=p + 1)
+    spec = th.pool_spectrum(k, y)
+    with pytest.raises(ValueError, match="pool_size = 801 needs the spectrum of a pool"):
+        th.eigenlearning(spec, sizes, pool_size=p + 1)
+    for bad in (True, 800.0, 1):
+        with pytest.raises(ValueError, match="pool_size must be an integer"):
+            th.eigenlearning(spec, sizes, pool_size=bad)
+    with pytest.raises(ValueError, match="below the pool size P = 800"):
+        th.eigenlearning(spec, [800], pool_size=p)
 
 
 @pytest.mark.parametrize(("ridge", "noise"), SETTINGS, ids=SETTING_IDS)
