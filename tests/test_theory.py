@@ -442,7 +442,10 @@ def test_learning_curve_matches_kernel_regression_on_the_sphere(sphere_pool, rid
     n = 20, 60, 120, the exact spectrum by degree's 2%, -1%, 1% (with a pool of 3000:
     6%, 11%, 15% and 6%, 8%, 10%). The staircase spectrum of the sphere (degenerate
     degrees) is where the asymptotic equations are least accurate at these n; the
-    tolerance here is 15% + 3 standard errors, not the digits' 5%."""
+    tolerance here is 15% + 3 standard errors, not the digits' 5%. Not the pool's
+    doing: fresh i.i.d. points against the exact spectrum are 7% to 20% off in d = 5 at
+    n = 20 to 1000, and within 2.5% in d = 10 (tests/test_theory_curves.py, where the
+    sphere in d = 10 meets 5% up to n = 1000)."""
     net, d, k, y, power = sphere_pool
     sizes = [20, 60, 120]
     measured = th.measure_learning_curve(k, y, sizes, ridge=ridge, trials=150,
