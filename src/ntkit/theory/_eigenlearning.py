@@ -108,7 +108,8 @@ class LearningCurve:
         test_mse: ``(S,)`` expected test MSE (targets with noise, summed over outputs).
         train_mse: ``(S,)`` expected train MSE.
         kappa: ``(S,)`` the effective regularisation.
-        e0: ``(S,)`` the overfitting factor ``n / (n - sum L_i^2)``.
+        e0: ``(S,)`` the overfitting factor ``n / (n - sum L_i^2)`` (finite pool: the
+            bias factor ``E0_P`` of the module docstring).
         learnability: ``(S, M)`` ``L_i`` of each listed mode at each size.
         spectrum: the `Spectrum` the curve came from.
         ridge, noise: as given.
