@@ -209,6 +209,19 @@ def peak_memory(case: str) -> dict:
     return out
 
 
+def _tutorial_peer(case: str, reps: int) -> None:
+    """The peer alone, as benchmarks/run.py runs peers: best of ``reps`` after a warm-up,
+    one JSON line ``{"case": ..., "seconds": ...}``."""
+    model, x, output = models(case)
+    tutorial_ntk(model, x, x, output)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        tutorial_ntk(model, x, x, output)
+        best = min(best, time.perf_counter() - t0)
+    print(json.dumps({"case": f"{case}_torchfunc_jacobian_contraction", "seconds": best}))
+
+
 def table(rows: list[dict]) -> str:
     """A Markdown table: median ms per method and the ratio to the peer."""
     lines = ["| case | method | median ms | min ms | / peer (median) | work MB |",
@@ -234,9 +247,13 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--peak", nargs=2, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tutorial-peer", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
 
+    if args.tutorial_peer:      # benchmarks/run.py's peer runner: torch's default threads
+        _tutorial_peer(args.tutorial_peer, args.reps)
+        return
     torch.set_num_threads(args.threads)
     if args.peak:
         _peak_child(*args.peak)

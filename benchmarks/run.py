@@ -124,6 +124,17 @@ CASES = {
              "research code does (loops over all step pairs (t, t'), NumPy over the 256 x 256 "
              "sequence pairs); target: under 10 s, at most 0.1x the peer"),
             [("NumPy step-pair loops", "rnnpy", "--rnn-peer", "rnn_numpy_N256_L32_2layers")]),
+    "entk_vit": (("empirical NTK, full 10 x 10 per pair, 2-layer ViT of width 64 (Conv2d 4x4 "
+                 "patches of 3 x 16 x 16, class token, 2 x nn.TransformerEncoderLayer(64, 4, "
+                 "128), Linear(10)), 16 images float32, method='auto' (interleaved medians "
+                 "of every method: benchmarks/entk_attention.py)"),
+                 [("torch.func Jacobian contraction", "entkattn", "--tutorial-peer=entk_vit",
+                   "entk_vit_torchfunc_jacobian_contraction")]),
+    "entk_bert": (("empirical NTK, full 2 x 2 per pair, tiny BERT (Embedding(1000, 64) + "
+                  "learned positions, 2 x nn.TransformerEncoderLayer(64, 4, 256, gelu), [CLS] "
+                  "readout Linear(2)), 16 sequences of 16 token ids, float32, method='auto'"),
+                  [("torch.func Jacobian contraction", "entkattn", "--tutorial-peer=entk_bert",
+                    "entk_bert_torchfunc_jacobian_contraction")]),
     "transformer": (("2-block post-LN encoder on token ids: Embedding(64, 100, learned "
                      "positions), 2 x encoder_block(64, 4 heads, d_ff 128) with softmax "
                      "MultiheadAttention at 1/sqrt(d_head) (sampled logits, n_samples=64), "
@@ -452,6 +463,12 @@ def _ntkit_case(case: str, reps: int) -> dict:
     elif case in ("graph", "conv_transpose", "conv_local", "conv_transpose_gap",
                   "conv_local_gap"):
         run, entries = extra_case(case)
+    elif case in ("entk_vit", "entk_bert"):
+        from entk_attention import models
+
+        model, x, output = models(case)
+        run = lambda: nk.empirical_ntk(model, x, output=output)
+        entries = x.shape[0] ** 2
     elif case.startswith("entk"):
         model, x, output = entk_models(case)
         run = lambda: nk.empirical_ntk(model, x, output=output)
@@ -557,6 +574,7 @@ def main() -> None:
         if importlib.util.find_spec("skntk") is not None:    # scikit-ntk: this script
             runners["skntk"] = (Path(sys.executable), Path(__file__))
         runners["rnnpy"] = (Path(sys.executable), Path(__file__))  # NumPy recursion: here
+        runners["entkattn"] = (Path(sys.executable), HERE / "entk_attention.py")
     rows = []
     for case in args.cases:
         desc, peers = CASES[case]
