@@ -46,7 +46,7 @@ def test_layernorm_affine_terms_against_torch_init():
     the shift (bias=False) only ``nngp_z``. A dropped ``+1`` fails the same check."""
     x = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for bias in (True, False):
-        def model():
+        def model(bias=bias):
             return nn.Sequential(nn.Linear(5, 512), nn.LayerNorm(512, bias=bias),
                                  nn.Linear(512, 1)).double()
         net = nk.from_torch(model())
