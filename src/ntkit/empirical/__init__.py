@@ -26,7 +26,13 @@ compared with autograd's. A layer whose weight is also used outside its own
 forward (tied weights, ``F.linear(x, layer.weight)``) fails that check and
 goes through ``"jacobian"`` instead.
 
-Layout: `_ntk` (the public NTK calls and the choice of engine), `_nngp`,
+``method="auto"`` takes ``"structured"`` only where its Gram or per-channel
+contractions promise to save a quarter of ``"jacobian"``'s operations (wide dense
+layers, convolutions before a global pooling), else ``"jacobian"`` (small
+transformers, whose layers cost as much either way and where the structured check
+would be pure overhead), and ``"vector_products"`` past the memory budget.
+
+Layout: `_ntk` (the public NTK calls), `_choice` (the engine a call runs on), `_nngp`,
 `_problem` (argument checks), `_tiles` (chunks of examples and outputs, the
 symmetric path), `_structured` (Linear/Conv sites), `_jacobian` and
 `_vector_products` (the two engines).
