@@ -2,7 +2,8 @@
 
 - `learning_curve`, `eigenlearning`, `measure_learning_curve`: the expected test and
   train MSE of kernel ridge regression at each training size from the kernel's
-  spectrum on a pool of inputs (Simon et al. 2023's eigenlearning equations), and the
+  spectrum on a pool of inputs (Simon et al. 2023's eigenlearning equations, and their
+  finite-pool form for training sets drawn from the pool without replacement), and the
   experiment they predict (`ntkit.theory._eigenlearning`).
 - `pool_spectrum`, `nystrom_spectrum`, `Spectrum`: the spectrum of a kernel on a pool
   and a target's power per mode, exactly or by the Nystrom method for large pools
