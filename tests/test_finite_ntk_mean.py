@@ -38,11 +38,10 @@ import math
 
 import pytest
 import torch
+from test_finite_width import X2, mlp, simulate
 
 import ntkit as nk
 from ntkit.finite import finite_width
-
-from test_finite_width import X2, mlp, simulate
 
 F64 = torch.float64
 PA, PB = [0, 0, 1], [0, 1, 1]  # the entries (a, a), (a, b), (b, b) of a 2 x 2 kernel
@@ -115,7 +114,7 @@ def conditional_ntk(x, act, widths, sw, sb, seeds, gen):
         layers.append((sd, q, a))
     theta = []
     for i, j in zip(PA, PB):
-        level = lambda gram: sb**2 + sw**2 * gram[:, i, j]
+        level = lambda gram, i=i, j=j: sb**2 + sw**2 * gram[:, i, j]
         sd = layers[-1][0]
         trace = sw**2 / widths[-1] * (sd[..., i] * sd[..., j]).sum(1)
         total = level(grams[-1]) + level(grams[-2]) * trace
