@@ -134,8 +134,9 @@ class _Layer:
     lam_b: float
 
 
-def _parse(net) -> tuple[list[Linear], list[Activation]]:
-    """The Linear layers and the activations between them of an MLP."""
+def _parse(net, caller: str = "finite_width") -> tuple[list[Linear], list[Activation]]:
+    """The Linear layers and the activations between them of an MLP (``caller``, the
+    function that names itself in the errors; only finite_width checks the biases)."""
     layers: list = []
 
     def flatten(layer) -> None:
@@ -151,11 +152,11 @@ def _parse(net) -> tuple[list[Linear], list[Activation]]:
           and all(isinstance(a, Activation) for a in acts))
     if not ok:
         raise ValueError(
-            f"finite_width supports fully connected networks nk.Sequential(Linear, act, "
+            f"{caller} supports fully connected networks nk.Sequential(Linear, act, "
             f"Linear, act, ..., Linear) with ntkit activations; got layers "
             f"{[type(x).__name__ for x in layers]}. Other architectures: estimate with "
             f"nk.monte_carlo_kernel over built networks.")
-    for lin in linears:
+    for lin in linears if caller == "finite_width" else ():
         if lin.b_init != "normal":
             raise ValueError(f"{lin!r}: finite_width supports b_init='normal' only.")
     return linears, acts

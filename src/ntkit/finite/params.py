@@ -33,7 +33,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AbcMLP", "abc_exponents", "coord_check", "param_groups", "plot_coord_check"]
+__all__ = ["AbcMLP", "abc_exponents", "abc_mlp", "coord_check", "param_groups",
+           "plot_coord_check"]
 
 Parameterization = Literal["standard", "ntk", "mup"]
 Optimizer = Literal["sgd", "adam"]
@@ -80,14 +81,15 @@ class AbcMLP(nn.Module):
         abc: expert use: ``{"a": [...], "b": [...], "c": [...], "c_bias": [...]}``,
             ``depth + 1`` numbers each.
         activation: elementwise function (default ReLU).
-        w_std: weight scale.
+        w_std: weight scale, one for all layers or one per layer (``depth + 1``).
         generator, dtype: for the initial draw (biases start at zero).
     """
 
     def __init__(self, in_features: int, width: int, out_features: int, depth: int = 2, *,
                  parameterization: Parameterization | None = "mup", optimizer: Optimizer = "sgd",
                  base_width: int | None = None, abc: dict | None = None,
-                 activation: Callable[[Tensor], Tensor] = torch.relu, w_std: float = 1.0,
+                 activation: Callable[[Tensor], Tensor] = torch.relu,
+                 w_std: float | Sequence[float] = 1.0,
                  generator: torch.Generator | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -105,6 +107,11 @@ class AbcMLP(nn.Module):
                 raise ValueError(f"abc[{key!r}] must list {depth + 1} exponents (one per "
                                  f"layer), got {abc.get(key)!r}.")
         self.abc = {k: [float(x) for x in abc[k]] for k in ("a", "b", "c", "c_bias")}
+        stds = [w_std] * (depth + 1) if isinstance(w_std, (int, float)) else list(w_std)
+        if len(stds) != depth + 1 or any(not isinstance(v, (int, float)) or v <= 0
+                                         for v in stds):
+            raise ValueError(f"w_std must be a positive number or {depth + 1} of them (one "
+                             f"per layer), got {w_std!r}.")
         self.width_mult = width / base
         self.activation = activation
         dims = [in_features] + [width] * depth + [out_features]
@@ -114,7 +121,7 @@ class AbcMLP(nn.Module):
         self.multipliers: list[float] = []
         m = self.width_mult
         for layer in range(depth + 1):
-            std = w_std / math.sqrt(base_fan_in[layer]) * m ** (-self.abc["b"][layer])
+            std = stds[layer] / math.sqrt(base_fan_in[layer]) * m ** (-self.abc["b"][layer])
             w = torch.randn(dims[layer + 1], dims[layer], generator=generator, dtype=dtype)
             self.weights.append(nn.Parameter(w * std))
             self.biases.append(nn.Parameter(torch.zeros(dims[layer + 1], dtype=dtype)))
@@ -136,6 +143,58 @@ class AbcMLP(nn.Module):
         """``(weight, bias)`` learning-rate multipliers ``m^{-c}`` of each layer."""
         m = self.width_mult
         return [(m ** (-c), m ** (-cb)) for c, cb in zip(self.abc["c"], self.abc["c_bias"])]
+
+
+def abc_mlp(net, input_shape: int | Sequence[int], *,
+            parameterization: Parameterization | None = "mup", optimizer: Optimizer = "sgd",
+            base_width: int | None = None, abc: dict | None = None,
+            generator: torch.Generator | None = None,
+            dtype: torch.dtype = torch.float32) -> AbcMLP:
+    """An ntkit MLP description built at finite width in an abc-parameterization (muP by
+    default): the `AbcMLP` with the network's widths, activation and per-layer ``w_std``.
+
+    This is ``net.build`` for muP. It is not a ``parameterization=`` of `Linear`
+    because muP's exponents depend on where a layer sits (input, hidden or readout) and
+    on a base width, which a layer's own build does not see, and because muP has no
+    kernel limit for a layer to propagate (its readout's NNGP vanishes with width).
+    At ``base_width`` equal to the width every preset is the standard initialisation,
+    so with biases that start at zero the module computes what ``net.build`` with
+    ``parameterization="standard"`` and ``b_init="zero"`` does, draw for draw.
+
+    Args:
+        net: ``nk.Sequential(Linear(n), act, ..., Linear(n), act, Linear(k))``, all hidden
+            widths equal; biases must start at zero (``b_std=0``, ``b_std=None`` or
+            ``b_init="zero"``), as muP's do.
+        input_shape: the number of input features (or ``(features,)``).
+        parameterization, optimizer, base_width, abc, generator, dtype: as in `AbcMLP`.
+
+    Returns:
+        An `AbcMLP`; train it with ``torch.optim.SGD(param_groups(model, lr=...))``.
+    """
+    from ..layers.base import number
+    from .corrections import _parse
+
+    linears, acts = _parse(net, "abc_mlp")
+    if not acts:
+        raise ValueError("abc_mlp needs at least one hidden layer: nk.Sequential(Linear(n), "
+                         "act, Linear(k)).")
+    widths = {lin.out_features for lin in linears[:-1]}
+    if len(widths) != 1:
+        raise ValueError(f"abc_mlp needs equal hidden widths (one width multiplier), got "
+                         f"{[lin.out_features for lin in linears[:-1]]}.")
+    if len({type(a).__name__ + repr(a) for a in acts}) != 1:
+        raise ValueError(f"abc_mlp needs one activation for all hidden layers, got {acts!r}.")
+    for lin in linears:
+        b_std = number(lin.b_std)
+        if b_std not in (None, 0.0) and lin.b_init != "zero":
+            raise ValueError(f"{lin!r}: muP's biases start at zero; use b_std=0 or "
+                             f"b_init='zero'.")
+    features = input_shape if isinstance(input_shape, int) else math.prod(input_shape)
+    return AbcMLP(int(features), widths.pop(), linears[-1].out_features, len(acts),
+                  parameterization=parameterization, optimizer=optimizer,
+                  base_width=base_width, abc=abc, activation=acts[0].fn,
+                  w_std=[float(number(lin.w_std)) for lin in linears], generator=generator,
+                  dtype=dtype)
 
 
 def param_groups(model: AbcMLP, *, lr: float) -> list[dict]:
