@@ -9,7 +9,7 @@
 
 Each case runs in a fresh child process, so its peak RSS (``ru_maxrss``) is its own.
 Reports the load average before and after (the machine is shared: a load above the core
-count slows every timing). Usage::
+count slows every timing) and the CPU seconds, which the load does not inflate. Usage::
 
     OMP_NUM_THREADS=2 python benchmarks/theory_bench.py [curve] [nystrom] [--pool P]
 """
@@ -22,6 +22,16 @@ import os
 import subprocess
 import sys
 import time
+
+
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process, all threads: what the work costs
+    whatever the load (on a quiet machine the wall time lies between this over the
+    thread count and this)."""
+    import resource
+
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
 
 
 def _peak_rss_mb() -> float:
@@ -43,7 +53,7 @@ def curve_case(pool: int) -> dict:
                         nk.Linear(1, w_std=1.5, b_std=0.1))
     sizes = torch.logspace(1, torch.log10(torch.tensor(600.0)), 20).round().tolist()
     out = {"case": "curve", "pool": pool, "sizes": len(sizes)}
-    t0 = time.perf_counter()
+    c0, t0 = _cpu_s(), time.perf_counter()
     k = net.kernel(x).ntk
     out["kernel_s"] = time.perf_counter() - t0
     for ridge in (0.0, 1e-3):
@@ -52,6 +62,7 @@ def curve_case(pool: int) -> dict:
         out[f"curve_ridge{ridge:g}_s"] = time.perf_counter() - t1
         assert curve.test_mse.shape == (20,) and bool(torch.isfinite(curve.test_mse).all())
     out["total_s"] = time.perf_counter() - t0
+    out["total_cpu_s"] = _cpu_s() - c0
     out["peak_rss_mb"] = _peak_rss_mb()
     return out
 
@@ -67,12 +78,13 @@ def nystrom_case(pool: int, landmarks: int = 2000) -> dict:
     y = torch.sin(x[:, 0]) + 0.5 * x[:, 1] * x[:, 2]
     net = nk.Sequential(nk.Linear(512, w_std=1.5, b_std=0.1), nk.ReLU(),
                         nk.Linear(1, w_std=1.5, b_std=0.1))
-    t0 = time.perf_counter()
+    c0, t0 = _cpu_s(), time.perf_counter()
     spec = th.nystrom_spectrum(net, x, y, landmarks=landmarks, generator=gen)
     curve = th.eigenlearning(spec, [20, 50, 100, 200], ridge=1e-3)
     assert bool(torch.isfinite(curve.test_mse).all())
     return {"case": "nystrom", "pool": pool, "landmarks": landmarks,
-            "total_s": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()}
+            "total_s": time.perf_counter() - t0, "total_cpu_s": _cpu_s() - c0,
+            "peak_rss_mb": _peak_rss_mb()}
 
 
 def main() -> None:
