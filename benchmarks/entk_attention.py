@@ -2,8 +2,9 @@
 
     OMP_NUM_THREADS=1 python benchmarks/entk_attention.py [entk_vit entk_bert] [--reps 9]
 
-Workloads (float32, N = 16 inputs, the kernel ``Theta(x, x)`` with every output pair,
-``output="full"``, as the tutorial computes it):
+Workloads (float32, N = 16 inputs; each timed for four kernels: ``output="full"``
+(every output pair, the tutorial's default) and ``"trace"``, each ``Theta(x, x)`` and
+``Theta(x1, x2)`` with 16 more inputs, the tutorial's ``x_train, x_test``):
 
 - ``entk_vit``: a 2-layer ViT of width 64: 4 x 4 patches of 3 x 16 x 16 images embedded
   by a strided ``Conv2d``, a class token and learned positions (17 tokens), 2 x
@@ -21,8 +22,8 @@ as that page writes it. Each method (ntkit ``method="auto"`` and every explicit 
 and the peer) is timed in the same process, round-robin over ``--reps`` repetitions
 after one warm-up (so that load from other jobs hits every method alike), and reported
 as the median; the ratio to the peer is the ratio of medians. All results are checked
-equal (``allclose``) before timing. Peak memory is the resident-set growth of one call
-in a fresh subprocess per method (``--memory``).
+equal (to 1e-4 of the largest entry) before timing. Peak memory (the "full x,x" kernel
+only) is the resident-set growth of one call in a fresh subprocess per method.
 """
 
 from __future__ import annotations
@@ -136,13 +137,27 @@ def tutorial_ntk(model, x1, x2, output: str = "full"):
     return result.sum(0)
 
 
-def runners(model, x, output: str) -> dict:
-    """``{label: () -> kernel}``: ntkit per method, and the peer."""
+def second_batch(case: str, x):
+    """Another 16 inputs of the workload (the tutorial's ``x_test``)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    if x.is_floating_point():
+        return torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    x2 = torch.randint(1, 1000, x.shape, generator=gen)
+    x2[:, 0] = 0
+    return x2
+
+
+def runners(model, x, output: str, methods=METHODS, x2=None) -> dict:
+    """``{label: () -> kernel}``: ntkit per method, and the peer; ``Theta(x, x)`` or,
+    given ``x2``, ``Theta(x, x2)``."""
     import ntkit as nk
 
-    out = {f"ntkit {m}": (lambda m=m: nk.empirical_ntk(model, x, output=output, method=m))
-           for m in METHODS}
-    out["torch.func tutorial"] = lambda: tutorial_ntk(model, x, x)
+    out = {f"ntkit {m}": (lambda m=m: nk.empirical_ntk(model, x, x2, output=output, method=m))
+           for m in methods}
+    out["torch.func tutorial"] = lambda: tutorial_ntk(model, x, x if x2 is None else x2,
+                                                      output)
     return out
 
 
@@ -160,12 +175,18 @@ def check_equal(results: dict) -> float:
     return worst
 
 
-def timed(case: str, reps: int) -> dict:
-    """Median seconds per method, interleaved, after a warm-up and an equality check."""
-    import torch
+VARIANTS = ("full x,x", "full x1,x2", "trace x,x", "trace x1,x2")
 
-    model, x, output = models(case)
-    run = runners(model, x, output)
+
+def timed(case: str, variant: str, reps: int) -> dict:
+    """Median seconds per method for one variant (output, and ``Theta(x, x)`` or
+    ``Theta(x1, x2)``), interleaved, after a warm-up and an equality check."""
+    from ntkit.empirical._choice import chosen_method
+
+    model, x, _ = models(case)
+    output, pair = variant.split()
+    x2 = None if pair == "x,x" else second_batch(case, x)
+    run = runners(model, x, output, x2=x2)
     results = {label: fn() for label, fn in run.items()}           # warm-up and check
     worst = check_equal(results)
     times: dict[str, list[float]] = {label: [] for label in run}
@@ -175,26 +196,35 @@ def timed(case: str, reps: int) -> dict:
             t0 = time.perf_counter()
             run[label]()
             times[label].append(time.perf_counter() - t0)
-    from ntkit.empirical._choice import chosen_method
-
-    return {"case": case, "params": sum(p.numel() for p in model.parameters()),
-            "chosen": chosen_method(model, x, output=output),
+    return {"case": case, "variant": variant,
+            "params": sum(p.numel() for p in model.parameters()),
+            "chosen": chosen_method(model, x, x2, output=output),
             "max_rel_dev": worst, "reps": reps,
             "median_s": {k: statistics.median(v) for k, v in times.items()},
             "min_s": {k: min(v) for k, v in times.items()}}
 
 
-def _peak_child(case: str, label: str) -> None:
-    """One call of one method (after a warm-up on 2 inputs), reporting RSS growth."""
-    import resource
+def _rss_mb(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, in MB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"{field} not in /proc/self/status")
 
+
+def _peak_child(case: str, label: str) -> None:
+    """One call of one method after a warm-up on 2 inputs: the growth of the peak
+    resident set over the resident set before the call (Linux: the peak is reset
+    through /proc/self/clear_refs, so that importing torch does not mask it)."""
     model, x, output = models(case)
-    small = runners(model, x[:2], output)[label]
-    small()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    runners(model, x, output)[label]()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_mb": peak, "work_mb": peak - base}))
+    runners(model, x[:2], output)[label]()
+    run = runners(model, x, output)[label]
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    base = _rss_mb("VmRSS")
+    run()
+    print(json.dumps({"peak_mb": _rss_mb("VmHWM"), "work_mb": _rss_mb("VmHWM") - base}))
 
 
 def peak_memory(case: str) -> dict:
@@ -224,15 +254,16 @@ def _tutorial_peer(case: str, reps: int) -> None:
 
 def table(rows: list[dict]) -> str:
     """A Markdown table: median ms per method and the ratio to the peer."""
-    lines = ["| case | method | median ms | min ms | / peer (median) | work MB |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| case | kernel | method | median ms | min ms | / peer (median) | work MB |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         peer = r["median_s"]["torch.func tutorial"]
         for label, s in r["median_s"].items():
             shown = label + (f" (-> {r['chosen']})" if label == "ntkit auto" else "")
-            mb = r.get("work_mb", {}).get(label, float("nan"))
-            lines.append(f"| {r['case']} | {shown} | {1e3 * s:.1f} | "
-                         f"{1e3 * r['min_s'][label]:.1f} | {s / peer:.2f}x | {mb:.0f} |")
+            mb = r.get("work_mb", {}).get(label)
+            lines.append(f"| {r['case']} | {r['variant']} | {shown} | {1e3 * s:.1f} | "
+                         f"{1e3 * r['min_s'][label]:.1f} | {s / peer:.2f}x | "
+                         f"{'-' if mb is None else f'{mb:.0f}'} |")
     return "\n".join(lines)
 
 
@@ -244,6 +275,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for every method (default 1: quiet on a shared "
                              "machine)")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS),
+                        help=f"kernels to time, of {VARIANTS}")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--peak", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -260,11 +293,12 @@ def main() -> None:
         return
     rows = []
     for case in args.cases:
-        row = timed(case, args.reps)
-        if not args.no_memory:
-            row["work_mb"] = peak_memory(case)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for variant in args.variants:
+            row = timed(case, variant, args.reps)
+            if not args.no_memory and variant == "full x,x":
+                row["work_mb"] = peak_memory(case)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as fh:
