@@ -203,3 +203,17 @@ def test_saving_estimate_by_hand():
 def test_memory_budget_still_falls_back_to_vector_products():
     model, x1, _ = _attention_case("bert", torch.float32)
     assert chosen_method(model, x1[:2], memory_budget=10_000) == "vector_products"
+
+
+@pytest.mark.parametrize("method", ["jacobian", "structured"])
+def test_attention_is_batched_not_looped(method):
+    """Under vmap, torch's fused CPU attention has no batching rule and runs once per
+    example and output in a loop, warning "There is a performance drop"; the Jacobian
+    engines take the math backend, which is batched, so no such warning is raised."""
+    import warnings
+
+    model, x1, x2 = _attention_case("bert", torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        nk.empirical_ntk(model, x1[:3], x2[:2], method=method)
+    assert not [w for w in caught if "performance drop" in str(w.message)]
