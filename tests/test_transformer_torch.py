@@ -241,6 +241,7 @@ def _cross(x, attn):
     ("weights", r"attention weights"),
     ("conv", r"acts on a sequence"),
     ("buffer", r"not the sinusoidal table"),
+    ("train", r"training mode with dropout=0.1.*model.eval\(\)"),
 ])
 def test_what_does_not_convert_is_refused_by_name(case, match):
     width = 8
@@ -254,6 +255,7 @@ def test_what_does_not_convert_is_refused_by_name(case, match):
             self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(
                 width, 2, 16, batch_first=True), 2, enable_nested_tensor=False)
             self.conv = nn.Conv1d(width, width, 1)
+            self.layer = nn.TransformerEncoderLayer(width, 2, 16, batch_first=True)
             self.register_buffer("table", torch.randn(1, 4, width))
 
         def forward(self, ids):
@@ -267,6 +269,8 @@ def test_what_does_not_convert_is_refused_by_name(case, match):
                 return self.attn(x, x, x, attn_mask=mask)[0].mean(1)
             if case == "weights":
                 return self.attn(x, x, x)[1].mean(1)
+            if case == "train":  # a module's default mode, dropout 0.1
+                return self.layer(x).mean(1)
             if case == "conv":
                 return self.conv(x).mean(1)
             return (x + self.table).mean(1)

@@ -108,6 +108,11 @@ def attention(m: nn.MultiheadAttention, ctx: TorchContext, causal: bool, seed: i
     if m.add_zero_attn:
         raise ctx.fail("add_zero_attn=True appends a zero key, which has no rule here",
                        supported=False)
+    if m.training and m.dropout > 0:
+        raise ctx.fail(f"it is in training mode with dropout={m.dropout} on the attention "
+                       f"weights, which has no kernel rule; call model.eval() before "
+                       f"converting (the kernel of the network as used at inference)",
+                       supported=False)
     e = m.embed_dim
     bias = m.in_proj_bias is not None
     w_in = math.sqrt(_IN_PROJ_W2) if ctx.w_std is None else ctx.w_std
@@ -122,6 +127,12 @@ def attention(m: nn.MultiheadAttention, ctx: TorchContext, causal: bool, seed: i
 def encoder_layer(m: nn.TransformerEncoderLayer, ctx: TorchContext, causal: bool,
                   seeds: Seeds, n_samples: int) -> Sequential:
     """A block of `Sequential` layers computing ``nn.TransformerEncoderLayer``."""
+    if m.training and m.dropout.p > 0:
+        raise ctx.fail(f"it is in training mode with dropout={m.dropout.p}: dropout in "
+                       f"training mode makes the residual stream non-Gaussian before its "
+                       f"LayerNorm, which has no kernel rule; call model.eval() before "
+                       f"converting (the kernel of the network as used at inference) or "
+                       f"set dropout=0", supported=False)
     act = _activation(m, ctx)
     attn = attention(m.self_attn, ctx, causal, seeds.take(), n_samples)
     ff = [position_linear(m.linear1, ctx), act, _dropout(m.dropout),
