@@ -277,8 +277,8 @@ def learning_curve(k_pool: Tensor, y_pool: Tensor, n, *, ridge: float = 0.0,
     (`measure_learning_curve` runs that experiment). The spectrum is that of
     ``K_pool / P`` (`pool_spectrum`); the prediction is `eigenlearning`'s with
     ``pool_size=P``, the finite-pool equations, valid up to ``n`` near ``P`` (module
-    docstring: within 1% to n = 1500 of 1797 where the pool's eigenvectors are generic;
-    on digits without noise the experiment is 4-6% above it up to n = 200 and 20% at
+    docstring: within 1.3% to n = 1500 of 1797 where the pool's eigenvectors are generic;
+    on digits without noise the experiment is 2-6% above it up to n = 200 and 20% at
     n = 1000). One partial eigendecomposition of ``(P, P)`` (eigenvalues and ``U^T y``;
     P = 5000, 20 sizes: 16 s on one thread of the loaded 2-core machine, about 6 s quiet
     on two; benchmarks/theory_bench.py): for pools too large
