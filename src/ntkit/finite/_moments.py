@@ -20,6 +20,10 @@ Two quadrature rules:
   integrand is a trigonometric polynomial and Gauss-Legendre is exact to
   rounding. The arc ends move with ``G``, so derivatives of ``E[s' s']`` (a
   step function) come out right (Leibniz's rule), which a fixed grid would miss.
+- `ABReLU` with ``m = 3, 4``: ``g, d`` and their derivatives in closed form (each
+  involves one pair), ``E[s_a s_b s_c s_d]`` exactly by sequential conditioning
+  (`ntkit.finite._fourth`); the moments with ``s'`` (``x4, d4, y3``, which the NNGP's
+  four-point vertex does not use) by the Gauss-Hermite rule below (approximate).
 - otherwise: the Gauss-Hermite product rule on ``Z = L u`` (spectral for smooth
   activations; for kinked activations and ``m > 2`` only an approximation).
 
@@ -278,19 +282,28 @@ def moments(act: Activation, cov: Tensor, *, chunk: int = 16384) -> Moments:
     if isinstance(act, ABReLU) and m <= 2:
         return _abrelu_moments(act, cov, m, ia, ib)
 
+    exact = isinstance(act, ABReLU)  # m > 2: exact two-point and f4 (module docstring)
     jac = torch.func.jacfwd(two)
     hess = torch.func.jacfwd(jac)
     outs = {k: [] for k in ("v", "j", "h", "f4", "x4", "d4", "y3")}
     for start in range(0, b, chunk):
         c = cov[start:start + chunk]
-        outs["v"].append(torch.func.vmap(two)(c))
-        outs["j"].append(torch.func.vmap(jac)(c))
-        outs["h"].append(torch.func.vmap(hess)(c))
+        if not exact:
+            outs["v"].append(torch.func.vmap(two)(c))
+            outs["j"].append(torch.func.vmap(jac)(c))
+            outs["h"].append(torch.func.vmap(hess)(c))
         for key, val in zip(("f4", "x4", "d4", "y3"), torch.func.vmap(fourth)(c)):
             outs[key].append(val)
-    v, j, hh = (torch.cat(outs[k]) for k in ("v", "j", "h"))
+    if exact:
+        from ._fourth import abrelu_f4
+
+        v, j, hh = _abrelu_two_moments(act, cov, m, ia, ib)
+        f4 = abrelu_f4(float(act.a), float(act.b), cov, m)
+    else:
+        v, j, hh = (torch.cat(outs[k]) for k in ("v", "j", "h"))
+        f4 = torch.cat(outs["f4"])
     return Moments(g=v[:, :p], d=v[:, p:], jac_g=j[:, :p], jac_d=j[:, p:], hess_g=hh[:, :p],
-                   hess_d=hh[:, p:], f4=torch.cat(outs["f4"]), x4=torch.cat(outs["x4"]),
+                   hess_d=hh[:, p:], f4=f4, x4=torch.cat(outs["x4"]),
                    d4=torch.cat(outs["d4"]), y3=torch.cat(outs["y3"]))
 
 
@@ -322,21 +335,7 @@ def _abrelu_moments(act: ABReLU, cov: Tensor, m: int, ia: list[int], ib: list[in
     per-row gradient), the fourth moments by the polar rule (`_polar_nodes`), one
     weighted sum over the nodes per entry."""
     p = cov.shape[1]
-    two = _abrelu_two(act, m, ia, ib)
-    with torch.enable_grad():
-        params = cov.T.detach().clone().requires_grad_()
-        out = two(params)  # (2P, B)
-        jac_rows = [torch.autograd.grad(out[r].sum(), params, create_graph=True)[0]
-                    for r in range(2 * p)]  # each (P, B)
-        hess = cov.new_zeros(2 * p, p, p, cov.shape[0])
-        for r, row in enumerate(jac_rows):
-            for q in range(p):
-                if row[q].requires_grad:
-                    hess[r, q] = torch.autograd.grad(row[q].sum(), params,
-                                                     retain_graph=True)[0]
-    v = out.detach().T
-    jac = torch.stack([row.detach() for row in jac_rows]).permute(2, 0, 1)
-    hh = hess.permute(3, 0, 1, 2)
+    v, jac, hh = _abrelu_two_moments(act, cov, m, ia, ib)
     z, w = _polar_nodes(cov, m)
     dfn = _derivative(act)
     s, sd = [act.fn(zi) for zi in z], [dfn(zi) for zi in z]
@@ -354,3 +353,28 @@ def _abrelu_moments(act: ABReLU, cov: Tensor, m: int, ia: list[int], ib: list[in
     return Moments(g=v[:, :p], d=v[:, p:], jac_g=jac[:, :p], jac_d=jac[:, p:],
                    hess_g=hh[:, :p], hess_d=hh[:, p:], f4=gram(aw, a, 4), x4=gram(aw, bb, 2),
                    d4=gram(bw, bb, 0), y3=_radial_moment(m, 2) * y3)
+
+
+def _abrelu_two_moments(act: ABReLU, cov: Tensor, m: int, ia: list[int], ib: list[int]
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(g, d)`` of `ABReLU` (`_abrelu_two`, any ``m``) with their first and second
+    derivatives by reverse-mode autograd (each batch row depends on its own entries only,
+    so the gradient of a sum is the per-row gradient): ``(B, 2P)``, ``(B, 2P, P)``,
+    ``(B, 2P, P, P)``."""
+    p = cov.shape[1]
+    two = _abrelu_two(act, m, ia, ib)
+    with torch.enable_grad():
+        params = cov.T.detach().clone().requires_grad_()
+        out = two(params)  # (2P, B)
+        jac_rows = [torch.autograd.grad(out[r].sum(), params, create_graph=True)[0]
+                    for r in range(2 * p)]  # each (P, B)
+        hess = cov.new_zeros(2 * p, p, p, cov.shape[0])
+        for r, row in enumerate(jac_rows):
+            for q in range(p):
+                if row[q].requires_grad:
+                    hess[r, q] = torch.autograd.grad(row[q].sum(), params,
+                                                     retain_graph=True)[0]
+    v = out.detach().T
+    jac = torch.stack([row.detach() for row in jac_rows]).permute(2, 0, 1)
+    hh = hess.permute(3, 0, 1, 2)
+    return v, jac, hh

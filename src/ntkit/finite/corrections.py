@@ -346,10 +346,13 @@ def nngp_four_point(net, x: Tensor, index: Tensor, *, width: int | Sequence[int]
     """``Cov[G(x_i, x_j), G(x_k, x_l)]`` of the empirical NNGP: the four-point vertex
     ``V_(ij)(kl) / n`` of PDLT eq. 4.90, at leading order.
 
-    Each quadruple is its own problem on its ``m <= 4`` distinct inputs. With
-    ``m <= 2`` kinked activations are integrated exactly; with ``m > 2`` by
-    Gauss-Hermite quadrature (spectral for smooth activations, about 1e-3
-    relative for ReLU-like kinks).
+    Each quadruple is its own problem on its ``m <= 4`` distinct inputs (identical
+    rows of ``x`` count as one). ReLU-like activations (`ABReLU`: ReLU, LeakyReLU,
+    Abs) are integrated exactly: with ``m <= 2`` by the polar rule, with ``m > 2`` by
+    sequential conditioning with the last coordinate in closed form
+    (`ntkit.finite._fourth`, ~1e-14 relative, also for nearly singular input sets);
+    other activations by Gauss-Hermite quadrature (spectral for smooth ones, about
+    1e-3 relative for other kinks such as Sign's).
 
     Args:
         net: as in `finite_width`.
@@ -373,7 +376,13 @@ def nngp_four_point(net, x: Tensor, index: Tensor, *, width: int | Sequence[int]
     f = x.shape[1]
     out = torch.empty(index.shape[0], dtype=torch.float64)
     groups: dict[int, list] = {}
+    # identical inputs are one input (a singular covariance otherwise: the arc-cosine
+    # derivatives are undefined at correlation 1)
+    _, first = torch.unique(x, dim=0, return_inverse=True)
+    rep = {}
+    canon = [rep.setdefault(int(c), i) for i, c in enumerate(first.tolist())]
     for q, row in enumerate(index.tolist()):
+        row = [canon[r] for r in row]
         uniq = sorted(set(row))
         groups.setdefault(len(uniq), []).append((q, uniq, [uniq.index(r) for r in row]))
     for m, items in groups.items():
