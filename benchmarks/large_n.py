@@ -17,7 +17,8 @@ Environment (all optional):
   one streamed pass;
 - ``NTKIT_LARGE_DASK`` (0): 1 times the same FALKON iterations (first
   ``NTKIT_LARGE_DASK_N`` = 50,000 points, 1000 centres, 4 iterations) on a LocalCluster
-  of 1 and of 2 single-threaded workers (clusters started before timing);
+  of 1 and of 2 single-threaded workers (clusters started before timing), with
+  ``NTKIT_LARGE_DASK_BUDGET`` (64MB) per tile;
 - ``NTKIT_LARGE_EXACT`` (1): 0 skips the exact 20,000-point solve;
 - ``NTKIT_LARGE_TOL``: CG's relative residual (default the solver's, 1e-6 in float64);
 - ``NTKIT_BENCH_THREADS``: torch's threads in this process.
@@ -194,7 +195,8 @@ def _dask_speedup(falkon, x, y) -> str:
             client.run(lambda: torch.set_num_threads(1))
             t1 = time.perf_counter()
             fit = falkon(x[:n], y[:n], 1000, client=client, max_iter=4, tol=1e-30,
-                         on_failure="warn", memory_budget="64MB")
+                         on_failure="warn",
+                         memory_budget=os.environ.get("NTKIT_LARGE_DASK_BUDGET", "64MB"))
             times[k] = time.perf_counter() - t1
             assert fit.info.iterations == 4
     return (f"LocalCluster, N={n}, M=1000, 4 iterations: 1 worker {times[1]:.1f} s, 2 workers "
