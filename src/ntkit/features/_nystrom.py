@@ -30,6 +30,7 @@ from torch import Tensor
 from ..errors import check_finite_output, not_positive_definite
 from ..kernel_function import check_get, kernel_function
 from ..solvers._common import kernel_diagonal
+from ._random import check_feature_input
 
 __all__ = ["NystromFeatureMap"]
 
@@ -113,16 +114,7 @@ class NystromFeatureMap:
             TypeError: ``x`` is not a floating-point tensor.
             ValueError: its per-example shape is not the centres', or it is not finite.
         """
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point torch.Tensor (N, "
-                            f"{', '.join(map(str, self.input_shape))}), got "
-                            f"{type(x).__name__} {getattr(x, 'dtype', '')}.")
-        if tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"x must have shape (N, {', '.join(map(str, self.input_shape))}) "
-                             f"like the centres, got {tuple(x.shape)}.")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("x has NaN or infinite entries; Nystrom features need finite "
-                             "inputs.")
+        check_feature_input(x, self.input_shape, "like the centres", "Nystrom")
         if x.shape[0] == 0:
             return torch.zeros(0, self.n_features, dtype=torch.float64)
         k = self.kernel_fn(x.to(self.centers.dtype), self.centers).to(torch.float64)

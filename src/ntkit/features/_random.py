@@ -190,16 +190,7 @@ class RandomFeatureMap:
             ValueError: its per-example shape is not ``input_shape``, or it has NaN or
                 infinite entries.
         """
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point torch.Tensor (N, "
-                            f"{', '.join(map(str, self.input_shape))}), got "
-                            f"{type(x).__name__} {getattr(x, 'dtype', '')}.")
-        if tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"x must have shape (N, {', '.join(map(str, self.input_shape))}) "
-                             f"as the map was drawn for, got {tuple(x.shape)}.")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("x has NaN or infinite entries; random features need finite "
-                             "inputs.")
+        check_feature_input(x, self.input_shape, "as the map was drawn for", "random")
         rows = max(1, self._budget // self._row_bytes)
         out = [self._map(x[i:i + rows].to(self.dtype)) for i in range(0, x.shape[0], rows)]
         if not out:
@@ -280,6 +271,19 @@ def random_features(net, x: Tensor, *, n_features: int, get: Literal["ntk", "nng
                             generator=generator, width=width, dtype=x.dtype,
                             memory_budget=memory_budget)
     return fmap(x)
+
+
+def check_feature_input(x, input_shape: tuple[int, ...], like: str, kind: str) -> None:
+    """Raises unless ``x`` is a finite floating-point tensor ``(N, *input_shape)``
+    (``like`` says where the shape comes from; ``kind`` names the features)."""
+    shape = ", ".join(map(str, input_shape))
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point torch.Tensor (N, {shape}), got "
+                        f"{type(x).__name__} {getattr(x, 'dtype', '')}.")
+    if tuple(x.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"x must have shape (N, {shape}) {like}, got {tuple(x.shape)}.")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"x has NaN or infinite entries; {kind} features need finite inputs.")
 
 
 def _positive_int(value, name: str) -> int:
