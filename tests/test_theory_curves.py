@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_theory import _harmonic_target  # tests/ is on sys.path (conftest)
 
 import ntkit as nk
 from ntkit import theory as th
@@ -193,18 +194,6 @@ SPHERE_SIZES = [20, 60, 200, 600, 1000]
 def _sphere_points(p: int, gen: torch.Generator) -> torch.Tensor:
     x = torch.randn(p, SPHERE_D, generator=gen, dtype=F64)
     return x / x.norm(dim=1, keepdim=True) * SPHERE_D ** 0.5
-
-
-def _harmonic_target(x: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-    """Degree-1, -2 and -3 harmonics of unit mean square on the sphere of radius sqrt(d)
-    (``E u_1^2 = 1/d``, ``E (u_1 u_2)^2 = 1/(d (d+2))``, ``E (u_1 u_2 u_3)^2 =
-    1/(d (d+2) (d+4))`` for ``u = x / sqrt(d)``), and the power of each degree."""
-    d = x.shape[1]
-    u = x / d ** 0.5
-    a1, a2, a3 = 1.0, 0.7, 0.5
-    y = a1 * d ** 0.5 * u[:, 0] + a2 * (d * (d + 2)) ** 0.5 * u[:, 1] * u[:, 2] \
-        + a3 * (d * (d + 2) * (d + 4)) ** 0.5 * u[:, 0] * u[:, 1] * u[:, 3]
-    return y, [0.0, a1 ** 2, a2 ** 2, a3 ** 2]
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ place, shared parameters) and rebuilds it as nested ntkit containers."""
 
 from __future__ import annotations
 
+import itertools
 import operator
 
 from torch import fx, nn
@@ -33,7 +34,7 @@ from ..layers import (
     SumPool3d,
 )
 from ._nodes import _NodeRules
-from ._sequence import Seeds, SequenceRules, _attr_of
+from ._sequence import SequenceRules, _attr_of
 from ._tracing import (
     _ACTIVATION_FUNCTIONS,
     _ALIAS_FUNCTIONS,
@@ -57,7 +58,7 @@ class _Converter(SequenceRules, _NodeRules):
         self.meta: dict[fx.Node, str] = {}
         self.ops: dict[fx.Node, _Op] = {}
         self.layout: dict[fx.Node, str] = {}
-        self.seeds = Seeds(options.seed)
+        self.seeds = itertools.count(options.seed)  # of the attention layers
 
     # ------------------------------------------------------------------- driver
     def run(self) -> Sequential:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Iterator
 
 import torch
 from torch import fx, nn
@@ -67,23 +68,12 @@ def batch_first(m: nn.Module) -> bool:
     return bool(m.batch_first)
 
 
-class Seeds:
-    """Seeds of the converted attention layers: ``seed, seed + 1, ...`` in the order
-    of conversion (independent logit draws per layer)."""
-
-    def __init__(self, seed: int) -> None:
-        self.next = int(seed)
-
-    def take(self) -> int:
-        self.next += 1
-        return self.next - 1
-
-
-def sequence_layer(m: nn.Module, ctx: TorchContext, causal: bool, seeds: Seeds,
+def sequence_layer(m: nn.Module, ctx: TorchContext, causal: bool, seeds: Iterator[int],
                    n_samples: int):
-    """The ntkit twin of one call of an attention or encoder module."""
+    """The ntkit twin of one call of an attention or encoder module; ``seeds`` gives
+    each attention layer its seed, in the order of conversion (independent draws)."""
     if isinstance(m, nn.MultiheadAttention):
-        return attention(m, ctx, causal, seeds.take(), n_samples)
+        return attention(m, ctx, causal, next(seeds), n_samples)
     if isinstance(m, nn.TransformerEncoderLayer):
         return encoder_layer(m, ctx, causal, seeds, n_samples)
     layers = list(m.layers)
@@ -125,7 +115,7 @@ def attention(m: nn.MultiheadAttention, ctx: TorchContext, causal: bool, seed: i
 
 
 def encoder_layer(m: nn.TransformerEncoderLayer, ctx: TorchContext, causal: bool,
-                  seeds: Seeds, n_samples: int) -> Sequential:
+                  seeds: Iterator[int], n_samples: int) -> Sequential:
     """A block of `Sequential` layers computing ``nn.TransformerEncoderLayer``."""
     if m.training and m.dropout.p > 0:
         raise ctx.fail(f"it is in training mode with dropout={m.dropout.p}: dropout in "
@@ -134,7 +124,7 @@ def encoder_layer(m: nn.TransformerEncoderLayer, ctx: TorchContext, causal: bool
                        f"converting (the kernel of the network as used at inference) or "
                        f"set dropout=0", supported=False)
     act = _activation(m, ctx)
-    attn = attention(m.self_attn, ctx, causal, seeds.take(), n_samples)
+    attn = attention(m.self_attn, ctx, causal, next(seeds), n_samples)
     ff = [position_linear(m.linear1, ctx), act, _dropout(m.dropout),
           position_linear(m.linear2, ctx), _dropout(m.dropout2)]
     sa = [attn, _dropout(m.dropout1)]
@@ -355,9 +345,8 @@ class SequenceRules:
             raise self._fail(node, "the embedding's output is also used without the "
                                    "positions", supported=False)
         name = _attr_of(table)
-        value = self.root.get_submodule(name.rpartition(".")[0]).get_parameter(
-            name.rpartition(".")[2]) if name in dict(self.root.named_parameters()) else (
-            self.root.get_buffer(name))
+        params = dict(self.root.named_parameters())
+        value = params[name] if name in params else self.root.get_buffer(name)
         c = op.layer.out_channels
         v = value.detach().to(torch.float64)
         if v.shape[-1] != c or sum(d != 1 for d in v.shape[:-1]) > 1:

@@ -10,10 +10,19 @@ from torch import Tensor, nn
 
 from .base import BuildContext
 
-__all__ = ["B_INITS", "ScaledAffine", "affine_repr_parts", "check_b_init", "split_bias_variance"]
+__all__ = ["B_INITS", "ScaledAffine", "affine_repr_parts", "check_b_init",
+           "check_parameterization", "split_bias_variance"]
 
 #: How an affine layer's bias starts: drawn (``"normal"``) or at zero (``"zero"``).
 B_INITS = ("normal", "zero")
+
+
+def check_parameterization(parameterization: str, name: str) -> str:
+    """``parameterization`` if it is ``"ntk"`` or ``"standard"``."""
+    if parameterization not in ("ntk", "standard"):
+        raise ValueError(f"{name}: parameterization must be 'ntk' or 'standard', got "
+                         f"{parameterization!r}.")
+    return parameterization
 
 
 def check_b_init(b_init: str, b_std: object, name: str) -> str:

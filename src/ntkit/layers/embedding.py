@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .._checks import is_int, is_real
 from .._side import SideModule, mask_input
 from ..kernel import Kernel
+from ._affine import check_parameterization
 from .base import BuildContext, Kernels, Layer, Shapes, single
 
 __all__ = ["Embedding", "NTKEmbedding", "sinusoidal_embeddings", "token_ids_as_input"]
@@ -93,10 +94,7 @@ class Embedding(Layer):
         if dtype is not None and dtype not in (torch.float32, torch.float64):
             raise TypeError(f"Embedding: dtype must be torch.float32 or torch.float64, got "
                             f"{dtype!r}.")
-        if parameterization not in ("ntk", "standard"):
-            raise ValueError(f"Embedding: parameterization must be 'ntk' or 'standard', got "
-                             f"{parameterization!r}.")
-        self.parameterization = parameterization
+        self.parameterization = check_parameterization(parameterization, "Embedding")
         self.out_channels = int(out_channels)
         self.num_embeddings = int(num_embeddings)
         self.w_std, self.pos_std = float(w_std), float(pos_std)

@@ -11,7 +11,13 @@ from torch import Tensor, nn
 from .._checks import as_std, is_int
 from .._side import SideModule
 from ..kernel import Kernel
-from ._affine import ScaledAffine, affine_repr_parts, check_b_init, split_bias_variance
+from ._affine import (
+    ScaledAffine,
+    affine_repr_parts,
+    check_b_init,
+    check_parameterization,
+    split_bias_variance,
+)
 from .base import (
     BuildContext,
     Kernels,
@@ -87,10 +93,7 @@ class Linear(Layer):
     ) -> None:
         if not is_int(out_features) or out_features < 1:
             raise ValueError(f"out_features must be a positive int, got {out_features!r}.")
-        if parameterization not in ("ntk", "standard"):
-            raise ValueError(
-                f"parameterization must be 'ntk' or 'standard', got {parameterization!r}."
-            )
+        check_parameterization(parameterization, "Linear")
         w_std = as_std(w_std, "w_std")
         b_std = None if b_std is None else as_std(b_std, "b_std")
         if in_features is not None and (not is_int(in_features) or in_features < 1):

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .._checks import is_int, is_real
 from .._side import SideModule, mask_input
 from ..kernel import Kernel, position_diagonal
-from ._affine import check_b_init
+from ._affine import check_b_init, check_parameterization
 from ._spatial import require_pairs
 from .base import BuildContext, Kernels, Layer, Shapes, single
 
@@ -160,12 +160,10 @@ class MultiheadAttention(Layer):
         if in_channels is not None and (not is_int(in_channels) or in_channels < 1):
             raise ValueError(f"MultiheadAttention: in_channels must be a positive int, got "
                              f"{in_channels!r}.")
-        if parameterization not in ("ntk", "standard"):
-            raise ValueError(f"MultiheadAttention: parameterization must be 'ntk' or "
-                             f"'standard', got {parameterization!r}.")
         if not isinstance(proj_bias, bool):
             raise TypeError(f"MultiheadAttention: proj_bias must be a bool, got {proj_bias!r}.")
-        self.parameterization, self.proj_bias = parameterization, proj_bias
+        self.parameterization = check_parameterization(parameterization, "MultiheadAttention")
+        self.proj_bias = proj_bias
         self.b_init = check_b_init(b_init, b_std, "MultiheadAttention")
         self.out_channels, self.n_heads = int(out_channels), int(n_heads)
         self.w_query_std, self.w_key_std = float(w_query_std), float(w_key_std)

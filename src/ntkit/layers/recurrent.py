@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .._checks import as_std, is_int
 from ..kernel import Kernel, position_diagonal
+from ._affine import check_parameterization
 from .activations import Activation
 from .base import BuildContext, Kernels, Layer, Shapes, number, scalar, single
 from .recurrence import ElmanCoefficients, PairGrid, elman_pairs, reverse_steps
@@ -113,9 +114,7 @@ class RNN(Layer):
             raise ValueError(f"RNN: readout must be one of {_READOUTS} (every step, each "
                              f"sequence's last step, or the mean over its steps), got "
                              f"{readout!r}.")
-        if parameterization not in ("ntk", "standard"):
-            raise ValueError(f"RNN: parameterization must be 'ntk' or 'standard', got "
-                             f"{parameterization!r}.")
+        check_parameterization(parameterization, "RNN")
         self.out_channels = int(out_channels)
         self.activation = _as_activation(activation)
         self.w_std = as_std(w_std, "w_std")
