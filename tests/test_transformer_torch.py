@@ -233,6 +233,15 @@ def _cross(x, attn):
     return attn(x, x + 0, x)[0]
 
 
+def test_from_torch_checks_the_sampling_options():
+    """n_samples and seed are checked even for a model without attention."""
+    model = nn.Sequential(nn.Linear(3, 4))
+    for kw, match in (({"n_samples": 6}, "multiple of 4"), ({"n_samples": 0}, "n_samples"),
+                      ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed")):
+        with pytest.raises(ValueError, match=match):
+            nk.from_torch(model, **kw)
+
+
 @pytest.mark.parametrize("case, match", [
     ("cloned", r"identical weights.*deep-copies"),
     ("cross", r"cross-attention"),

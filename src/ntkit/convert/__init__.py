@@ -115,5 +115,11 @@ def from_torch(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"from_torch takes a torch.nn.Module, got {type(module).__name__}.")
+    for name, value, low in (("n_samples", n_samples, 4), ("seed", seed, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low or (
+                name == "n_samples" and value % 4):
+            raise ValueError(f"from_torch: {name} must be an int >= {low}"
+                             f"{' and a multiple of 4' if name == 'n_samples' else ''}, got "
+                             f"{value!r}.")
     options = _Options(parameterization, w_std, b_std, degree, n_samples, seed)
     return _Converter(module, options).run()
