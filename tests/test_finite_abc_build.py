@@ -66,3 +66,45 @@ def test_refuses_what_it_cannot_build():
     with pytest.raises(ValueError, match="w_std"):
         AbcMLP(3, 8, 1, 2, w_std=[1.0, 1.0])
     assert abc_mlp(net(8, b_std=0.5, b_init="zero"), 3).weights[0].shape == (8, 3)
+
+
+def test_build_takes_a_parameterization():
+    """``net.build(..., parameterization=)`` is `abc_mlp`: the preset, a dict of abc
+    exponents (the same numbers as the preset give the same module), learning rates as
+    optimizer groups on the module, and the default build untouched."""
+    description = net(128)
+    gen = lambda: torch.Generator().manual_seed(5)
+    built = description.build((6,), parameterization="mup", base_width=32, generator=gen(),
+                              dtype=torch.float64)
+    ref = abc_mlp(description, 6, base_width=32, generator=gen(), dtype=torch.float64)
+    assert isinstance(built, AbcMLP) and built.multipliers == [1.0, 1.0, 0.25]
+    for a, b in zip(built.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [g["lr"] for g in built.param_groups(0.1)] == pytest.approx(
+        [0.4, 0.4, 0.1, 0.4, 0.4, 0.1])
+    from ntkit.finite import abc_exponents
+    adam = abc_exponents("mup", "adam", 2)
+    expert = description.build((6,), parameterization=adam, optimizer="adam", base_width=32,
+                               generator=gen(), dtype=torch.float64)
+    preset = description.build((6,), parameterization="mup", optimizer="adam", base_width=32,
+                               generator=gen(), dtype=torch.float64)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    torch.testing.assert_close(expert(x), preset(x), rtol=0, atol=0)
+    assert [g["lr"] for g in expert.param_groups(1.0)] == pytest.approx(
+        [1.0, 1.0, 0.25, 1.0, 1.0, 1.0])
+    assert not isinstance(description.build((6,)), AbcMLP)
+
+
+def test_build_parameterization_refusals():
+    description = net(16)
+    with pytest.raises(ValueError, match="belong to parameterization"):
+        description.build((6,), optimizer="adam")
+    with pytest.raises(ValueError, match="belong to parameterization"):
+        description.build((6,), base_width=8)
+    with pytest.raises(TypeError, match="parameterization must be"):
+        description.build((6,), parameterization=3)
+    with pytest.raises(ValueError, match="parameterization must be"):
+        description.build((6,), parameterization="mean-field")
+    cnn = nk.Sequential(nk.Conv2d(8, 3), nk.ReLU(), nk.Flatten(), nk.Linear(1))
+    with pytest.raises(ValueError, match="fully connected"):
+        cnn.build((1, 5, 5), parameterization="mup")

@@ -139,6 +139,10 @@ class AbcMLP(nn.Module):
             h = self.activation(z) if layer < last else z
         return h
 
+    def param_groups(self, lr: float) -> list[dict]:
+        """`param_groups` of this model: ``torch.optim.SGD(model.param_groups(lr))``."""
+        return param_groups(self, lr=lr)
+
     def lr_multipliers(self) -> list[tuple[float, float]]:
         """``(weight, bias)`` learning-rate multipliers ``m^{-c}`` of each layer."""
         m = self.width_mult
@@ -153,7 +157,7 @@ def abc_mlp(net, input_shape: int | Sequence[int], *,
     """An ntkit MLP description built at finite width in an abc-parameterization (muP by
     default): the `AbcMLP` with the network's widths, activation and per-layer ``w_std``.
 
-    This is ``net.build`` for muP. It is not a ``parameterization=`` of `Linear`
+    ``net.build(input_shape, parameterization=...)`` calls this. It is not a ``parameterization=`` of `Linear`
     because muP's exponents depend on where a layer sits (input, hidden or readout) and
     on a base width, which a layer's own build does not see, and because muP has no
     kernel limit for a layer to propagate (its readout's NNGP vanishes with width).

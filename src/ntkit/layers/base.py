@@ -215,11 +215,22 @@ class Layer:
         generator: torch.Generator | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        parameterization: str | dict | None = None,
+        optimizer: str = "sgd",
+        base_width: int | None = None,
     ) -> nn.Module:
         """The same network at finite width, as a `torch.nn.Module`.
 
         Widths are the ``out_features`` given to the layers; parameters are drawn
         with exactly the distribution the kernel assumes (see `Linear`).
+
+        With ``parameterization`` an MLP is built instead in one of the width
+        scalings of Yang & Hu 2021 (an `ntkit.finite.AbcMLP`): ``"standard"``,
+        ``"ntk"``, ``"mup"``, or a dict ``{"a", "b", "c", "c_bias"}`` of per-layer
+        exponents (the general abc-parameterization), all relative to
+        ``base_width``. Train it with plain `torch.optim` on
+        ``model.param_groups(lr)``, which holds each layer's learning rate (see
+        `ntkit.finite.abc_mlp`).
 
         Args:
             input_shape: per-example input shape, e.g. ``(784,)`` or ``x.shape[1:]``.
@@ -227,7 +238,18 @@ class Layer:
                 are drawn on its device and moved to ``device``.
             dtype: parameter dtype, default `torch.get_default_dtype()`.
             device: parameter device, default CPU.
+            parameterization: None (the layers' own parameterizations), a preset
+                name or abc exponents; MLPs only.
+            optimizer: ``"sgd"`` or ``"adam"``: whose learning-rate scaling muP uses.
+            base_width: the width at which every parameterization is the standard
+                one (default: the network's width).
         """
+        if parameterization is not None:
+            return self._build_abc(input_shape, parameterization, optimizer, base_width,
+                                   generator, dtype, device)
+        if optimizer != "sgd" or base_width is not None:
+            raise ValueError("optimizer= and base_width= belong to parameterization=; pass "
+                             "parameterization='mup' (or 'standard', 'ntk', abc exponents).")
         if isinstance(input_shape, int):
             input_shape = (input_shape,)
         shape = tuple(int(s) for s in input_shape)
@@ -248,6 +270,22 @@ class Layer:
         )
         module, _ = self._build(shape, ctx)
         return module
+
+    def _build_abc(self, input_shape, parameterization, optimizer, base_width, generator,
+                   dtype, device) -> nn.Module:
+        from ..finite.params import abc_mlp
+
+        if isinstance(parameterization, dict):
+            preset, abc = None, parameterization
+        elif isinstance(parameterization, str):
+            preset, abc = parameterization, None
+        else:
+            raise TypeError(f"parameterization must be 'standard', 'ntk', 'mup' or a dict of "
+                            f"abc exponents, got {type(parameterization).__name__}.")
+        module = abc_mlp(self, input_shape, parameterization=preset, optimizer=optimizer,
+                         base_width=base_width, abc=abc, generator=generator,
+                         dtype=dtype or torch.get_default_dtype())
+        return module.to(device) if device is not None else module
 
     def hyperparameters(self) -> list[Tensor]:
         """The hyperparameters of this layer, and of the layers inside it, that
