@@ -563,7 +563,7 @@ def _assignments(a: int, b: int, idx: tuple[int, ...]) -> list[tuple[int, int]]:
             for pick in itertools.product(*choices)]
 
 
-def _price_moments(act: Activation, rule: "_Rule", cov: Tensor, m: int, ia: list[int],
+def _price_moments(act: Activation, rule: _Rule, cov: Tensor, m: int, ia: list[int],
                    ib: list[int]) -> Moments:
     """`moments` of a smooth activation with the derivatives in the covariance by Price's
     theorem instead of autodiff through the quadrature nodes.
@@ -611,10 +611,34 @@ def _price_moments(act: Activation, rule: "_Rule", cov: Tensor, m: int, ia: list
         outs["x4"].append(torch.einsum("bq,bqp,bqr->bpr", w, prod0, prod1))
         outs["d4"].append(torch.einsum("bq,bqp,bqr->bpr", w, prod1, prod1))
         outs["y3"].append(torch.einsum("bq,bqi,bqa,bqc->biac", w, z, s1, s0))
+        del z, w, dz, m2, s0, s1, prod0, prod1
+        if (start // chunk) % 16 == 15:
+            _release_freed_memory()
     return Moments(**{k: torch.cat(v) for k, v in outs.items()})
 
 
-def _node_count(rule: "_Rule") -> int:
+def _release_freed_memory() -> None:
+    """Returns freed heap memory to the system (glibc's ``malloc_trim``; a no-op
+    elsewhere). The chunks' tensors (~25 MB) fall under glibc's adaptive mmap threshold,
+    so freed ones stay in the heap, fragmented: without this the resident size grew by
+    ~10 MB per chunk (8 GB for a 256-input depth-4 erf MLP). Called every 16 chunks (a
+    trim costs about as much as a chunk)."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
+def _node_count(rule: _Rule) -> int:
     if rule.split:
         return (rule.x.numel() * (len(SPLIT_FIXED) + 6)) ** rule.m
     if rule.h is None:
