@@ -67,9 +67,9 @@ def main() -> None:
     args = parser.parse_args()
     x, y = load_digits()
     x, y = x[:32], (y[:32] % 2).to(F64) * 2 - 1
-    rows = ["| activation | depth | ladder | width | fit (alpha) | asym (alpha) | measured "
-            "(6 nets) | fit / measured | asym / measured | forecast s | measure s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = ("| activation | depth | ladder | width | fit (alpha) | asym (alpha) | measured "
+              "(6 nets) | fit / measured | asym / measured | forecast s | measure s |")
+    rows = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     load = os.getloadavg()[0]
     for act, depth, ladder, targets in CASES:
         net = mlp(act, depth)

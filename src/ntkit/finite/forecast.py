@@ -230,10 +230,11 @@ def ntk_change_forecast(net, x: Tensor, y: Tensor, *, width: int, lr: float, ste
         exponent: ``"asymptotic"`` (`asymptotic_exponent`: 1 for smooth activations,
             3/4 with a kink) or a number, with ``c`` taken from the widest ladder
             width; or None to fit ``alpha`` on the ladder as well. In
-            benchmarks/ntk_forecast.py the asymptotic exponent lands within 0.9-1.12x
-            of the measured mean at 4-32x the widest ladder width, depth 1 and 2; the
-            fitted one within 0.93-1.1x at depth 1 but 0.53-1.37x at depth 2, where
-            the ladder 64-256 is not yet in the large-width regime.
+            benchmarks/ntk_forecast.py, at 4-32x the widest ladder width, depth 1 and 2,
+            the asymptotic exponent lands at 0.79-1.12x the mean of six measured networks
+            (whose standard errors are 4-10%); the fitted one at 0.87-1.10x at depth 1
+            but 0.53-1.37x at depth 2, where the ladder 64-256 is not yet in the
+            large-width regime.
         seed: the first generator seed (seeds ``seed .. seed + seeds - 1`` at every width).
         dtype: the training dtype (float64 by default: the change is small).
         bootstrap: resamples of the seeds for the interval.
