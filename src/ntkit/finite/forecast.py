@@ -12,8 +12,8 @@ width grows, like a power of the width:
   fraction ``O(n^-1/2)`` of the ``n`` units cross the kink on a given input, each
   changing the NTK by ``O(1/n)``, with signs that cancel on average:
   ``sqrt(n * n^-1/2) / n = n^-3/4``. (Our own argument; measured in
-  tests/test_ntk_forecast.py and `benchmarks/ntk_forecast.py`: fitted slopes -0.75
-  to -0.8 for ReLU and -1.0 for Erf between widths 1024 and 16384.)
+  tests/test_ntk_forecast.py: the local slope steepens from -0.62 between widths 1024
+  and 4096 to -0.75 between 4096 and 16384 for ReLU, and from -0.87 to -1.04 for erf.)
 
 The coefficient ``c`` depends on the data, the labels, the learning rate and the number
 of steps, and the leading-order theory that gives it (PDLT ch. infinity, with the
