@@ -10,7 +10,7 @@ corrections need, over the pairs ``p = (a, b)``, ``a <= b``:
 - the fourth moments ``E[s_a s_b s_c s_d]``, ``E[s_a s_b s'_c s'_d]`` and
   ``E[s'_a s'_b s'_c s'_d]`` (``p = (a, b)``, ``q = (c, d)``).
 
-Two quadrature rules:
+Three rules:
 
 - positively homogeneous activations (`ABReLU` and its subclasses ReLU,
   LeakyReLU, Abs; `Sign`) with ``m <= 2``: exact polar integration. With
@@ -18,17 +18,24 @@ Two quadrature rules:
   product of homogeneous degree ``h`` is ``E[r^h]`` times an angular average;
   the angle is split where a pre-activation changes sign, so each arc's
   integrand is a trigonometric polynomial and Gauss-Legendre is exact to
-  rounding. The arc ends move with ``G``, so derivatives of ``E[s' s']`` (a
-  step function) come out right (Leibniz's rule), which a fixed grid would miss.
+  rounding. ``g, d`` and their derivatives come from closed forms, finite also at
+  collinear inputs (`_ArcComplement`).
 - `ABReLU` with ``m = 3, 4``: ``g, d`` and their derivatives in closed form (each
   involves one pair), ``E[s_a s_b s_c s_d]`` exactly by sequential conditioning
   (`ntkit.finite._fourth`); the moments with ``s'`` (``x4, d4, y3``, which the NNGP's
   four-point vertex does not use) by the Gauss-Hermite rule below (approximate).
-- otherwise: the Gauss-Hermite product rule on ``Z = L u`` (spectral for smooth
-  activations; for kinked activations and ``m > 2`` only an approximation).
+- smooth activations (`_SMOOTH`: erf, tanh, sigmoid, softplus, GELU, Gabor, exp, sin,
+  polynomials): the derivatives in the covariance by Price's theorem
+  (`_price_moments`), the expectations by the split rule (`_split_nodes`: Gauss-Legendre
+  panels that meet where each pre-activation crosses zero) for saturating ones, and by
+  Gauss-Hermite for polynomials, exp and sin. With ``m > 2`` each two-point quantity
+  comes from its own pair and each fourth moment from the inputs it involves.
+- otherwise (user functions, `RectifiedMonomial`, `Sign` with ``m > 2``): the
+  Gauss-Hermite product rule on ``Z = L u`` differentiated by forward-mode autodiff
+  through the nodes (approximate for kinks).
 
-Derivatives are taken by forward-mode autodiff (`torch.func.jacfwd`) through the
-rule, vectorised over a batch of input sets (`torch.func.vmap`).
+The last rule's derivatives are taken by forward-mode autodiff (`torch.func.jacfwd`)
+through the rule, vectorised over a batch of input sets (`torch.func.vmap`).
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ ARC_NODES = 12
 #: Gauss-Hermite nodes per axis for ``m`` = 1, 2, 3, 4 inputs (polynomials, exp, sin).
 HERMITE_NODES = {1: 96, 2: 48, 3: 20, 4: 12}
 #: Gauss-Legendre nodes per panel of the split rule (`_split_nodes`) for ``m`` inputs.
-SPLIT_NODES = {1: 16, 2: 10}
+SPLIT_NODES = {1: 16, 2: 10, 3: 4, 4: 3}
 #: The split rule integrates each standard normal coordinate over ``[-T, T]``.
 SPLIT_TAIL = 9.0
 #: Fixed panel ends of the split rule, for the Gaussian weight itself.
@@ -257,17 +264,17 @@ class _Rule:
     """Quadrature nodes ``Z (Q, m)``, weights ``(Q,)`` and the radial factor of each
     product degree, as a function of one covariance's pair entries."""
 
-    def __init__(self, act: Activation, m: int, dtype: torch.dtype) -> None:
+    def __init__(self, act: Activation, m: int, dtype: torch.dtype,
+                 hermite_nodes: int | None = None) -> None:
         self.m, self.dtype = m, dtype
         self.h = _homogeneity(act) if m <= 2 else None
-        self.split = (m <= 2 and self.h is None and _smooth(act)
-                      and not _hermite_suits(act))
+        self.split = self.h is None and _smooth(act) and not _hermite_suits(act)
         if self.split:
             x, w = _legendre(SPLIT_NODES[m])
             self.x = torch.as_tensor(x, dtype=dtype)
             self.wl = torch.as_tensor(w, dtype=dtype)
         elif self.h is None:
-            u, w = _hermite_grid(m, HERMITE_NODES.get(m, 8))
+            u, w = _hermite_grid(m, hermite_nodes or HERMITE_NODES.get(m, 8))
             self.u = torch.as_tensor(u, dtype=dtype)
             self.w = torch.as_tensor(w, dtype=dtype)
         else:
@@ -581,40 +588,152 @@ def _price_moments(act: Activation, rule: _Rule, cov: Tensor, m: int, ia: list[i
     about a hundred times cheaper, and more accurate (no division by the conditional
     deviation near singular covariances).
     """
+    if m > 2:
+        return _price_many(act, rule, cov, m, ia, ib)
     b, p = cov.shape
-    pairs = list(zip(ia, ib))
-    k_q = [0.5 if c == d else 1.0 for c, d in pairs]
+    price_map = _price_map(m).to(cov.dtype)
+    shapes = {"g": (p,), "d": (p,), "jac_g": (p, p), "jac_d": (p, p), "hess_g": (p, p, p),
+              "hess_d": (p, p, p)}
+    sizes = [math.prod(shapes[k]) for k in ("g", "d", "jac_g", "jac_d", "hess_g", "hess_d")]
     nodes_per_cov = _node_count(rule)
     chunk = max(1, _CHUNK_BYTES // (nodes_per_cov * m * _NODE_BYTES))
     outs: dict[str, list[Tensor]] = {k: [] for k in Moments.__dataclass_fields__}
     for start in range(0, b, chunk):
         z, w = torch.func.vmap(rule.nodes)(cov[start:start + chunk])  # (B, Q, m), (B, Q)
         dz = _activation_derivatives(act, z, _ORDER)  # (B, Q, K, m)
-        m2 = torch.einsum("bq,bqka,bqlc->bkalc", w, dz, dz)
+        flat = dz.flatten(2)  # (B, Q, K m)
+        m2 = torch.bmm((flat * w[..., None]).transpose(1, 2), flat).view(
+            -1, *dz.shape[2:], *dz.shape[2:])  # (B, K, m, K, m)
 
-        def expect(base: int, a: int, bb: int, idx: tuple[int, ...], m2=m2) -> Tensor:
-            terms = [m2[:, base + n1, a, base + n2, bb] for n1, n2 in _assignments(a, bb, idx)]
-            return sum(terms, torch.zeros_like(m2[:, 0, 0, 0, 0]))
-
-        for key, base in (("g", 0), ("d", 1)):
-            outs[key].append(torch.stack([m2[:, base, a, base, bb] for a, bb in pairs], 1))
-            jac = [[k_q[q] * expect(base, a, bb, pairs[q]) for q in range(p)]
-                   for a, bb in pairs]
-            outs["jac_" + key].append(torch.stack([torch.stack(r, 1) for r in jac], 1))
-            hess = [[[k_q[q] * k_q[r] * expect(base, a, bb, pairs[q] + pairs[r])
-                      for r in range(p)] for q in range(p)] for a, bb in pairs]
-            outs["hess_" + key].append(torch.stack(
-                [torch.stack([torch.stack(r, 1) for r in row], 1) for row in hess], 1))
+        two = m2.reshape(m2.shape[0], -1) @ price_map.T  # (B, 2 (P + P^2 + P^3))
+        for key, part in zip(("g", "d", "jac_g", "jac_d", "hess_g", "hess_d"),
+                             torch.split(two, sizes, 1)):
+            outs[key].append(part.reshape(-1, *shapes[key]))
         s0, s1 = dz[:, :, 0], dz[:, :, 1]
         prod0, prod1 = s0[..., ia] * s0[..., ib], s1[..., ia] * s1[..., ib]
-        outs["f4"].append(torch.einsum("bq,bqp,bqr->bpr", w, prod0, prod0))
-        outs["x4"].append(torch.einsum("bq,bqp,bqr->bpr", w, prod0, prod1))
-        outs["d4"].append(torch.einsum("bq,bqp,bqr->bpr", w, prod1, prod1))
-        outs["y3"].append(torch.einsum("bq,bqi,bqa,bqc->biac", w, z, s1, s0))
+        weighted0 = (prod0 * w[..., None]).transpose(1, 2)
+        outs["f4"].append(torch.bmm(weighted0, prod0))
+        outs["x4"].append(torch.bmm(weighted0, prod1))
+        outs["d4"].append(torch.bmm((prod1 * w[..., None]).transpose(1, 2), prod1))
+        zs1 = (z[..., :, None] * s1[..., None, :] * w[..., None, None]).flatten(2)
+        outs["y3"].append(torch.bmm(zs1.transpose(1, 2), s0).view(-1, m, m, m))
         del z, w, dz, m2, s0, s1, prod0, prod1
         if (start // chunk) % 16 == 15:
             _release_freed_memory()
     return Moments(**{k: torch.cat(v) for k, v in outs.items()})
+
+
+@functools.lru_cache(maxsize=4)
+def _price_map(m: int) -> Tensor:
+    """The linear map from ``E[s^(k)(Z_a) s^(l)(Z_c)]`` (flattened ``(K, m, K, m)``) to
+    ``g, d, jac_g, jac_d, hess_g, hess_d`` (flattened and concatenated) by Price's
+    theorem and the product rule (`_price_moments`)."""
+    ia, ib = pair_index(m)
+    pairs = list(zip(ia, ib))
+    p, k = len(pairs), _ORDER + 1
+    k_q = [0.5 if c == d else 1.0 for c, d in pairs]
+    rows: list[dict[int, float]] = []
+
+    def row(base: int, a: int, b: int, idx: tuple[int, ...], scale: float) -> None:
+        entry: dict[int, float] = {}
+        for n1, n2 in _assignments(a, b, idx):
+            col = (((base + n1) * m + a) * k + base + n2) * m + b
+            entry[col] = entry.get(col, 0.0) + scale
+        rows.append(entry)
+
+    for base in (0, 1):  # g, d
+        for a, b in pairs:
+            row(base, a, b, (), 1.0)
+    for base in (0, 1):  # jac_g, jac_d
+        for a, b in pairs:
+            for q in range(p):
+                row(base, a, b, pairs[q], k_q[q])
+    for base in (0, 1):  # hess_g, hess_d
+        for a, b in pairs:
+            for q in range(p):
+                for r in range(p):
+                    row(base, a, b, pairs[q] + pairs[r], k_q[q] * k_q[r])
+    out = torch.zeros(len(rows), (k * m) ** 2, dtype=torch.float64)
+    for i, entry in enumerate(rows):
+        for col, value in entry.items():
+            out[i, col] = value
+    return out
+
+
+def _price_many(act: Activation, rule: _Rule, cov: Tensor, m: int, ia: list[int],
+                ib: list[int]) -> Moments:
+    """`_price_moments` for ``m > 2`` inputs. ``g_p``, ``d_p`` and their derivatives
+    involve only the pair ``p = (a, b)``: each comes from the one- or two-input problem
+    of that pair (accurate and cheap) and is scattered into the ``P`` entries; the
+    fourth moments by `_fourth_by_subsets`. (The Gauss-Hermite product rule used before,
+    12^4 nodes for four inputs, was 3% off in ``E[s_a s_b s_c s_d]`` at variance 1 and
+    19% at 10 for erf, and its first derivatives 4% and more.)"""
+    b, p = cov.shape
+    index = {pair: q for q, pair in enumerate(zip(ia, ib))}
+    out = {k: cov.new_zeros(b, p) for k in ("g", "d")}
+    out.update({k: cov.new_zeros(b, p, p) for k in ("jac_g", "jac_d")})
+    out.update({k: cov.new_zeros(b, p, p, p) for k in ("hess_g", "hess_d")})
+    for q, (a, bb) in enumerate(zip(ia, ib)):
+        sub = [index[(a, a)]] if a == bb else [index[(a, a)], index[(a, bb)], index[(bb, bb)]]
+        own = 0 if a == bb else 1  # the pair's own entry among the sub-problem's
+        two = moments(act, cov[:, sub])
+        sel = torch.tensor(sub)
+        for key in ("g", "d"):
+            out[key][:, q] = getattr(two, key)[:, own]
+            out["jac_" + key][:, q, sel] = getattr(two, "jac_" + key)[:, own]
+            out["hess_" + key][:, q, sel[:, None], sel[None, :]] = getattr(
+                two, "hess_" + key)[:, own]
+    fourth = _fourth_by_subsets(act, cov, m, ia, ib)
+    return Moments(**out, **fourth)
+
+
+def _fourth_by_subsets(act: Activation, cov: Tensor, m: int, ia: list[int], ib: list[int]
+                       ) -> dict[str, Tensor]:
+    """``f4, x4, d4, y3`` for ``m > 2`` inputs, each entry integrated over only the inputs
+    it involves (a set ``S`` of 1 to 4 of them) by the split rule in ``|S|`` dimensions
+    (`SPLIT_NODES`): most entries repeat an input, so only ``E[s_0 s_1 s_2 s_3]`` (and
+    its ``s'`` variants) needs four dimensions."""
+    import itertools
+
+    b, p = cov.shape
+    index = {pair: q for q, pair in enumerate(zip(ia, ib))}
+    pairs = list(zip(ia, ib))
+    out = {k: cov.new_zeros(b, p, p) for k in ("f4", "x4", "d4")}
+    out["y3"] = cov.new_zeros(b, m, m, m)
+    for size in range(1, min(m, 4) + 1):
+        for subset in itertools.combinations(range(m), size):
+            entries = [(q, r) for q, (a, bb) in enumerate(pairs)
+                       for r, (c, d) in enumerate(pairs) if {a, bb, c, d} == set(subset)]
+            triples = [t for t in itertools.product(range(m), repeat=3) if set(t) == set(subset)]
+            if not entries and not triples:
+                continue
+            pos = {v: i for i, v in enumerate(subset)}
+            sub = [index[(min(u, v), max(u, v))] for u, v in zip(*pair_index(size))
+                   for u, v in [(subset[u], subset[v])]]
+            rule = _Rule(act, size, cov.dtype)
+            chunk = _chunk_of(rule, size)
+            for start in range(0, b, chunk):
+                rows = slice(start, start + chunk)
+                z, w = torch.func.vmap(rule.nodes)(cov[rows][:, sub])  # (B, Q, size)
+                dz = _activation_derivatives(act, z, 1)
+                s0, s1 = dz[:, :, 0], dz[:, :, 1]
+                for q, r in entries:
+                    (a, bb), (c, d) = pairs[q], pairs[r]
+                    i, j, k, l = pos[a], pos[bb], pos[c], pos[d]
+                    for key, left, right in (("f4", s0, s0), ("x4", s0, s1), ("d4", s1, s1)):
+                        prod = left[..., i] * left[..., j] * right[..., k] * right[..., l]
+                        out[key][rows, q, r] = (w * prod).sum(1)
+                for t in triples:
+                    i, a, c = (pos[v] for v in t)
+                    out["y3"][rows, t[0], t[1], t[2]] = (w * z[..., i] * s1[..., a]
+                                                         * s0[..., c]).sum(1)
+                del z, w, dz, s0, s1
+            _release_freed_memory()
+    return out
+
+
+def _chunk_of(rule: _Rule, m: int) -> int:
+    return max(1, _CHUNK_BYTES // (_node_count(rule) * m * _NODE_BYTES))
 
 
 def _release_freed_memory() -> None:
