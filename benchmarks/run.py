@@ -118,6 +118,9 @@ CASES = {
                       "mean shifts, kurtosis) of 4 x [Linear(w_std=1.4, b_std=0.1), ReLU] + "
                       "Linear(1) at width 512, x: 256 x 20, all 256 x 256 entries, float64; "
                       "target: seconds, memory linear in the entries"), []),
+    "finite_width_erf": (("the same with Erf (a smooth activation: split Gauss-Legendre "
+                          "rule, Price's theorem), x: 64 x 20, all 64 x 64 entries; time "
+                          "linear in the entries"), []),
     "rnn": (("recurrent NTK: RNN(256, ReLU, w_std=1, u_std=1, b_std=0.1, num_layers=2, "
              "readout='last') + Linear(1), 256 sequences of length 32 with 8 channels, float64, "
              "NNGP and NTK k(x, x); peer: the same recursion written plainly in NumPy as "
@@ -257,15 +260,16 @@ def extra_case(case: str):
     return (lambda: net.kernel(x)), 64 * 64
 
 
-def finite_width_case(baseline: float, reps: int) -> dict:
+def finite_width_case(baseline: float, reps: int, smooth: bool = False) -> dict:
     """The ``finite_width`` workload: one timed `nk.finite_width` call (no warm-up: the
-    first call is the one a user waits for)."""
+    first call is the one a user waits for); ``smooth``: Erf on 64 inputs."""
     import torch
 
     import ntkit as nk
 
-    x = torch.randn(256, 20, generator=torch.Generator().manual_seed(0))
-    block = lambda: (nk.Linear(512, w_std=1.4, b_std=0.1), nk.ReLU())
+    x = torch.randn(64 if smooth else 256, 20, generator=torch.Generator().manual_seed(0))
+    act = nk.Erf if smooth else nk.ReLU
+    block = lambda: (nk.Linear(512, w_std=1.4, b_std=0.1), act())
     net = nk.Sequential(*block(), *block(), *block(), *block(), nk.Linear(1, 1.4, 0.1))
     t0 = time.perf_counter()
     nk.finite_width(net, x, width=512)
@@ -452,6 +456,8 @@ def _ntkit_case(case: str, reps: int) -> dict:
         entries = 50 * 20000 * 10
     elif case == "finite_width":
         return finite_width_case(baseline, reps)
+    elif case == "finite_width_erf":
+        return finite_width_case(baseline, reps, smooth=True)
     elif case == "large_n":
         return large_n_case(baseline)
     elif case == "sk_ntk":
