@@ -24,9 +24,9 @@ Three rules:
   involves one pair), ``E[s_a s_b s_c s_d]`` exactly by sequential conditioning
   (`ntkit.finite._fourth`); the moments with ``s'`` (``x4, d4, y3``, which the NNGP's
   four-point vertex does not use) by the Gauss-Hermite rule below (approximate).
-- smooth activations (`_SMOOTH`: erf, tanh, sigmoid, softplus, GELU, Gabor, exp, sin,
+- smooth activations (`ntkit.finite._split.SMOOTH`: erf, tanh, sigmoid, softplus, GELU, Gabor, exp, sin,
   polynomials): the derivatives in the covariance by Price's theorem
-  (`_price_moments`), the expectations by the split rule (`_split_nodes`: Gauss-Legendre
+  (`ntkit.finite._price.price_moments`), the expectations by the split rule (`ntkit.finite._split.split_nodes`: Gauss-Legendre
   panels that meet where each pre-activation crosses zero) for saturating ones, and by
   Gauss-Hermite for polynomials, exp and sin. With ``m > 2`` each two-point quantity
   comes from its own pair and each fourth moment from the inputs it involves.
@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from ..layers.activations import ABReLU, Activation, Erf, Sign
+from ._split import SPLIT_NODES, hermite_suits, smooth, split_nodes
 
 __all__ = ["Moments", "moments", "pair_index"]
 
@@ -57,14 +58,6 @@ __all__ = ["Moments", "moments", "pair_index"]
 ARC_NODES = 12
 #: Gauss-Hermite nodes per axis for ``m`` = 1, 2, 3, 4 inputs (polynomials, exp, sin).
 HERMITE_NODES = {1: 96, 2: 48, 3: 20, 4: 12}
-#: Gauss-Legendre nodes per panel of the split rule (`_split_nodes`) for ``m`` inputs.
-SPLIT_NODES = {1: 16, 2: 10, 3: 4, 4: 3}
-#: The split rule integrates each standard normal coordinate over ``[-T, T]``.
-SPLIT_TAIL = 9.0
-#: Fixed panel ends of the split rule, for the Gaussian weight itself.
-SPLIT_FIXED = (-4.5, -2.5, -1.0, 1.0, 2.5, 4.5)
-
-
 def pair_index(m: int) -> tuple[list[int], list[int]]:
     """The pairs ``(a, b)``, ``a <= b``, of ``m`` inputs, as two index lists."""
     ia, ib = [], []
@@ -181,85 +174,6 @@ def _radial_moment(dim: int, degree: int) -> float:
     return 2 ** (degree / 2) * math.gamma((dim + degree) / 2) / math.gamma(dim / 2)
 
 
-def _hermite_suits(act: Activation) -> bool:
-    """Whether the Gauss-Hermite product rule is the right one for ``act``: polynomials
-    (exact), and entire functions of exponential type (``exp``, ``sin``), whose Gaussian
-    tails reach beyond the split rule's truncation at ``SPLIT_TAIL``."""
-    from ..layers.activations import Exp, Gaussian, Sin
-    from ..layers.polynomial import Monomial
-    from ..layers.special import ExpNormalized, Hermite, Polynomial
-
-    if isinstance(act, Gaussian):
-        return float(act.b) > 0  # exp(b x^2) with b > 0: heavy tails
-    return isinstance(act, (Exp, ExpNormalized, Sin, Monomial, Polynomial, Hermite))
-
-
-def _match_moments(t: Tensor, w: Tensor, *, degree: int = 5, sweeps: int = 2) -> Tensor:
-    """Weights ``w (Q, K)`` on nodes ``t (Q, K)`` corrected so that each row integrates
-    the Hermite polynomials ``He_0 .. He_degree`` (so ``1, t, .., t^degree``) exactly
-    against ``N(0, 1)``: ``w <- w (1 + sum_j c_j He_j(t))`` with ``c_j = (E[He_j] -
-    sum w He_j) / j!`` (the Hermite polynomials are orthogonal with norms ``j!``, so a
-    sweep removes the error but a part the size of the rule's own error, ~1e-8).
-
-    Why: the split rule's panels are not symmetric about 0, so its ``sum w t`` is not
-    exactly 0. Near a singular covariance (nearly collinear inputs) the derivatives in
-    the covariance divide by the small conditional deviation ``L_kk`` once per order,
-    and the moment errors came out multiplied by ``1 / L_kk^2`` in the second
-    derivatives; with the low moments exact, the Taylor terms that the division cancels
-    cancel exactly, as they do for Gauss-Hermite.
-    """
-    he = [torch.ones_like(t), t]
-    for j in range(1, degree):
-        he.append(t * he[j] - j * he[j - 1])  # He_{j+1} = t He_j - j He_{j-1}
-    for _ in range(sweeps):
-        factor = torch.ones_like(t)
-        for j, h in enumerate(he):
-            miss = float(j == 0) - (w * h).sum(1, keepdim=True)
-            factor = factor + miss / math.factorial(j) * h
-        w = w * factor
-    return w
-
-
-def _split_nodes(low: list[list[Tensor]], x: Tensor, wl: Tensor
-                 ) -> tuple[Tensor, Tensor]:
-    """The split rule: ``Z = L t`` with ``t ~ N(0, I_m)`` integrated one coordinate at a
-    time (``t_k`` given ``t_1 .. t_{k-1}``) by Gauss-Legendre on six panels of ``[-T, T]``
-    that meet at ``t*_k``, the value at which ``Z_k`` crosses zero, and at the points
-    where ``Z_k = +-1/2`` and ``+-2`` (clamped to ``[-T, T]``; empty panels weigh 0).
-
-    Saturating activations (erf, tanh, sigmoid, GELU's Gaussian cdf) change fastest
-    around zero, at a scale ``1 / sqrt(variance)`` that Gauss-Hermite nodes (spaced
-    ``~ 3 / sqrt(nodes)``) do not resolve once the variance is a few units: the
-    product rule's error in ``E[s'_a s'_b s'_c s'_d]`` and in the second derivatives
-    reaches 1e-2 at variance 3 and 1e1 at variance 10 (48 nodes per axis). Here every
-    zero crossing sits at a panel end, where Gauss-Legendre nodes crowd, and a kink or
-    jump at zero (user functions, `Sign`) is integrated exactly. Returns nodes
-    ``(Q, m)`` and weights ``(Q,)`` with ``Q = (6 n)^m``, differentiable in ``low``.
-    """
-    m = len(low)
-    tail = SPLIT_TAIL
-    ts: list[Tensor] = []
-    w = torch.ones(1, dtype=x.dtype) + 0 * low[0][0]
-    for k in range(m):
-        shift = sum((low[k][j] * ts[j] for j in range(k)), torch.zeros_like(w))
-        lkk = low[k][k]
-        star = -shift / lkk
-        # panel ends: the zero crossing, then graded at 1/2 and 2 units of Z_k (the scale
-        # of an activation's transition) on each side, all inside [-T, T]
-        moving = [torch.clamp(star + o / lkk, -tail, tail) for o in (-2.0, -0.5, 0.0, 0.5, 2.0)]
-        fixed = [torch.full_like(star, t) for t in (-tail, *SPLIT_FIXED, tail)]
-        ends = torch.sort(torch.stack(fixed + moving, 1), 1).values  # (Q, panels + 1)
-        lo, half = ends[:, :-1, None], (ends[:, 1:, None] - ends[:, :-1, None]) / 2
-        tk = (lo + half * (x + 1)).flatten(1)
-        wk = _match_moments(tk, (half * wl).flatten(1) * torch.exp(-tk * tk / 2)
-                            / math.sqrt(2 * math.pi))
-        q = tk.shape[1]
-        ts = [t[:, None].expand(-1, q).reshape(-1) for t in ts] + [tk.reshape(-1)]
-        w = (w[:, None] * wk).reshape(-1)
-    z = [sum(low[k][j] * ts[j] for j in range(k + 1)) for k in range(m)]
-    return torch.stack(z, 1), w
-
-
 class _Rule:
     """Quadrature nodes ``Z (Q, m)``, weights ``(Q,)`` and the radial factor of each
     product degree, as a function of one covariance's pair entries."""
@@ -268,7 +182,7 @@ class _Rule:
                  hermite_nodes: int | None = None) -> None:
         self.m, self.dtype = m, dtype
         self.h = _homogeneity(act) if m <= 2 else None
-        self.split = self.h is None and _smooth(act) and not _hermite_suits(act)
+        self.split = self.h is None and smooth(act) and not hermite_suits(act)
         if self.split:
             x, w = _legendre(SPLIT_NODES[m])
             self.x = torch.as_tensor(x, dtype=dtype)
@@ -291,7 +205,7 @@ class _Rule:
     def nodes(self, params: Tensor) -> tuple[Tensor, Tensor]:
         low = _cholesky(_matrix(params, self.m))
         if self.split:
-            return _split_nodes(low, self.x, self.wl)
+            return split_nodes(low, self.x, self.wl)
         if self.h is None:
             lmat = torch.stack([torch.stack(row) for row in low])
             return self.u @ lmat.T, self.w
@@ -439,8 +353,10 @@ def moments(act: Activation, cov: Tensor, *, chunk: int = 16384) -> Moments:
 
     if isinstance(act, ABReLU) and m <= 2:
         return _abrelu_moments(act, cov, m, ia, ib)
-    if _smooth(act):
-        return _price_moments(act, rule, cov, m, ia, ib)
+    if smooth(act):
+        from ._price import price_moments
+
+        return price_moments(act, rule, cov, m, ia, ib)
 
     exact = isinstance(act, ABReLU)  # m > 2: exact two-point and f4 (module docstring)
     jac = torch.func.jacfwd(two)
@@ -465,304 +381,6 @@ def moments(act: Activation, cov: Tensor, *, chunk: int = 16384) -> Moments:
     return Moments(g=v[:, :p], d=v[:, p:], jac_g=j[:, :p], jac_d=j[:, p:], hess_g=hh[:, :p],
                    hess_d=hh[:, p:], f4=f4, x4=torch.cat(outs["x4"]),
                    d4=torch.cat(outs["d4"]), y3=torch.cat(outs["y3"]))
-
-
-#: Activations with classical derivatives of every order (`_price_moments`).
-_SMOOTH = ("Erf", "Tanh", "Sigmoid", "Softplus", "GELU", "Gabor", "Exp", "ExpNormalized",
-           "Sin", "Gaussian", "Monomial", "Polynomial", "Hermite")
-#: Derivatives of the activation that `_price_moments` needs (``hess_d``: ``s'`` four
-#: more times).
-_ORDER = 5
-#: Bytes of work per quadrature node and input in `_price_moments` (derivatives, their
-#: autograd graph, products), which sets its chunk of covariances.
-_NODE_BYTES = 8 * 64
-#: `_price_moments` holds about this much per chunk of covariances.
-_CHUNK_BYTES = 2**28
-
-
-def _smooth(act: Activation) -> bool:
-    names = {c.__name__ for c in type(act).__mro__}
-    return bool(names & set(_SMOOTH))
-
-
-def _activation_derivatives(act: Activation, z: Tensor, order: int) -> Tensor:
-    """``s^(k)(z)`` for ``k = 0 .. order`` by nested autograd of the elementwise ``fn``
-    (the gradient of the sum is the elementwise derivative), or in closed form where
-    `_closed_derivatives` has one: ``(..., order + 1, m)``."""
-    closed = _closed_derivatives(act, z, order)
-    if closed is not None:
-        return torch.stack(closed, -2)
-    fn = act.fn
-    with torch.enable_grad():
-        zz = z.detach().requires_grad_(True)
-        out = [fn(zz)]
-        for _ in range(order):
-            last = out[-1]
-            if not last.requires_grad:  # a polynomial ran out of derivatives
-                out.append(torch.zeros_like(zz))
-                continue
-            (grad,) = torch.autograd.grad(last.sum(), zz, create_graph=True, allow_unused=True)
-            out.append(torch.zeros_like(zz) if grad is None else grad)
-    return torch.stack([o.detach() for o in out], -2)
-
-
-def _poly_chain(t: Tensor, order: int, dt: list[float]) -> list[Tensor]:
-    """``P_0(t) = t``, ``P_{k+1} = P_k'(t) q(t)`` with ``q`` the polynomial of
-    coefficients ``dt`` (``dt/dz = q(t)``: tanh ``1 - t^2``, sigmoid ``t - t^2``):
-    the derivatives of ``t(z)`` as polynomials in ``t``, evaluated by Horner."""
-    poly, out = [0.0, 1.0], []
-    for _ in range(order + 1):
-        value = torch.zeros_like(t)
-        for c in reversed(poly):
-            value = value * t + c
-        out.append(value)
-        deriv = [i * c for i, c in enumerate(poly)][1:] or [0.0]
-        nxt = [0.0] * (len(deriv) + len(dt) - 1)
-        for i, c in enumerate(deriv):
-            for j, e in enumerate(dt):
-                nxt[i + j] += c * e
-        poly = nxt
-    return out
-
-
-def _closed_derivatives(act: Activation, z: Tensor, order: int) -> list[Tensor] | None:
-    """``s^(k)(z)``, ``k = 0 .. order``, in closed form for the common smooth activations
-    (nested autograd costs ~5x more), or None."""
-    from ..layers.activations import GELU
-
-    name = type(act).__name__
-    if isinstance(act, Erf):  # a erf(b z) + c: d^k e^{-u^2}/du^k = (-1)^k H_k(u) e^{-u^2}
-        a, bb, c = float(act.a), float(act.b), float(act.c)
-        u = bb * z
-        gauss = a * 2 / math.sqrt(math.pi) * torch.exp(-u * u)
-        out, herm = [a * torch.erf(u) + c], [torch.ones_like(u), 2 * u]
-        for k in range(order):
-            if k + 1 >= len(herm):
-                herm.append(2 * u * herm[k] - 2 * k * herm[k - 1])
-            out.append((-1) ** k * bb ** (k + 1) * herm[k] * gauss)
-        return out
-    if name == "Tanh":
-        return _poly_chain(torch.tanh(z), order, [1.0, 0.0, -1.0])
-    if name == "Sigmoid":
-        return _poly_chain(torch.sigmoid(z), order, [0.0, 1.0, -1.0])
-    if name == "Softplus":
-        return [torch.nn.functional.softplus(z)] + _poly_chain(torch.sigmoid(z), order - 1,
-                                                               [0.0, 1.0, -1.0])
-    if isinstance(act, GELU) and act.approximate == "none":  # z Phi(z)
-        pdf = torch.exp(-z * z / 2) / math.sqrt(2 * math.pi)
-        herm = [torch.ones_like(z), z]  # probabilists' He_j
-        for j in range(1, order):
-            herm.append(z * herm[j] - j * herm[j - 1])
-        cdf = [0.5 * torch.special.erfc(-z / math.sqrt(2))] + [
-            (-1) ** (j - 1) * herm[j - 1] * pdf for j in range(1, order + 1)]  # Phi^(j)
-        return [z * cdf[0]] + [z * cdf[k] + k * cdf[k - 1] for k in range(1, order + 1)]
-    return None
-
-
-def _assignments(a: int, b: int, idx: tuple[int, ...]) -> list[tuple[int, int]]:
-    """The derivative ``d/dz_idx`` of ``f1(z_a) f2(z_b)`` as a list of ``(n1, n2)``:
-    the term ``f1^(n1)(z_a) f2^(n2)(z_b)`` once per entry (the product rule; an index
-    that is neither ``a`` nor ``b`` gives no term)."""
-    import itertools
-
-    choices = [[f for f, i in ((0, a), (1, b)) if i == j] for j in idx]
-    return [(sum(1 for c in pick if c == 0), sum(1 for c in pick if c == 1))
-            for pick in itertools.product(*choices)]
-
-
-def _price_moments(act: Activation, rule: _Rule, cov: Tensor, m: int, ia: list[int],
-                   ib: list[int]) -> Moments:
-    """`moments` of a smooth activation with the derivatives in the covariance by Price's
-    theorem instead of autodiff through the quadrature nodes.
-
-    For ``Z ~ N(0, G)`` and the pair entries ``G_q``, ``q = (c, d)``, ``c <= d`` (one
-    parameter per symmetric pair), Price's theorem (Price 1958; Stein's lemma twice)::
-
-        d E[F(Z)] / d G_q = k_q E[d^2 F / dZ_c dZ_d],   k_q = 1/2 if c = d else 1,
-
-    and again for second derivatives. With ``F = s_a s_b`` (``g``) or ``s'_a s'_b``
-    (``d``) the product rule turns every derivative into ``E[s^(k)(Z_a) s^(l)(Z_b)]``,
-    ``k, l <= 5``: one weighted sum per ``(k, a, l, b)`` over the same nodes. The old
-    route, forward-mode autodiff twice through the nodes' dependence on ``G``, took
-    ~0.1 s and ~30 MB per covariance (a 256-input MLP ran out of memory); this one is
-    about a hundred times cheaper, and more accurate (no division by the conditional
-    deviation near singular covariances).
-    """
-    if m > 2:
-        return _price_many(act, rule, cov, m, ia, ib)
-    b, p = cov.shape
-    price_map = _price_map(m).to(cov.dtype)
-    shapes = {"g": (p,), "d": (p,), "jac_g": (p, p), "jac_d": (p, p), "hess_g": (p, p, p),
-              "hess_d": (p, p, p)}
-    sizes = [math.prod(shapes[k]) for k in ("g", "d", "jac_g", "jac_d", "hess_g", "hess_d")]
-    nodes_per_cov = _node_count(rule)
-    chunk = max(1, _CHUNK_BYTES // (nodes_per_cov * m * _NODE_BYTES))
-    outs: dict[str, list[Tensor]] = {k: [] for k in Moments.__dataclass_fields__}
-    for start in range(0, b, chunk):
-        z, w = torch.func.vmap(rule.nodes)(cov[start:start + chunk])  # (B, Q, m), (B, Q)
-        dz = _activation_derivatives(act, z, _ORDER)  # (B, Q, K, m)
-        flat = dz.flatten(2)  # (B, Q, K m)
-        m2 = torch.bmm((flat * w[..., None]).transpose(1, 2), flat).view(
-            -1, *dz.shape[2:], *dz.shape[2:])  # (B, K, m, K, m)
-
-        two = m2.reshape(m2.shape[0], -1) @ price_map.T  # (B, 2 (P + P^2 + P^3))
-        for key, part in zip(("g", "d", "jac_g", "jac_d", "hess_g", "hess_d"),
-                             torch.split(two, sizes, 1)):
-            outs[key].append(part.reshape(-1, *shapes[key]))
-        s0, s1 = dz[:, :, 0], dz[:, :, 1]
-        prod0, prod1 = s0[..., ia] * s0[..., ib], s1[..., ia] * s1[..., ib]
-        weighted0 = (prod0 * w[..., None]).transpose(1, 2)
-        outs["f4"].append(torch.bmm(weighted0, prod0))
-        outs["x4"].append(torch.bmm(weighted0, prod1))
-        outs["d4"].append(torch.bmm((prod1 * w[..., None]).transpose(1, 2), prod1))
-        zs1 = (z[..., :, None] * s1[..., None, :] * w[..., None, None]).flatten(2)
-        outs["y3"].append(torch.bmm(zs1.transpose(1, 2), s0).view(-1, m, m, m))
-        del z, w, dz, m2, s0, s1, prod0, prod1
-        if (start // chunk) % 16 == 15:
-            _release_freed_memory()
-    return Moments(**{k: torch.cat(v) for k, v in outs.items()})
-
-
-@functools.lru_cache(maxsize=4)
-def _price_map(m: int) -> Tensor:
-    """The linear map from ``E[s^(k)(Z_a) s^(l)(Z_c)]`` (flattened ``(K, m, K, m)``) to
-    ``g, d, jac_g, jac_d, hess_g, hess_d`` (flattened and concatenated) by Price's
-    theorem and the product rule (`_price_moments`)."""
-    ia, ib = pair_index(m)
-    pairs = list(zip(ia, ib))
-    p, k = len(pairs), _ORDER + 1
-    k_q = [0.5 if c == d else 1.0 for c, d in pairs]
-    rows: list[dict[int, float]] = []
-
-    def row(base: int, a: int, b: int, idx: tuple[int, ...], scale: float) -> None:
-        entry: dict[int, float] = {}
-        for n1, n2 in _assignments(a, b, idx):
-            col = (((base + n1) * m + a) * k + base + n2) * m + b
-            entry[col] = entry.get(col, 0.0) + scale
-        rows.append(entry)
-
-    for base in (0, 1):  # g, d
-        for a, b in pairs:
-            row(base, a, b, (), 1.0)
-    for base in (0, 1):  # jac_g, jac_d
-        for a, b in pairs:
-            for q in range(p):
-                row(base, a, b, pairs[q], k_q[q])
-    for base in (0, 1):  # hess_g, hess_d
-        for a, b in pairs:
-            for q in range(p):
-                for r in range(p):
-                    row(base, a, b, pairs[q] + pairs[r], k_q[q] * k_q[r])
-    out = torch.zeros(len(rows), (k * m) ** 2, dtype=torch.float64)
-    for i, entry in enumerate(rows):
-        for col, value in entry.items():
-            out[i, col] = value
-    return out
-
-
-def _price_many(act: Activation, rule: _Rule, cov: Tensor, m: int, ia: list[int],
-                ib: list[int]) -> Moments:
-    """`_price_moments` for ``m > 2`` inputs. ``g_p``, ``d_p`` and their derivatives
-    involve only the pair ``p = (a, b)``: each comes from the one- or two-input problem
-    of that pair (accurate and cheap) and is scattered into the ``P`` entries; the
-    fourth moments by `_fourth_by_subsets`. (The Gauss-Hermite product rule used before,
-    12^4 nodes for four inputs, was 3% off in ``E[s_a s_b s_c s_d]`` at variance 1 and
-    19% at 10 for erf, and its first derivatives 4% and more.)"""
-    b, p = cov.shape
-    index = {pair: q for q, pair in enumerate(zip(ia, ib))}
-    out = {k: cov.new_zeros(b, p) for k in ("g", "d")}
-    out.update({k: cov.new_zeros(b, p, p) for k in ("jac_g", "jac_d")})
-    out.update({k: cov.new_zeros(b, p, p, p) for k in ("hess_g", "hess_d")})
-    for q, (a, bb) in enumerate(zip(ia, ib)):
-        sub = [index[(a, a)]] if a == bb else [index[(a, a)], index[(a, bb)], index[(bb, bb)]]
-        own = 0 if a == bb else 1  # the pair's own entry among the sub-problem's
-        two = moments(act, cov[:, sub])
-        sel = torch.tensor(sub)
-        for key in ("g", "d"):
-            out[key][:, q] = getattr(two, key)[:, own]
-            out["jac_" + key][:, q, sel] = getattr(two, "jac_" + key)[:, own]
-            out["hess_" + key][:, q, sel[:, None], sel[None, :]] = getattr(
-                two, "hess_" + key)[:, own]
-    fourth = _fourth_by_subsets(act, cov, m, ia, ib)
-    return Moments(**out, **fourth)
-
-
-def _fourth_by_subsets(act: Activation, cov: Tensor, m: int, ia: list[int], ib: list[int]
-                       ) -> dict[str, Tensor]:
-    """``f4, x4, d4, y3`` for ``m > 2`` inputs, each entry integrated over only the inputs
-    it involves (a set ``S`` of 1 to 4 of them) by the split rule in ``|S|`` dimensions
-    (`SPLIT_NODES`): most entries repeat an input, so only ``E[s_0 s_1 s_2 s_3]`` (and
-    its ``s'`` variants) needs four dimensions."""
-    import itertools
-
-    b, p = cov.shape
-    index = {pair: q for q, pair in enumerate(zip(ia, ib))}
-    pairs = list(zip(ia, ib))
-    out = {k: cov.new_zeros(b, p, p) for k in ("f4", "x4", "d4")}
-    out["y3"] = cov.new_zeros(b, m, m, m)
-    for size in range(1, min(m, 4) + 1):
-        for subset in itertools.combinations(range(m), size):
-            entries = [(q, r) for q, (a, bb) in enumerate(pairs)
-                       for r, (c, d) in enumerate(pairs) if {a, bb, c, d} == set(subset)]
-            triples = [t for t in itertools.product(range(m), repeat=3) if set(t) == set(subset)]
-            if not entries and not triples:
-                continue
-            pos = {v: i for i, v in enumerate(subset)}
-            sub = [index[(min(u, v), max(u, v))] for u, v in zip(*pair_index(size))
-                   for u, v in [(subset[u], subset[v])]]
-            rule = _Rule(act, size, cov.dtype)
-            chunk = _chunk_of(rule, size)
-            for start in range(0, b, chunk):
-                rows = slice(start, start + chunk)
-                z, w = torch.func.vmap(rule.nodes)(cov[rows][:, sub])  # (B, Q, size)
-                dz = _activation_derivatives(act, z, 1)
-                s0, s1 = dz[:, :, 0], dz[:, :, 1]
-                for q, r in entries:
-                    (a, bb), (c, d) = pairs[q], pairs[r]
-                    i, j, k, l = pos[a], pos[bb], pos[c], pos[d]
-                    for key, left, right in (("f4", s0, s0), ("x4", s0, s1), ("d4", s1, s1)):
-                        prod = left[..., i] * left[..., j] * right[..., k] * right[..., l]
-                        out[key][rows, q, r] = (w * prod).sum(1)
-                for t in triples:
-                    i, a, c = (pos[v] for v in t)
-                    out["y3"][rows, t[0], t[1], t[2]] = (w * z[..., i] * s1[..., a]
-                                                         * s0[..., c]).sum(1)
-                del z, w, dz, s0, s1
-            _release_freed_memory()
-    return out
-
-
-def _chunk_of(rule: _Rule, m: int) -> int:
-    return max(1, _CHUNK_BYTES // (_node_count(rule) * m * _NODE_BYTES))
-
-
-def _release_freed_memory() -> None:
-    """Returns freed heap memory to the system (glibc's ``malloc_trim``; a no-op
-    elsewhere). The chunks' tensors (~25 MB) fall under glibc's adaptive mmap threshold,
-    so freed ones stay in the heap, fragmented: without this the resident size grew by
-    ~10 MB per chunk (8 GB for a 256-input depth-4 erf MLP). Called every 16 chunks (a
-    trim costs about as much as a chunk)."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
-
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
-
-
-def _node_count(rule: _Rule) -> int:
-    if rule.split:
-        return (rule.x.numel() * (len(SPLIT_FIXED) + 6)) ** rule.m
-    if rule.h is None:
-        return rule.w.numel()
-    return 4 * rule.x.numel()
 
 
 def _polar_nodes(cov: Tensor, m: int) -> tuple[list[Tensor], Tensor]:

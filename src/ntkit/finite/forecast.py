@@ -42,10 +42,6 @@ from .motion import NTKTracker
 
 __all__ = ["NTKChangeForecast", "asymptotic_exponent", "ntk_change_forecast"]
 
-_SMOOTH = ("Erf", "Tanh", "GELU", "Sigmoid", "Softplus", "Sin", "Exp", "Gaussian", "Monomial",
-           "Polynomial", "Hermite", "ExpNormalized", "Gabor")
-
-
 def asymptotic_exponent(net) -> float:
     """``alpha`` of the large-width law ``rho ~ c n^-alpha`` for an ntkit MLP: 1 if every
     activation is smooth, 3/4 if one has a derivative that jumps (`ABReLU` family with
@@ -57,6 +53,7 @@ def asymptotic_exponent(net) -> float:
     """
     from ..layers.activations import ABReLU
     from ..layers.polynomial import RectifiedMonomial
+    from ._split import smooth
     from .corrections import _parse
 
     exponent = 1.0
@@ -65,8 +62,7 @@ def asymptotic_exponent(net) -> float:
             kink = float(act.a) != float(act.b)
         elif isinstance(act, RectifiedMonomial) and act.degree >= 1:
             kink = act.degree == 1
-        elif any(type(act).__name__ == n or n in [c.__name__ for c in type(act).__mro__]
-                 for n in _SMOOTH):
+        elif smooth(act):
             kink = False
         else:
             raise ValueError(f"asymptotic_exponent does not know how {act!r} behaves at large "
