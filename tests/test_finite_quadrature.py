@@ -160,3 +160,26 @@ def test_erf_fourth_moments_of_four_inputs(variance):
     for q, r in [(1, 8), (1, 5), (0, 9), (2, 7), (4, 4), (0, 0)]:  # 4, 3, 2, 1 distinct inputs
         want = _erf_product(g.numpy(), [*pairs[q], *pairs[r]])
         assert abs(mo.f4[0, q, r].item() - want) < 1e-4, (pairs[q], pairs[r], want)
+
+
+def test_four_point_vertex_at_collinear_inputs_of_a_smooth_network():
+    """Without biases, ``x``, ``2x`` and ``-x`` are collinear: their pre-activation
+    covariance has rank one. The four-point vertex there (three distinct inputs) must be
+    the limit of nearby input sets with four distinct inputs. Before, the rank-deficient
+    Cholesky factor put rounding error divided by 1e-150 into the nodes (GELU: 1e269),
+    and four dimensions at 3 nodes per panel were 0.7% off in this geometry."""
+    from ntkit.finite import nngp_four_point
+
+    x = torch.randn(2, 5, generator=torch.Generator().manual_seed(1), dtype=F64)
+    d = torch.randn(3, 5, generator=torch.Generator().manual_seed(2), dtype=F64)
+    exact = torch.cat([x, 2 * x[:1], -x[:1], x[:1]])
+    near = exact.clone()
+    near[2:5] += 1e-6 * d
+    index = torch.tensor([[0, 2, 3, 4], [1, 2, 3, 0]])
+    for act in (nk.Erf(), nk.GELU()):
+        net = nk.Sequential(nk.Linear(8, 1.4, 0.0), act, nk.Linear(8, 1.4, 0.0), act,
+                            nk.Linear(1, 1.0, 0.0))
+        a = nngp_four_point(net, exact, index, width=64)
+        b = nngp_four_point(net, near, index, width=64)
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=3e-4, atol=1e-9)  # observed 1.1e-4

@@ -13,7 +13,7 @@ from torch import Tensor
 from ..layers.activations import Activation
 
 #: Gauss-Legendre nodes per panel of the split rule (`split_nodes`) for ``m`` inputs.
-SPLIT_NODES = {1: 16, 2: 10, 3: 4, 4: 3}
+SPLIT_NODES = {1: 16, 2: 10, 3: 4, 4: 4}
 #: The split rule integrates each standard normal coordinate over ``[-T, T]``.
 SPLIT_TAIL = 9.0
 #: Fixed panel ends of the split rule, for the Gaussian weight itself.
