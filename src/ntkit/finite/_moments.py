@@ -129,6 +129,8 @@ def _matrix(params: Tensor, m: int) -> list[list[Tensor]]:
     return g
 
 
+#: Bytes that `moments`' autodiff route (user and kinked activations) holds per chunk.
+JACFWD_CHUNK_BYTES = 2**28
 #: `_cholesky` treats an input with a residual variance below this fraction of its own as
 #: a linear combination of the inputs before it.
 DEGENERATE = 1e-12
@@ -368,13 +370,21 @@ def moments(act: Activation, cov: Tensor, *, chunk: int = 16384) -> Moments:
     if smooth(act):
         from ._price import price_moments
 
-        return price_moments(act, rule, cov, m, ia, ib)
+        return price_moments(act, rule, cov, m, ia, ib, chunk=chunk)
 
     exact = isinstance(act, ABReLU)  # m > 2: exact two-point and f4 (module docstring)
     jac = torch.func.jacfwd(two)
     hess = torch.func.jacfwd(jac)
     outs = {k: [] for k in ("v", "j", "h", "f4", "x4", "d4", "y3")}
+    # forward-mode twice through the nodes holds ~40 doubles per node and (pair + 1)^2:
+    # ~7 MB per covariance of two inputs; 16,384 at once needed 115 GB
+    nodes = rule.w.numel() if rule.h is None else 4 * ARC_NODES
+    chunk = min(chunk, max(1, JACFWD_CHUNK_BYTES // (nodes * (p + 1) ** 2 * 8 * 40)))
     for start in range(0, b, chunk):
+        if start and (start // chunk) % 16 == 0:
+            from ._price import _release_freed_memory
+
+            _release_freed_memory()
         c = cov[start:start + chunk]
         if not exact:
             outs["v"].append(torch.func.vmap(two)(c))

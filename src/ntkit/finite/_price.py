@@ -110,7 +110,7 @@ def _assignments(a: int, b: int, idx: tuple[int, ...]) -> list[tuple[int, int]]:
 
 
 def price_moments(act: Activation, rule: _Rule, cov: Tensor, m: int, ia: list[int],
-                   ib: list[int]) -> Moments:
+                   ib: list[int], *, chunk: int = 16384) -> Moments:
     """`moments` of a smooth activation with the derivatives in the covariance by Price's
     theorem instead of autodiff through the quadrature nodes.
 
@@ -135,7 +135,7 @@ def price_moments(act: Activation, rule: _Rule, cov: Tensor, m: int, ia: list[in
               "hess_d": (p, p, p)}
     sizes = [math.prod(shapes[k]) for k in ("g", "d", "jac_g", "jac_d", "hess_g", "hess_d")]
     nodes_per_cov = _node_count(rule)
-    chunk = max(1, _CHUNK_BYTES // (nodes_per_cov * m * _NODE_BYTES))
+    chunk = min(chunk, max(1, _CHUNK_BYTES // (nodes_per_cov * m * _NODE_BYTES)))
     outs: dict[str, list[Tensor]] = {k: [] for k in Moments.__dataclass_fields__}
     for start in range(0, b, chunk):
         z, w = torch.func.vmap(rule.nodes)(cov[start:start + chunk])  # (B, Q, m), (B, Q)
