@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from ..layers.activations import ABReLU, Activation, Erf, Sign
-from ._split import SPLIT_NODES, hermite_suits, smooth, split_nodes
+from ._split import SPLIT_FIXED, SPLIT_NODES, hermite_suits, smooth, split_nodes
 
 __all__ = ["Moments", "moments", "pair_index"]
 
@@ -131,6 +131,35 @@ def _matrix(params: Tensor, m: int) -> list[list[Tensor]]:
 
 #: Bytes that `moments`' autodiff route (user and kinked activations) holds per chunk.
 JACFWD_CHUNK_BYTES = 2**28
+def chunk_slices(total: int, chunk: int):
+    """``slice``s of ``chunk`` rows covering ``range(total)``, returning freed heap memory
+    to the system every 16 chunks (`release_freed_memory`)."""
+    for i, start in enumerate(range(0, total, chunk)):
+        if i and i % 16 == 0:
+            release_freed_memory()
+        yield slice(start, start + chunk)
+
+
+def release_freed_memory() -> None:
+    """Returns freed heap memory to the system (glibc's ``malloc_trim``; a no-op
+    elsewhere). Chunks' tensors of ~25 MB fall under glibc's adaptive mmap threshold, so
+    freed ones stay in the heap, fragmented: without this the resident size grew by ~10
+    MB per chunk (8 GB for a 256-input depth-4 erf MLP). A trim costs about as much as a
+    chunk, hence every 16."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
 #: `_cholesky` treats an input with a residual variance below this fraction of its own as
 #: a linear combination of the inputs before it.
 DEGENERATE = 1e-12
@@ -209,6 +238,19 @@ class _Rule:
             x, w = _legendre(ARC_NODES)
             self.x = torch.as_tensor(x, dtype=dtype)
             self.wl = torch.as_tensor(w, dtype=dtype)
+
+    @property
+    def node_count(self) -> int:
+        """Nodes per covariance."""
+        if self.split:
+            return (self.x.numel() * (len(SPLIT_FIXED) + 6)) ** self.m
+        if self.h is None:
+            return self.w.numel()
+        return 4 * self.x.numel()
+
+    def chunk(self, bytes_per_node: int, budget: int, most: int) -> int:
+        """Covariances per chunk that hold about ``budget`` bytes (at most ``most``)."""
+        return min(most, max(1, budget // (self.node_count * bytes_per_node)))
 
     def radial(self, degree: int) -> float:
         """Factor of a product of (activation degree) ``degree`` terms."""
@@ -378,14 +420,8 @@ def moments(act: Activation, cov: Tensor, *, chunk: int = 16384) -> Moments:
     outs = {k: [] for k in ("v", "j", "h", "f4", "x4", "d4", "y3")}
     # forward-mode twice through the nodes holds ~40 doubles per node and (pair + 1)^2:
     # ~7 MB per covariance of two inputs; 16,384 at once needed 115 GB
-    nodes = rule.w.numel() if rule.h is None else 4 * ARC_NODES
-    chunk = min(chunk, max(1, JACFWD_CHUNK_BYTES // (nodes * (p + 1) ** 2 * 8 * 40)))
-    for start in range(0, b, chunk):
-        if start and (start // chunk) % 16 == 0:
-            from ._price import _release_freed_memory
-
-            _release_freed_memory()
-        c = cov[start:start + chunk]
+    for rows in chunk_slices(b, rule.chunk(8 * 40 * (p + 1) ** 2, JACFWD_CHUNK_BYTES, chunk)):
+        c = cov[rows]
         if not exact:
             outs["v"].append(torch.func.vmap(two)(c))
             outs["j"].append(torch.func.vmap(jac)(c))

@@ -5,14 +5,15 @@ other activations of `ntkit.finite._split.SMOOTH`."""
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
 from torch import Tensor
 
 from ..layers.activations import Activation, Erf
-from ._moments import Moments, _Rule, moments, pair_index
-from ._split import SPLIT_FIXED
+from ._moments import Moments, _Rule, chunk_slices, moments, pair_index, release_freed_memory
+from ._split import hermite_e
 
 #: Derivatives of the activation that `price_moments` needs (``hess_d``: ``s'`` four
 #: more times).
@@ -89,9 +90,7 @@ def _closed_derivatives(act: Activation, z: Tensor, order: int) -> list[Tensor] 
                                                                [0.0, 1.0, -1.0])
     if isinstance(act, GELU) and act.approximate == "none":  # z Phi(z)
         pdf = torch.exp(-z * z / 2) / math.sqrt(2 * math.pi)
-        herm = [torch.ones_like(z), z]  # probabilists' He_j
-        for j in range(1, order):
-            herm.append(z * herm[j] - j * herm[j - 1])
+        herm = hermite_e(z, order - 1)
         cdf = [0.5 * torch.special.erfc(-z / math.sqrt(2))] + [
             (-1) ** (j - 1) * herm[j - 1] * pdf for j in range(1, order + 1)]  # Phi^(j)
         return [z * cdf[0]] + [z * cdf[k] + k * cdf[k - 1] for k in range(1, order + 1)]
@@ -102,8 +101,6 @@ def _assignments(a: int, b: int, idx: tuple[int, ...]) -> list[tuple[int, int]]:
     """The derivative ``d/dz_idx`` of ``f1(z_a) f2(z_b)`` as a list of ``(n1, n2)``:
     the term ``f1^(n1)(z_a) f2^(n2)(z_b)`` once per entry (the product rule; an index
     that is neither ``a`` nor ``b`` gives no term)."""
-    import itertools
-
     choices = [[f for f, i in ((0, a), (1, b)) if i == j] for j in idx]
     return [(sum(1 for c in pick if c == 0), sum(1 for c in pick if c == 1))
             for pick in itertools.product(*choices)]
@@ -128,17 +125,15 @@ def price_moments(act: Activation, rule: _Rule, cov: Tensor, m: int, ia: list[in
     deviation near singular covariances).
     """
     if m > 2:
-        return _price_many(act, rule, cov, m, ia, ib)
+        return _price_many(act, cov, m, ia, ib)
     b, p = cov.shape
     price_map = _price_map(m).to(cov.dtype)
     shapes = {"g": (p,), "d": (p,), "jac_g": (p, p), "jac_d": (p, p), "hess_g": (p, p, p),
               "hess_d": (p, p, p)}
     sizes = [math.prod(shapes[k]) for k in ("g", "d", "jac_g", "jac_d", "hess_g", "hess_d")]
-    nodes_per_cov = _node_count(rule)
-    chunk = min(chunk, max(1, _CHUNK_BYTES // (nodes_per_cov * m * _NODE_BYTES)))
     outs: dict[str, list[Tensor]] = {k: [] for k in Moments.__dataclass_fields__}
-    for start in range(0, b, chunk):
-        z, w = torch.func.vmap(rule.nodes)(cov[start:start + chunk])  # (B, Q, m), (B, Q)
+    for rows in chunk_slices(b, rule.chunk(m * _NODE_BYTES, _CHUNK_BYTES, chunk)):
+        z, w = torch.func.vmap(rule.nodes)(cov[rows])  # (B, Q, m), (B, Q)
         dz = _activation_derivatives(act, z, _ORDER)  # (B, Q, K, m)
         flat = dz.flatten(2)  # (B, Q, K m)
         m2 = torch.bmm((flat * w[..., None]).transpose(1, 2), flat).view(
@@ -157,8 +152,6 @@ def price_moments(act: Activation, rule: _Rule, cov: Tensor, m: int, ia: list[in
         zs1 = (z[..., :, None] * s1[..., None, :] * w[..., None, None]).flatten(2)
         outs["y3"].append(torch.bmm(zs1.transpose(1, 2), s0).view(-1, m, m, m))
         del z, w, dz, m2, s0, s1, prod0, prod1
-        if (start // chunk) % 16 == 15:
-            _release_freed_memory()
     return Moments(**{k: torch.cat(v) for k, v in outs.items()})
 
 
@@ -199,8 +192,8 @@ def _price_map(m: int) -> Tensor:
     return out
 
 
-def _price_many(act: Activation, rule: _Rule, cov: Tensor, m: int, ia: list[int],
-                ib: list[int]) -> Moments:
+def _price_many(act: Activation, cov: Tensor, m: int, ia: list[int], ib: list[int]
+                ) -> Moments:
     """`price_moments` for ``m > 2`` inputs. ``g_p``, ``d_p`` and their derivatives
     involve only the pair ``p = (a, b)``: each comes from the one- or two-input problem
     of that pair (accurate and cheap) and is scattered into the ``P`` entries; the
@@ -232,8 +225,6 @@ def _fourth_by_subsets(act: Activation, cov: Tensor, m: int, ia: list[int], ib: 
     it involves (a set ``S`` of 1 to 4 of them) by the split rule in ``|S|`` dimensions
     (`SPLIT_NODES`): most entries repeat an input, so only ``E[s_0 s_1 s_2 s_3]`` (and
     its ``s'`` variants) needs four dimensions."""
-    import itertools
-
     b, p = cov.shape
     index = {pair: q for q, pair in enumerate(zip(ia, ib))}
     pairs = list(zip(ia, ib))
@@ -247,12 +238,9 @@ def _fourth_by_subsets(act: Activation, cov: Tensor, m: int, ia: list[int], ib: 
             if not entries and not triples:
                 continue
             pos = {v: i for i, v in enumerate(subset)}
-            sub = [index[(min(u, v), max(u, v))] for u, v in zip(*pair_index(size))
-                   for u, v in [(subset[u], subset[v])]]
+            sub = [index[(subset[u], subset[v])] for u, v in zip(*pair_index(size))]
             rule = _Rule(act, size, cov.dtype)
-            chunk = _chunk_of(rule, size)
-            for start in range(0, b, chunk):
-                rows = slice(start, start + chunk)
+            for rows in chunk_slices(b, rule.chunk(size * _NODE_BYTES, _CHUNK_BYTES, b)):
                 z, w = torch.func.vmap(rule.nodes)(cov[rows][:, sub])  # (B, Q, size)
                 dz = _activation_derivatives(act, z, 1)
                 s0, s1 = dz[:, :, 0], dz[:, :, 1]
@@ -267,38 +255,5 @@ def _fourth_by_subsets(act: Activation, cov: Tensor, m: int, ia: list[int], ib: 
                     out["y3"][rows, t[0], t[1], t[2]] = (w * z[..., i] * s1[..., a]
                                                          * s0[..., c]).sum(1)
                 del z, w, dz, s0, s1
-            _release_freed_memory()
+            release_freed_memory()
     return out
-
-
-def _chunk_of(rule: _Rule, m: int) -> int:
-    return max(1, _CHUNK_BYTES // (_node_count(rule) * m * _NODE_BYTES))
-
-
-def _release_freed_memory() -> None:
-    """Returns freed heap memory to the system (glibc's ``malloc_trim``; a no-op
-    elsewhere). The chunks' tensors (~25 MB) fall under glibc's adaptive mmap threshold,
-    so freed ones stay in the heap, fragmented: without this the resident size grew by
-    ~10 MB per chunk (8 GB for a 256-input depth-4 erf MLP). Called every 16 chunks (a
-    trim costs about as much as a chunk)."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
-
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
-
-
-def _node_count(rule: _Rule) -> int:
-    if rule.split:
-        return (rule.x.numel() * (len(SPLIT_FIXED) + 6)) ** rule.m
-    if rule.h is None:
-        return rule.w.numel()
-    return 4 * rule.x.numel()

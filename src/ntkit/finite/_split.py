@@ -24,6 +24,7 @@ SPLIT_FIXED = (-4.5, -2.5, -1.0, 1.0, 2.5, 4.5)
 SMOOTH = ("Erf", "Tanh", "Sigmoid", "Softplus", "GELU", "Gabor", "Exp", "ExpNormalized",
            "Sin", "Gaussian", "Monomial", "Polynomial", "Hermite")
 
+
 def smooth(act: Activation) -> bool:
     names = {c.__name__ for c in type(act).__mro__}
     return bool(names & set(SMOOTH))
@@ -42,6 +43,15 @@ def hermite_suits(act: Activation) -> bool:
     return isinstance(act, (Exp, ExpNormalized, Sin, Monomial, Polynomial, Hermite))
 
 
+def hermite_e(t: Tensor, degree: int) -> list[Tensor]:
+    """The probabilists' Hermite polynomials ``He_0(t) .. He_degree(t)``
+    (``He_{j+1} = t He_j - j He_{j-1}``)."""
+    he = [torch.ones_like(t), t][:degree + 1]
+    for j in range(1, degree):
+        he.append(t * he[j] - j * he[j - 1])
+    return he
+
+
 def _match_moments(t: Tensor, w: Tensor, *, degree: int = 5, sweeps: int = 2) -> Tensor:
     """Weights ``w (Q, K)`` on nodes ``t (Q, K)`` corrected so that each row integrates
     the Hermite polynomials ``He_0 .. He_degree`` (so ``1, t, .., t^degree``) exactly
@@ -50,15 +60,13 @@ def _match_moments(t: Tensor, w: Tensor, *, degree: int = 5, sweeps: int = 2) ->
     sweep removes the error but a part the size of the rule's own error, ~1e-8).
 
     Why: the split rule's panels are not symmetric about 0, so its ``sum w t`` is not
-    exactly 0. Near a singular covariance (nearly collinear inputs) the derivatives in
-    the covariance divide by the small conditional deviation ``L_kk`` once per order,
-    and the moment errors came out multiplied by ``1 / L_kk^2`` in the second
-    derivatives; with the low moments exact, the Taylor terms that the division cancels
-    cancel exactly, as they do for Gauss-Hermite.
+    exactly 0. Near a singular covariance (nearly collinear inputs) a coordinate's
+    conditional deviation ``L_kk`` is small and the integrand is nearly a low-degree
+    polynomial in ``t_k``, which the matched rule then integrates exactly, as
+    Gauss-Hermite does (before Price's theorem took the derivatives, the derivatives
+    through ``L_kk`` multiplied the unmatched error by ``1 / L_kk^2``).
     """
-    he = [torch.ones_like(t), t]
-    for j in range(1, degree):
-        he.append(t * he[j] - j * he[j - 1])  # He_{j+1} = t He_j - j He_{j-1}
+    he = hermite_e(t, degree)
     for _ in range(sweeps):
         factor = torch.ones_like(t)
         for j, h in enumerate(he):

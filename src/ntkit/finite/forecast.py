@@ -182,7 +182,7 @@ def _relative_change(net, x, y, probe, *, width, lr, steps, seed, dtype) -> floa
         loss.backward()
         opt.step()
     change = tracker.update(steps)
-    if change is None or not math.isfinite(change):
+    if not math.isfinite(change):
         raise FloatingPointError(f"the NTK's change is not finite ({change}); lower lr.")
     return change
 
