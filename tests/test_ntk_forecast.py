@@ -144,6 +144,15 @@ def test_refusals(data):
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         call(x=bad)
+    with pytest.raises(ValueError, match="probe has NaN"):
+        call(probe=bad[:4])
+    y_inf = y.clone()
+    y_inf[3] = float("inf")
+    with pytest.raises(ValueError, match="y has NaN or infinite"):
+        call(y=y_inf)
+    for kw in ({"width": True}, {"widths": 64}, {"widths": (8, 16.0)}, {"seeds": 2.0}):
+        with pytest.raises(ValueError, match="must be"):
+            call(**kw)
     with pytest.raises(FloatingPointError, match="lower the learning rate"):
         call(net=mlp(nk.Monomial(1)), lr=10.0, steps=50)
     with pytest.warns(UserWarning, match="does not fall with width"):
